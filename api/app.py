@@ -1,0 +1,66 @@
+"""The FastAPI application: built by a factory, its resources made in the lifespan."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+from fastapi import FastAPI
+
+from api import errors
+from api.deps import Resources
+from api.routes import batches, citations, health, jobs
+from api.service import Submitter
+from pcq.db import make_engine, make_session_factory
+from pcq.queue import Enqueuer, make_celery
+from pcq.settings import Settings, get_settings
+
+
+def build_resources(settings: Settings) -> Resources:
+    db_engine = make_engine(settings.database_url)
+    sessions = make_session_factory(db_engine)
+    celery = make_celery(settings)
+    redis_client: Any | None = None
+    if settings.redis_url:
+        import redis
+
+        redis_client = redis.Redis.from_url(settings.redis_url, socket_timeout=2, socket_connect_timeout=2)
+    return Resources(
+        settings=settings,
+        db_engine=db_engine,
+        sessions=sessions,
+        submitter=Submitter(sessions, Enqueuer(celery, settings.queue_name), settings.max_batch_lines),
+        redis=redis_client,
+    )
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    settings = settings or get_settings()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        res = build_resources(settings)
+        app.state.resources = res
+        try:
+            yield
+        finally:
+            res.db_engine.dispose()
+            if res.redis is not None:
+                res.redis.close()
+
+    app = FastAPI(
+        title="pcq",
+        summary="A durable job service for Parallel's Chat Completions API.",
+        version="0.1.0",
+        lifespan=lifespan,
+    )
+    errors.install(app)
+    for module in (jobs, batches, citations, health):
+        app.include_router(module.router)
+    app.add_middleware(
+        errors.BodyLimit,
+        default_limit=settings.max_request_bytes,
+        batch_limit=settings.max_batch_bytes,
+    )
+    return app

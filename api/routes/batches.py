@@ -1,0 +1,96 @@
+"""Batches: submit many jobs at once (JSONL or JSON), follow them, export their results."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from typing import Annotated
+
+from fastapi import APIRouter, Header, Request
+from fastapi.responses import StreamingResponse
+from starlette.concurrency import run_in_threadpool
+
+from api import repository
+from api.deps import ResourcesDep, SessionDep, TenantDep
+from api.errors import ERROR_RESPONSES
+from api.schemas import BatchOut
+from pcq.models import TERMINAL_STATUSES, Batch
+
+router = APIRouter(prefix="/v1/batches", tags=["batches"], responses=ERROR_RESPONSES)
+
+BATCH_BODY_DOC = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "application/x-ndjson": {
+                "schema": {"type": "string"},
+                "example": '{"custom_id": "a", "body": {"model": "lite", "messages": '
+                '[{"role": "user", "content": "Who founded Parallel?"}]}}\n',
+            },
+            "application/json": {"schema": {"$ref": "#/components/schemas/BatchCreate"}},
+        },
+    }
+}
+
+
+def batch_out(session: SessionDep, batch: Batch) -> BatchOut:
+    counts = repository.batch_counts(session, batch.id)
+    done = sum(counts[s] for s in TERMINAL_STATUSES) >= batch.total
+    if done:
+        status = "completed"
+    elif counts["queued"] == batch.total:
+        status = "queued"
+    else:
+        status = "running"
+    return BatchOut(
+        id=batch.id,
+        status=status,
+        total=batch.total,
+        counts=counts,
+        done=done,
+        metadata=batch.meta,
+        webhook_url=batch.webhook_url,
+        created_at=batch.created_at,
+    )
+
+
+@router.post("", status_code=202, response_model=BatchOut, openapi_extra=BATCH_BODY_DOC)
+async def submit_batch(
+    request: Request,
+    res: ResourcesDep,
+    session: SessionDep,
+    tenant: TenantDep,
+    idempotency_key: Annotated[str | None, Header(max_length=255)] = None,
+) -> BatchOut:
+    """Queue a batch: JSONL lines ``{"custom_id", "body"}`` or JSON ``{"requests": [...]}``."""
+    raw = await request.body()
+    batch, _ = await run_in_threadpool(
+        res.submitter.submit_batch,
+        tenant,
+        raw,
+        request.headers.get("content-type", ""),
+        idempotency_key,
+    )
+    return await run_in_threadpool(batch_out, session, batch)
+
+
+@router.get("/{batch_id}", response_model=BatchOut)
+def get_batch(batch_id: str, session: SessionDep, tenant: TenantDep) -> BatchOut:
+    """Progress of a batch: counts per status and whether every job has ended."""
+    return batch_out(session, repository.get_batch(session, tenant, batch_id))
+
+
+@router.get("/{batch_id}/results", response_class=StreamingResponse)
+def batch_results(
+    batch_id: str, res: ResourcesDep, session: SessionDep, tenant: TenantDep
+) -> StreamingResponse:
+    """JSONL, one line per job: ``{"custom_id", "job_id", "status", "result" | "error"}``."""
+    repository.get_batch(session, tenant, batch_id)
+
+    def lines() -> Iterator[bytes]:
+        # Its own session: the request's one is closed once the response starts streaming.
+        with res.sessions() as export_session:
+            for row in repository.export_rows(export_session, batch_id):
+                yield (json.dumps(row, ensure_ascii=False) + "\n").encode()
+
+    return StreamingResponse(lines(), media_type="application/x-ndjson")

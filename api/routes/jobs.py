@@ -1,0 +1,57 @@
+"""Jobs: submit one, read one, list."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, Header, Query
+from starlette.concurrency import run_in_threadpool
+
+from api import repository
+from api.deps import ResourcesDep, SessionDep, TenantDep
+from api.errors import ERROR_RESPONSES
+from api.schemas import JobCreate, JobOut, JobPage
+
+router = APIRouter(prefix="/v1/jobs", tags=["jobs"], responses=ERROR_RESPONSES)
+MAX_PAGE = 1000
+
+
+@router.post("", status_code=202, response_model=JobOut)
+async def submit_job(
+    body: JobCreate,
+    res: ResourcesDep,
+    tenant: TenantDep,
+    idempotency_key: Annotated[str | None, Header(max_length=255)] = None,
+) -> JobOut:
+    """Queue one chat-completion request; answers once the job is stored durably."""
+    job = await run_in_threadpool(res.submitter.submit_job, tenant, body, idempotency_key)
+    return repository.job_out(job)
+
+
+@router.get("/{job_id}", response_model=JobOut)
+def get_job(job_id: str, session: SessionDep, tenant: TenantDep) -> JobOut:
+    """A job with, once it succeeded, its answer, usage and basis with citations."""
+    return repository.job_with_result(session, repository.get_job(session, tenant, job_id))
+
+
+@router.get("", response_model=JobPage)
+def list_jobs(
+    session: SessionDep,
+    tenant: TenantDep,
+    status: str | None = None,
+    batch_id: str | None = None,
+    custom_id: str | None = None,
+    cursor: str | None = None,
+    limit: Annotated[int, Query(ge=1, le=MAX_PAGE)] = 50,
+) -> JobPage:
+    """Jobs, newest first; pass ``cursor=<next_cursor>`` for the next page."""
+    jobs, next_cursor = repository.list_jobs(
+        session,
+        tenant,
+        status=status,
+        batch_id=batch_id,
+        custom_id=custom_id,
+        cursor=cursor,
+        limit=limit,
+    )
+    return JobPage(data=[repository.job_out(j) for j in jobs], next_cursor=next_cursor)

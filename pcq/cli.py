@@ -1,0 +1,263 @@
+"""``pcq``: the command line of the service (run ``pcq --help``)."""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+from pcq.settings import Settings, SettingsError, load_settings
+
+
+def _settings() -> Settings:
+    try:
+        return load_settings()
+    except (SettingsError, ValueError) as exc:
+        raise SystemExit(f"pcq: configuration error: {exc}") from None
+
+
+def cmd_migrate(_: argparse.Namespace) -> int:
+    from pcq.migrate import upgrade_to_head
+
+    settings = _settings()
+    upgrade_to_head(settings.database_url)
+    print("database is at the latest schema", file=sys.stderr)  # noqa: T201
+    return 0
+
+
+def cmd_keys_create(args: argparse.Namespace) -> int:
+    from pcq.db import make_engine, make_session_factory, unit_of_work
+    from pcq.tenants import create_key
+
+    settings = _settings()
+    engine = make_engine(settings.database_url)
+    try:
+        with unit_of_work(make_session_factory(engine)) as session:
+            tenant, key = create_key(session, args.tenant, settings.key_pepper.get_secret_value())
+    finally:
+        engine.dispose()
+    print(f"created a key for tenant {tenant.name!r} ({tenant.id}); it is shown only once:")  # noqa: T201
+    print(key)  # noqa: T201
+    return 0
+
+
+def cmd_api(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from api.app import create_app
+
+    settings = _settings()
+    uvicorn.run(create_app(settings), host=args.host, port=args.port, log_level=settings.log_level.lower())
+    return 0
+
+
+def cmd_worker(args: argparse.Namespace) -> int:
+    from worker.app import run_worker
+
+    settings = _settings()
+    run_worker(settings, concurrency=args.concurrency, loglevel=settings.log_level)
+    return 0
+
+
+def cmd_mock_upstream(args: argparse.Namespace) -> int:
+    from pcq.mock_upstream import MockConfig, serve
+
+    config = MockConfig(
+        latency_ms=args.latency_ms,
+        latency_jitter_ms=args.latency_jitter_ms,
+        citations_per_field=args.citations,
+        fault_429_rate=args.fault_429,
+        retry_after_seconds=args.retry_after,
+        fault_5xx_rate=args.fault_5xx,
+        fault_hang_rate=args.fault_hang,
+        fault_truncate_rate=args.fault_truncate,
+        fault_malformed_rate=args.fault_malformed,
+        null_usage_rate=args.null_usage,
+        enforce_rpm=args.enforce_rpm,
+        seed=args.seed,
+    )
+    serve(args.host, args.port, config)
+    return 0
+
+
+def cmd_standalone(args: argparse.Namespace) -> int:
+    from pcq.standalone import run_standalone
+
+    return run_standalone(_settings(), port=args.port, demo=args.demo)
+
+
+def _client(args: argparse.Namespace) -> Any:
+    from pcq.client import PcqClient
+
+    settings = _settings()
+    key = args.api_key or (settings.api_key.get_secret_value() if settings.api_key else None)
+    if not key:
+        raise SystemExit("pcq: no API key: pass --api-key or set PCQ_API_KEY (see `pcq keys create`)")
+    return PcqClient(args.api_url or settings.api_url, key)
+
+
+def cmd_submit(args: argparse.Namespace) -> int:
+    from pcq.client import ApiError
+    from pcq.progress import wait_with_bar
+
+    path = Path(args.file)
+    if not path.is_file():
+        raise SystemExit(f"pcq: no such file: {path}")
+    client = _client(args)
+    try:
+        batch = client.submit_batch_jsonl(path.read_bytes(), idempotency_key=args.idempotency_key)
+        print(f"batch {batch['id']}: {batch['total']} job(s) queued", file=sys.stderr)  # noqa: T201
+        if args.wait:
+            batch = wait_with_bar(client, batch["id"], batch["total"])
+            failed = batch["counts"]["failed"] + batch["counts"]["cancelled"]
+            summary = ", ".join(f"{k} {v}" for k, v in batch["counts"].items() if v)
+            print(f"batch {batch['id']} done: {summary}", file=sys.stderr)  # noqa: T201
+            print(batch["id"])  # noqa: T201
+            return 1 if failed else 0
+        print(batch["id"])  # noqa: T201
+        return 0
+    except ApiError as exc:
+        raise SystemExit(f"pcq: {exc}") from None
+    finally:
+        client.close()
+
+
+CSV_COLUMNS = [
+    "custom_id",
+    "job_id",
+    "status",
+    "model",
+    "finish_reason",
+    "content",
+    "prompt_tokens",
+    "completion_tokens",
+    "total_tokens",
+    "citation_count",
+    "citation_urls",
+    "error_code",
+    "error",
+]
+
+
+def _csv_row(row: dict[str, Any]) -> dict[str, Any]:
+    result = row.get("result") or {}
+    usage = result.get("usage") or {}
+    urls = [c["url"] for b in result.get("basis") or [] for c in b["citations"]]
+    return {
+        "custom_id": row.get("custom_id"),
+        "job_id": row.get("job_id"),
+        "status": row.get("status"),
+        "model": result.get("model"),
+        "finish_reason": result.get("finish_reason"),
+        "content": result.get("content"),
+        "prompt_tokens": usage.get("prompt_tokens"),
+        "completion_tokens": usage.get("completion_tokens"),
+        "total_tokens": usage.get("total_tokens"),
+        "citation_count": len(urls),
+        "citation_urls": " ".join(urls),
+        "error_code": row.get("error_code"),
+        "error": row.get("error"),
+    }
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from pcq.client import ApiError
+
+    client = _client(args)
+    out = open(args.output, "w", newline="", encoding="utf-8") if args.output else sys.stdout  # noqa: SIM115
+    try:
+        writer = csv.DictWriter(out, fieldnames=CSV_COLUMNS) if args.format == "csv" else None
+        if writer:
+            writer.writeheader()
+        for line in client.results(args.batch_id):
+            if not line:
+                continue
+            if writer:
+                writer.writerow(_csv_row(json.loads(line)))
+            else:
+                out.write(line + "\n")
+        return 0
+    except ApiError as exc:
+        raise SystemExit(f"pcq: {exc}") from None
+    finally:
+        client.close()
+        if out is not sys.stdout:
+            out.close()
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="pcq", description="Durable job service for Parallel's Chat Completions API."
+    )
+    sub = p.add_subparsers(dest="command", required=True)
+
+    sub.add_parser("migrate", help="upgrade the database to the latest schema").set_defaults(fn=cmd_migrate)
+
+    keys = sub.add_parser("keys", help="manage API keys").add_subparsers(dest="keys_command", required=True)
+    kc = keys.add_parser("create", help="mint a key for a tenant (created if new); prints it once, last")
+    kc.add_argument("--tenant", required=True)
+    kc.set_defaults(fn=cmd_keys_create)
+
+    api = sub.add_parser("api", help="run the HTTP API")
+    api.add_argument("--host", default="127.0.0.1")
+    api.add_argument("--port", type=int, default=8000)
+    api.set_defaults(fn=cmd_api)
+
+    w = sub.add_parser("worker", help="run a worker (Celery) that calls the upstream and stores results")
+    w.add_argument("--concurrency", type=int, default=None, help="Celery pool threads (claims in parallel)")
+    w.set_defaults(fn=cmd_worker)
+
+    m = sub.add_parser("mock-upstream", help="serve a local stand-in of the Parallel chat endpoint")
+    m.add_argument("--host", default="127.0.0.1")
+    m.add_argument("--port", type=int, default=8900)
+    m.add_argument("--latency-ms", type=float, default=200.0)
+    m.add_argument("--latency-jitter-ms", type=float, default=0.0)
+    m.add_argument("--citations", type=int, default=3, help="citations per basis field")
+    m.add_argument("--fault-429", type=float, default=0.0, help="share of requests answered 429")
+    m.add_argument("--retry-after", type=float, default=1.0, help="Retry-After seconds on 429")
+    m.add_argument("--fault-5xx", type=float, default=0.0)
+    m.add_argument("--fault-hang", type=float, default=0.0)
+    m.add_argument("--fault-truncate", type=float, default=0.0)
+    m.add_argument("--fault-malformed", type=float, default=0.0)
+    m.add_argument("--null-usage", type=float, default=0.0)
+    m.add_argument("--enforce-rpm", type=int, default=None, help="answer 429 above this many requests/min")
+    m.add_argument("--seed", type=int, default=None)
+    m.set_defaults(fn=cmd_mock_upstream)
+
+    st = sub.add_parser("standalone", help="API + worker (+ mock upstream) on embedded defaults")
+    st.add_argument("--port", type=int, default=8000)
+    st.add_argument("--demo", action="store_true", help="submit sample jobs, print answers, then exit")
+    st.set_defaults(fn=cmd_standalone)
+
+    for name, fn, helptext in (
+        ("submit", cmd_submit, "submit a JSONL batch file"),
+        ("export", cmd_export, "export a batch's results"),
+    ):
+        c = sub.add_parser(name, help=helptext)
+        if name == "submit":
+            c.add_argument("file")
+            c.add_argument("--wait", action="store_true", help="wait for the batch, with a progress bar")
+            c.add_argument("--idempotency-key", default=None)
+        else:
+            c.add_argument("batch_id")
+            c.add_argument("--format", choices=["jsonl", "csv"], default="jsonl")
+            c.add_argument("-o", "--output", default=None, help="file to write (default: stdout)")
+        c.add_argument("--api-url", default=None, help="default: PCQ_API_URL")
+        c.add_argument("--api-key", default=None, help="default: PCQ_API_KEY")
+        c.set_defaults(fn=fn)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    code: int = args.fn(args)
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

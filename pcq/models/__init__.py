@@ -1,0 +1,23 @@
+"""All tables; importing this package registers them on ``Base.metadata``."""
+
+from pcq.models.base import Base, new_id, utcnow
+from pcq.models.job import JOB_STATUSES, TERMINAL_STATUSES, Attempt, Batch, Job
+from pcq.models.result import BasisField, Citation, Result, Usage
+from pcq.models.tenant import ApiKey, Tenant
+
+__all__ = [
+    "JOB_STATUSES",
+    "TERMINAL_STATUSES",
+    "ApiKey",
+    "Attempt",
+    "Base",
+    "BasisField",
+    "Batch",
+    "Citation",
+    "Job",
+    "Result",
+    "Tenant",
+    "Usage",
+    "new_id",
+    "utcnow",
+]

@@ -1,0 +1,74 @@
+"""What an upstream answer is stored as: the raw body, usage, basis, one row per citation."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import ForeignKey, Index, Integer, String, Text
+from sqlalchemy.orm import Mapped, mapped_column
+
+from pcq.models.base import Base, BigIntPK, JSONType, UTCDateTime, utcnow
+
+
+class Result(Base):
+    """Exactly one per succeeded job: the primary key is the job id."""
+
+    __tablename__ = "results"
+
+    job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), primary_key=True)
+    attempt_number: Mapped[int] = mapped_column(Integer)
+    raw_body: Mapped[str] = mapped_column(Text)  # verbatim: JSON, or the SSE text of a stream
+    content: Mapped[str | None] = mapped_column(Text, default=None)
+    parsed: Mapped[Any | None] = mapped_column(JSONType, default=None)
+    model: Mapped[str | None] = mapped_column(String(64), default=None)
+    finish_reason: Mapped[str | None] = mapped_column(String(32), default=None)
+    upstream_id: Mapped[str | None] = mapped_column(String(128), default=None)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+
+
+class Usage(Base):
+    __tablename__ = "usage"
+
+    job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), primary_key=True)
+    prompt_tokens: Mapped[int | None] = mapped_column(Integer, default=None)
+    completion_tokens: Mapped[int | None] = mapped_column(Integer, default=None)
+    total_tokens: Mapped[int | None] = mapped_column(Integer, default=None)
+    details: Mapped[dict[str, Any] | None] = mapped_column(JSONType, default=None)
+
+
+class BasisField(Base):
+    __tablename__ = "basis_fields"
+    __table_args__ = (Index("ix_basis_fields_job_position", "job_id", "position", unique=True),)
+
+    id: Mapped[int] = mapped_column(BigIntPK, primary_key=True, autoincrement=True)
+    job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"))
+    position: Mapped[int] = mapped_column(Integer)
+    field: Mapped[str] = mapped_column(Text)
+    reasoning: Mapped[str | None] = mapped_column(Text, default=None)
+    confidence: Mapped[str | None] = mapped_column(String(32), default=None)
+
+
+class Citation(Base):
+    """One row per citation of one basis field; tenant and batch copied in for cheap filters."""
+
+    __tablename__ = "citations"
+    __table_args__ = (
+        Index("ix_citations_job_field_position", "job_id", "field_position", "position", unique=True),
+        Index("ix_citations_tenant_domain", "tenant_id", "domain", "id"),
+        Index("ix_citations_tenant_url", "tenant_id", "url", "id"),
+        Index("ix_citations_tenant_batch", "tenant_id", "batch_id", "id"),
+    )
+
+    id: Mapped[int] = mapped_column(BigIntPK, primary_key=True, autoincrement=True)
+    tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id", ondelete="CASCADE"))
+    job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"))
+    batch_id: Mapped[str | None] = mapped_column(String(40), default=None)
+    basis_field_id: Mapped[int] = mapped_column(ForeignKey("basis_fields.id", ondelete="CASCADE"))
+    field: Mapped[str] = mapped_column(Text)
+    field_position: Mapped[int] = mapped_column(Integer)
+    position: Mapped[int] = mapped_column(Integer)
+    url: Mapped[str] = mapped_column(Text)
+    domain: Mapped[str | None] = mapped_column(String(255), default=None)
+    title: Mapped[str | None] = mapped_column(Text, default=None)
+    excerpts: Mapped[list[str] | None] = mapped_column(JSONType, default=None)

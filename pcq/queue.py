@@ -1,0 +1,87 @@
+"""The Celery app both edges share, and the enqueuer the API and the sweeper call.
+
+The API never imports worker code: it sends a message by task *name*, carrying the job id
+only (no payload, no secret: anyone who can read the broker sees messages).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable
+
+from celery import Celery
+from kombu import Exchange, Queue
+
+from pcq.settings import Settings
+
+log = logging.getLogger(__name__)
+
+RUN_JOB_TASK = "pcq.run_job"
+
+
+def make_celery(settings: Settings) -> Celery:
+    app = Celery("pcq", broker=settings.effective_broker_url, set_as_current=False)
+    transport_options: dict[str, object] = {
+        # Longer than the longest upstream call (checked in Settings): a message the worker
+        # has not acked is only re-delivered after this.
+        "visibility_timeout": settings.visibility_timeout_seconds,
+    }
+    if settings.effective_broker_url.startswith("sqla+"):
+        # kombu's SQLAlchemy transport hands every transport option to create_engine(),
+        # which refuses unknown ones; it has no visibility timeout to set anyway.
+        transport_options = {}
+    # Messages go through the default (nameless) exchange, which routes by queue name and
+    # needs no binding keys in Redis: after a Redis FLUSHALL or restart, a named exchange's
+    # bindings are gone and its messages are dropped until something re-declares them.
+    queue = Queue(settings.queue_name, Exchange("", type="direct"), routing_key=settings.queue_name)
+    app.conf.update(
+        task_queues=[queue],
+        task_default_queue=settings.queue_name,
+        task_default_exchange="",
+        task_default_routing_key=settings.queue_name,
+        task_serializer="json",
+        accept_content=["json"],
+        task_ignore_result=True,
+        result_backend=None,
+        # At-least-once delivery; exactly-once effect comes from the database claim.
+        task_acks_late=True,
+        task_reject_on_worker_lost=True,  # loops are capped by the job's attempt counter
+        worker_prefetch_multiplier=1,
+        broker_transport_options=transport_options,
+        broker_connection_retry_on_startup=True,
+        broker_connection_max_retries=None,  # retry for ever: Redis may come back
+        worker_cancel_long_running_tasks_on_connection_loss=True,
+        worker_soft_shutdown_timeout=10,
+        worker_hijack_root_logger=False,
+        worker_send_task_events=False,
+        task_send_sent_event=False,
+    )
+    return app
+
+
+class Enqueuer:
+    """Sends job ids to the workers. Failures are logged, never raised: the sweeper resends."""
+
+    def __init__(self, app: Celery, queue_name: str) -> None:
+        self.app = app
+        self.queue_name = queue_name
+
+    def enqueue(self, job_ids: Iterable[str]) -> int:
+        """Send one message per id over one connection; returns how many were sent."""
+        sent = 0
+        try:
+            with self.app.producer_or_acquire() as producer:
+                for job_id in job_ids:
+                    self.app.send_task(
+                        RUN_JOB_TASK,
+                        args=[job_id],
+                        producer=producer,
+                        queue=self.queue_name,
+                        routing_key=self.queue_name,
+                        exchange="",
+                        retry=False,
+                    )
+                    sent += 1
+        except Exception as exc:  # broker down: the rows are durable, the sweeper resends
+            log.warning("enqueue failed after %d message(s): %s", sent, type(exc).__name__)
+        return sent

@@ -1,0 +1,242 @@
+"""One call to ``POST /v1beta/chat/completions``, classified for the retry policy.
+
+Never raises for upstream trouble: every call ends as an ``Outcome`` (ok / retryable /
+fatal) that the worker records as an attempt. The API key is sent as ``x-api-key`` and as
+``Authorization: Bearer`` (the docs disagree on which) and never appears in an error text.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import email.utils
+import json
+import random
+import re
+import time
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+import httpx
+
+from pcq.wire import (
+    MalformedResponse,
+    ParsedCompletion,
+    StreamAssembler,
+    iter_sse_data,
+    parse_completion,
+)
+
+CHAT_PATH = "/v1beta/chat/completions"
+RETRYABLE_STATUS = {408, 409, 429, 500, 502, 503, 504}
+MAX_RETRY_AFTER_SECONDS = 3600.0
+_SECRETISH = re.compile(r"(?i)(bearer\s+|x-api-key[\"':\s]+)?\b(sk|pcq|key)[-_][A-Za-z0-9_\-]{8,}")
+
+
+@dataclass
+class Outcome:
+    kind: str  # ok | retryable | fatal
+    started_at: datetime
+    finished_at: datetime
+    completion: ParsedCompletion | None = None
+    status_code: int | None = None
+    # http_4xx, rate_limited, server_error, timeout, transport, truncated, malformed, too_large
+    error_class: str | None = None
+    summary: str | None = None  # safe, short, shown to users
+    raw_error: str | None = None  # the upstream's error body, redacted, bounded
+    retry_after: float | None = None
+    upstream_request_id: str | None = None
+
+
+def parse_retry_after(headers: httpx.Headers, now: float | None = None) -> float | None:
+    """Seconds to wait from ``retry-after-ms`` or ``Retry-After`` (seconds or HTTP date)."""
+    ms = headers.get("retry-after-ms")
+    if ms:
+        try:
+            value = float(ms) / 1000.0
+            if value >= 0:
+                return min(value, MAX_RETRY_AFTER_SECONDS)
+        except ValueError:
+            pass
+    ra = headers.get("retry-after")
+    if not ra:
+        return None
+    try:
+        return min(max(float(ra), 0.0), MAX_RETRY_AFTER_SECONDS)
+    except ValueError:
+        pass
+    try:
+        when = email.utils.parsedate_to_datetime(ra)
+    except (TypeError, ValueError):
+        return None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=UTC)
+    delta = when.timestamp() - (time.time() if now is None else now)
+    return min(max(delta, 0.0), MAX_RETRY_AFTER_SECONDS)
+
+
+def backoff_seconds(attempt: int, base: float, cap: float, retry_after: float | None) -> float:
+    """Retry-After when the upstream gave one, else capped exponential backoff with jitter."""
+    if retry_after is not None:
+        return retry_after + random.uniform(0, min(1.0, retry_after * 0.1))
+    raw: float = min(base * (2 ** max(attempt - 1, 0)), cap)
+    return float(raw * (1 - 0.25 * random.random()))
+
+
+def redact(text: str, secrets: list[str]) -> str:
+    for s in secrets:
+        if s:
+            text = text.replace(s, "[redacted]")
+    return _SECRETISH.sub("[redacted]", text)
+
+
+def summarize_error(status: int, body: str) -> str:
+    """A short, safe description of an upstream error body, whatever its shape."""
+    message: str | None = None
+    try:
+        data: Any = json.loads(body)
+    except ValueError:
+        data = None
+    if isinstance(data, dict):
+        err = data.get("error")
+        if isinstance(err, dict):
+            message = err.get("message") or err.get("type") or err.get("ref_id")
+        elif isinstance(err, str):
+            message = err
+        detail = data.get("detail")
+        if message is None and isinstance(detail, list) and detail and isinstance(detail[0], dict):
+            loc = ".".join(str(p) for p in detail[0].get("loc", []))
+            message = f"{loc}: {detail[0].get('msg')}"
+        elif message is None and isinstance(detail, str):
+            message = detail
+    text = f"upstream answered {status}"
+    if message:
+        text += f": {str(message)[:200]}"
+    return text
+
+
+class BodyTooLarge(Exception):
+    pass
+
+
+class UpstreamClient:
+    def __init__(
+        self,
+        client: httpx.AsyncClient,
+        *,
+        base_url: str,
+        api_key: str,
+        total_timeout: float,
+        max_response_bytes: int,
+    ) -> None:
+        self._client = client
+        self._url = base_url.rstrip("/") + CHAT_PATH
+        self._api_key = api_key
+        self._headers = {
+            "x-api-key": api_key,
+            "Authorization": f"Bearer {api_key}",
+            "Content-Type": "application/json",
+        }
+        self._total_timeout = total_timeout
+        self._max_bytes = max_response_bytes
+
+    @staticmethod
+    def make_http_client(connect: float, read: float, max_connections: int) -> httpx.AsyncClient:
+        limits = httpx.Limits(max_connections=max_connections, max_keepalive_connections=max_connections)
+        return httpx.AsyncClient(
+            timeout=httpx.Timeout(connect=connect, read=read, write=read, pool=None),
+            limits=limits,
+            follow_redirects=False,
+        )
+
+    async def call(self, request: dict[str, Any]) -> Outcome:
+        started = datetime.now(UTC)
+        try:
+            async with asyncio.timeout(self._total_timeout):
+                return await self._call(request, started)
+        except TimeoutError:
+            return self._fail("retryable", started, "timeout", "upstream call exceeded its deadline")
+        except httpx.TimeoutException as exc:
+            return self._fail("retryable", started, "timeout", f"upstream {type(exc).__name__}")
+        except httpx.TransportError as exc:
+            return self._fail("retryable", started, "transport", f"connection problem: {type(exc).__name__}")
+        except BodyTooLarge:
+            return self._fail(
+                "fatal",
+                started,
+                "too_large",
+                f"upstream answer larger than {self._max_bytes} bytes",
+            )
+
+    def _fail(self, kind: str, started: datetime, cls: str, summary: str, **kw: Any) -> Outcome:
+        return Outcome(
+            kind=kind,
+            started_at=started,
+            finished_at=datetime.now(UTC),
+            error_class=cls,
+            summary=summary,
+            **kw,
+        )
+
+    async def _read(self, response: httpx.Response) -> str:
+        chunks: list[bytes] = []
+        size = 0
+        async for chunk in response.aiter_bytes():
+            size += len(chunk)
+            if size > self._max_bytes:
+                raise BodyTooLarge
+            chunks.append(chunk)
+        return b"".join(chunks).decode("utf-8", errors="replace")
+
+    async def _call(self, request: dict[str, Any], started: datetime) -> Outcome:
+        async with self._client.stream("POST", self._url, json=request, headers=self._headers) as resp:
+            request_id = resp.headers.get("x-request-id")
+            body = await self._read(resp)
+        status = resp.status_code
+        fmt = request.get("response_format")
+        if status == 200:
+            try:
+                if "text/event-stream" in resp.headers.get("content-type", ""):
+                    completion = self._assemble_stream(body, fmt)
+                else:
+                    completion = parse_completion(body, fmt)
+            except MalformedResponse as exc:
+                cls = "truncated" if "truncated" in str(exc) else "malformed"
+                return self._fail(
+                    "retryable",
+                    started,
+                    cls,
+                    f"upstream answer unusable: {exc}",
+                    status_code=200,
+                    raw_error=redact(body[:4000], [self._api_key]),
+                    upstream_request_id=request_id,
+                )
+            return Outcome(
+                kind="ok",
+                started_at=started,
+                finished_at=datetime.now(UTC),
+                completion=completion,
+                status_code=200,
+                upstream_request_id=request_id,
+            )
+        retryable = status in RETRYABLE_STATUS or status >= 500
+        cls = "rate_limited" if status == 429 else ("server_error" if status >= 500 else "http_4xx")
+        return self._fail(
+            "retryable" if retryable else "fatal",
+            started,
+            cls,
+            redact(summarize_error(status, body), [self._api_key]),
+            status_code=status,
+            raw_error=redact(body[:4000], [self._api_key]),
+            retry_after=parse_retry_after(resp.headers) if retryable else None,
+            upstream_request_id=request_id,
+        )
+
+    @staticmethod
+    def _assemble_stream(body: str, fmt: dict[str, Any] | None) -> ParsedCompletion:
+        assembler = StreamAssembler()
+        for data in iter_sse_data(body):
+            assembler.feed_data(data)
+        if not assembler.complete:
+            raise MalformedResponse("stream truncated: no [DONE] and no finish_reason")
+        return assembler.result(body, fmt)

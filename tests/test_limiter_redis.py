@@ -1,0 +1,251 @@
+"""pcq.limiter against a real Redis, shared by several real OS processes.
+
+Each worker is a separate ``python -c`` process with its own event loop and connection, and with a
+deliberately wrong client clock (``time.time`` skewed by up to +-60 s): the limiter must not care,
+because every decision is made on Redis ``TIME``. Workers report the Redis time of each decision
+(``RateLimiter.try_acquire_timed``), so the checks below use one exact clock.
+
+Redis: ``redis://127.0.0.1:6379/15``; every test uses its own key prefix and deletes only its keys.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import select
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis
+
+from pcq.limiter import limiter_key
+
+REDIS_URL = "redis://127.0.0.1:6379/15"
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def require_redis(url: str = REDIS_URL) -> None:
+    """Skip when Redis is unreachable, except under CI=true, where that is a failure.
+
+    (Meant to move to conftest.py; call it at the start of every realservices test.)
+    """
+    try:
+        client = redis.Redis.from_url(url, socket_connect_timeout=2, socket_timeout=2)
+        try:
+            client.ping()
+        finally:
+            client.close()
+    except (redis.RedisError, OSError) as exc:
+        reason = f"Redis not reachable at {url}: {exc!r}"
+        if os.environ.get("CI", "").strip().lower() == "true":
+            pytest.fail(f"{reason} (CI=true: real services are required, not skipped)")
+        pytest.skip(reason)
+
+
+@pytest.fixture
+def prefix() -> Iterator[str]:
+    """A key prefix unique to this test; its keys (and only those) are deleted afterwards."""
+    p = f"pcq:test:rl:{uuid.uuid4().hex[:12]}:"
+    yield p
+    try:
+        client = redis.Redis.from_url(REDIS_URL, socket_connect_timeout=2, socket_timeout=2)
+        try:
+            keys = list(client.scan_iter(match=f"{p}*", count=500))
+            if keys:
+                client.delete(*keys)
+        finally:
+            client.close()
+    except (redis.RedisError, OSError):
+        pass  # unreachable: the test was skipped/failed and wrote nothing
+
+
+WORKER = r"""
+import asyncio, json, sys, time
+
+cfg = json.loads(sys.argv[1])
+_real_time = time.time
+time.time = lambda: _real_time() + cfg["skew"]  # wrong client clock on purpose
+
+import redis.asyncio as aioredis
+from pcq.limiter import RateLimiter
+
+
+async def main():
+    r = aioredis.Redis.from_url(cfg["url"])
+    lim = RateLimiter(r, limit_per_minute=cfg["limit"], burst=cfg["burst"], prefix=cfg["prefix"])
+    await lim.cooldown_remaining(cfg["key"])  # connect and load the script before the start
+    print("ready", flush=True)
+    go = json.loads(await asyncio.to_thread(sys.stdin.readline))
+    out = {"admitted": [], "denied": [], "calls": 0}
+    if cfg["role"] == "setter":
+        await asyncio.sleep(go["delay"])
+        await lim.set_cooldown(cfg["key"], cfg["cooldown"])
+        raw = await r.get(cfg["prefix"] + "{" + cfg["key"] + "}:cd")
+        out["until"] = int(raw) / 1e6
+    else:
+        while True:
+            wait, now = await lim.try_acquire_timed(cfg["key"])
+            if now >= go["end"]:
+                break
+            out["calls"] += 1
+            if wait == 0:
+                out["admitted"].append(now)
+            elif cfg["record_denied"]:
+                out["denied"].append([now, wait])
+    await r.aclose()
+    print(json.dumps(out), flush=True)
+
+
+asyncio.run(main())
+"""
+
+
+def run_workers(configs: list[dict[str, Any]], go: dict[str, Any]) -> list[dict[str, Any]]:
+    """Start one process per config, wait until all are ready, start them together, collect.
+
+    ``go["run_for"]`` seconds become Redis-clock ``start``/``end`` values sent to every worker.
+    """
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(REPO_ROOT), os.environ.get("PYTHONPATH", "")]),
+    }
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", WORKER, json.dumps(cfg)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            cwd=REPO_ROOT,
+            env=env,
+        )
+        for cfg in configs
+    ]
+    try:
+        deadline = time.monotonic() + 8
+        for p in procs:
+            assert p.stdout is not None
+            ready, _, _ = select.select([p.stdout], [], [], max(0.0, deadline - time.monotonic()))
+            line = p.stdout.readline() if ready else b""
+            if line.strip() != b"ready":
+                p.kill()
+                _, err = p.communicate(timeout=5)
+                pytest.fail(f"worker did not start: {line!r} {err.decode(errors='replace')}")
+        client = redis.Redis.from_url(REDIS_URL)
+        try:
+            secs, micros = client.time()
+        finally:
+            client.close()
+        now = secs + micros / 1e6
+        go = {**go, "start": now, "end": now + go["run_for"]}
+        for p in procs:
+            assert p.stdin is not None
+            p.stdin.write((json.dumps(go) + "\n").encode())
+            p.stdin.flush()
+        results = []
+        for p in procs:
+            out, err = p.communicate(timeout=go["run_for"] + 8)
+            assert p.returncode == 0, err.decode(errors="replace")
+            result = json.loads(out.decode().strip().splitlines()[-1])
+            result["start"], result["end"] = go["start"], go["end"]
+            results.append(result)
+        return results
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait(timeout=5)
+
+
+def max_in_window(times: list[float], window: float) -> int:
+    """Most timestamps in any closed interval of length ``window``."""
+    ts = sorted(times)
+    best, j = 0, 0
+    for i in range(len(ts)):
+        while ts[i] - ts[j] > window:
+            j += 1
+        best = max(best, i - j + 1)
+    return best
+
+
+@pytest.mark.realservices
+def test_many_processes_share_one_budget(prefix: str) -> None:
+    require_redis()
+    limit, burst, duration = 600, 5, 3.0
+    per_second = limit / 60
+    key = limiter_key(f"sk-{uuid.uuid4()}")
+    skews = [-60.0, 60.0, 0.0, 17.5]
+    configs = [
+        {
+            "url": REDIS_URL,
+            "prefix": prefix,
+            "key": key,
+            "limit": limit,
+            "burst": burst,
+            "role": "hammer",
+            "skew": skew,
+            "record_denied": False,
+        }
+        for skew in skews
+    ]
+    results = run_workers(configs, {"run_for": duration})
+
+    admitted = [t for r in results for t in r["admitted"]]
+    start, end = results[0]["start"], results[0]["end"]
+    assert all(start - 0.05 <= t < end for t in admitted)
+    assert all(r["calls"] > 50 for r in results), [r["calls"] for r in results]  # really hammered
+    assert sum(1 for r in results if r["admitted"]) >= 2  # the budget really was shared
+
+    # In every window of W seconds: at most rate * W + burst + 1 admissions (GCRA's exact bound).
+    interval = 60 / limit
+    for window in [interval * n for n in (1, 2, 3, 5, 10, 20, 30)] + [0.05, 0.35, 1.27, duration]:
+        bound = per_second * window + burst + 1 + 1e-9
+        assert max_in_window(admitted, window) <= bound, (window, max_in_window(admitted, window))
+    # And the budget is used, not wasted: >= 90 % of limit * duration.
+    assert len(admitted) >= 0.9 * per_second * duration, len(admitted)
+
+
+@pytest.mark.realservices
+def test_cooldown_from_one_process_stops_all_others(prefix: str) -> None:
+    require_redis()
+    limit, burst, cooldown = 600, 5, 1.5
+    key = limiter_key(f"sk-{uuid.uuid4()}")
+    base = {"url": REDIS_URL, "prefix": prefix, "key": key, "limit": limit, "burst": burst}
+    configs = [{**base, "role": "setter", "skew": 45.0, "cooldown": cooldown, "record_denied": False}]
+    configs += [
+        {**base, "role": "hammer", "skew": skew, "record_denied": True} for skew in (-60.0, 0.0, 60.0)
+    ]
+    setter, *hammers = run_workers(configs, {"run_for": 2.5, "delay": 0.4})
+
+    until = setter["until"]
+    cd_start = until - cooldown
+    assert setter["start"] + 0.35 < cd_start < until < setter["end"] - 0.3
+    for h in hammers:
+        # Admitted before the cool-down, nothing during it, admitted again right after it.
+        assert any(t < cd_start for t in h["admitted"])
+        assert not [t for t in h["admitted"] if cd_start <= t < until]
+        during = [(t, w) for t, w in h["denied"] if cd_start <= t < until]
+        assert during, "this worker made no call during the cool-down"
+        # Each answer during the cool-down is at least the remaining cool-down (clock: Redis).
+        assert all(w >= until - t - 1e-6 for t, w in during)
+        assert all(w <= until - t + 60 / limit + 1e-6 for t, w in during)
+    after = sorted(t for h in hammers for t in h["admitted"] if t >= until)
+    assert after, "nothing admitted after the cool-down ended"
+    assert after[0] - until < 0.1
+    # Denials during the cool-down took no tokens: the full burst is available right after it.
+    assert len([t for t in after if t < until + 0.05]) >= burst + 1
+
+
+def test_require_redis_fails_under_ci_and_skips_otherwise(monkeypatch: pytest.MonkeyPatch) -> None:
+    unreachable = "redis://127.0.0.1:1/15"
+    monkeypatch.setenv("CI", "true")
+    with pytest.raises(pytest.fail.Exception, match="CI=true"):
+        require_redis(unreachable)
+    monkeypatch.delenv("CI")
+    with pytest.raises(pytest.skip.Exception, match="not reachable"):
+        require_redis(unreachable)

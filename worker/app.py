@@ -1,0 +1,101 @@
+"""The Celery worker: one task that hands a job id to this process's engine.
+
+``pcq worker`` runs Celery's *threads* pool on purpose: the task only claims the job in the
+database and returns, while the calls themselves live in the engine's event loop; a prefork
+pool would build one engine (and one sweeper) per child for nothing.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from typing import Any
+
+from celery import Celery
+from celery.signals import worker_ready, worker_shutdown
+
+from pcq.db import make_engine, make_session_factory
+from pcq.queue import RUN_JOB_TASK, Enqueuer, make_celery
+from pcq.settings import Settings
+from worker.engine import Engine
+
+log = logging.getLogger(__name__)
+
+
+def _redis_factory(settings: Settings) -> Any:
+    if settings.redis_url:
+        import redis.asyncio
+
+        return lambda: redis.asyncio.Redis.from_url(settings.redis_url)
+    # Embedded mode has one worker process, so an in-process Redis is a faithful home
+    # for the limiter's state: the very same Lua script runs on it.
+    import fakeredis
+
+    return lambda: fakeredis.FakeAsyncRedis()
+
+
+class Runtime:
+    """Everything one worker process builds at start and tears down at exit."""
+
+    def __init__(self, settings: Settings, app: Celery) -> None:
+        self.settings = settings
+        self.db_engine = make_engine(settings.database_url)
+        self.engine = Engine(
+            settings,
+            make_session_factory(self.db_engine),
+            Enqueuer(app, settings.queue_name),
+            _redis_factory(settings),
+        )
+        self.engine.start()
+
+    def close(self) -> None:
+        self.engine.stop()
+        self.db_engine.dispose()
+
+
+def create_worker_app(settings: Settings) -> Celery:
+    app = make_celery(settings)
+    lock = threading.Lock()
+    holder: dict[str, Runtime] = {}
+
+    def runtime() -> Runtime:
+        with lock:
+            if "rt" not in holder:
+                holder["rt"] = Runtime(settings, app)
+            return holder["rt"]
+
+    @app.task(name=RUN_JOB_TASK, ignore_result=True)
+    def run_job(job_id: str) -> None:
+        # Returns None on purpose: Celery logs return values, and nothing else belongs there.
+        runtime().engine.submit(job_id)
+
+    @worker_ready.connect(weak=False)
+    def _start(**_: Any) -> None:
+        runtime()  # start the sweeper even if no message ever arrives
+
+    @worker_shutdown.connect(weak=False)
+    def _stop(**_: Any) -> None:
+        with lock:
+            rt = holder.pop("rt", None)
+        if rt is not None:
+            rt.close()
+
+    app.pcq_runtime = runtime  # type: ignore[attr-defined]  # for tests and the CLI
+    return app
+
+
+def run_worker(settings: Settings, *, concurrency: int | None = None, loglevel: str = "INFO") -> None:
+    app = create_worker_app(settings)
+    argv = [
+        "worker",
+        "--pool=threads",
+        f"--concurrency={concurrency or settings.worker_concurrency}",
+        f"--loglevel={loglevel}",
+        f"--queues={settings.queue_name}",
+        "--without-gossip",
+        "--without-mingle",
+    ]
+    if settings.embedded:
+        # The SQLite broker has no fan-out, which remote control needs.
+        app.conf.worker_enable_remote_control = False
+    app.worker_main(argv)

@@ -1,0 +1,258 @@
+"""The worker's engine: an asyncio loop in its own thread that holds upstream calls in flight.
+
+Why this shape: a ``core`` call can take five minutes and the quota allows hundreds per
+minute, so one worker process must hold thousands of calls open. A thread per call (Celery's
+threads pool) or a process per call (prefork) caps that far lower and costs far more CPU;
+one event loop holds thousands of sockets cheaply. Celery stays the distributed transport:
+its task hands the job id to this engine and returns as soon as the job is *claimed* in the
+database (status ``running`` with a lease). From then on the database, not the broker, owns
+the job: a worker that dies leaves an expired lease that any worker's sweeper re-enqueues.
+Database work runs in a small thread pool so the loop never blocks on it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from datetime import timedelta
+from typing import Any, TypeVar
+
+from sqlalchemy.orm import Session
+
+from pcq.db import SessionFactory, unit_of_work
+from pcq.jobs import lifecycle
+from pcq.jobs.lifecycle import AttemptRecord, ClaimedJob
+from pcq.limiter import RateLimiter, limiter_key
+from pcq.models import utcnow
+from pcq.queue import Enqueuer
+from pcq.settings import Settings
+from pcq.upstream import Outcome, UpstreamClient, backoff_seconds
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+STORE_RETRY_SECONDS = (0.5, 1, 2, 4, 8, 15, 30)  # riding out a database restart
+
+
+class Engine:
+    def __init__(
+        self,
+        settings: Settings,
+        session_factory: SessionFactory,
+        enqueuer: Enqueuer,
+        redis_factory: Callable[[], Any],
+    ) -> None:
+        self.settings = settings
+        self.sessions = session_factory
+        self.enqueuer = enqueuer
+        self._redis_factory = redis_factory
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._run, name="pcq-engine", daemon=True)
+        self._ready = threading.Event()
+        self._db_pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="pcq-db")
+        self._running: dict[str, int] = {}  # job id -> attempt number held here
+        self._stop: asyncio.Event | None = None
+        self._slots: asyncio.Semaphore | None = None
+        self._upstream: UpstreamClient | None = None
+        self._limiter: RateLimiter | None = None
+        self._key = ""
+
+    # -- life cycle (called from other threads) ----------------------------------------
+    def start(self) -> None:
+        self._thread.start()
+        if not self._ready.wait(timeout=30):
+            raise RuntimeError("engine did not start")
+
+    def stop(self, timeout: float = 10.0) -> None:
+        if self._stop is not None and self._thread.is_alive():
+            self._loop.call_soon_threadsafe(self._stop.set)
+            self._thread.join(timeout)
+        self._db_pool.shutdown(wait=False, cancel_futures=True)
+
+    def submit(self, job_id: str) -> bool:
+        """Claim the job and start its call; blocks only while every slot is busy."""
+        future = asyncio.run_coroutine_threadsafe(self._accept(job_id), self._loop)
+        return future.result()
+
+    @property
+    def in_flight(self) -> int:
+        return len(self._running)
+
+    # -- the loop ----------------------------------------------------------------------
+    def _run(self) -> None:
+        asyncio.set_event_loop(self._loop)
+        self._loop.run_until_complete(self._main())
+
+    async def _main(self) -> None:
+        s = self.settings
+        self._stop = asyncio.Event()
+        self._slots = asyncio.Semaphore(s.max_in_flight)
+        api_key = s.parallel_api_key.get_secret_value() if s.parallel_api_key else ""
+        self._key = limiter_key(api_key)
+        http = UpstreamClient.make_http_client(
+            s.connect_timeout_seconds, s.read_timeout_seconds, s.max_in_flight
+        )
+        self._upstream = UpstreamClient(
+            http,
+            base_url=s.parallel_base_url,
+            api_key=api_key,
+            total_timeout=s.total_timeout_seconds,
+            max_response_bytes=s.max_response_bytes,
+        )
+        redis = self._redis_factory()
+        self._limiter = RateLimiter(redis, limit_per_minute=s.rate_limit_per_minute, burst=s.rate_limit_burst)
+        background = [
+            asyncio.create_task(self._sweep_forever(), name="sweeper"),
+            asyncio.create_task(self._renew_forever(), name="lease-renewer"),
+        ]
+        self._ready.set()
+        await self._stop.wait()
+        for task in background:
+            task.cancel()
+        await http.aclose()
+        await redis.aclose()
+
+    async def _db(self, fn: Callable[[Session], T]) -> T:
+        def run() -> T:
+            with unit_of_work(self.sessions) as session:
+                return fn(session)
+
+        return await self._loop.run_in_executor(self._db_pool, run)
+
+    async def _accept(self, job_id: str) -> bool:
+        assert self._slots is not None
+        await self._slots.acquire()
+        s = self.settings
+        try:
+            claimed = await self._retrying_db(
+                lambda db: lifecycle.claim(
+                    db,
+                    job_id,
+                    now=utcnow(),
+                    lease_seconds=s.lease_seconds,
+                    max_attempts=s.max_attempts,
+                ),
+                what=f"claiming job {job_id}",
+            )
+        except Exception:
+            self._slots.release()
+            raise
+        if claimed is None:
+            self._slots.release()
+            return False
+        self._running[claimed.id] = claimed.attempt
+        asyncio.create_task(self._execute(claimed), name=f"job-{claimed.id}")
+        return True
+
+    async def _execute(self, job: ClaimedJob) -> None:
+        assert self._slots is not None
+        assert self._upstream is not None
+        assert self._limiter is not None
+        try:
+            await self._limiter.acquire(self._key)
+            outcome = await self._upstream.call(job.request)
+            if outcome.status_code == 429:
+                pause = outcome.retry_after or backoff_seconds(
+                    job.attempt,
+                    self.settings.retry_base_seconds,
+                    self.settings.retry_max_seconds,
+                    None,
+                )
+                await self._limiter.set_cooldown(self._key, pause)
+            await self._store_outcome(job, outcome)
+        except Exception:
+            # The lease will expire and the sweeper hands the job to a worker again.
+            log.exception("job %s attempt %d: unexpected error", job.id, job.attempt)
+        finally:
+            self._running.pop(job.id, None)
+            self._slots.release()
+
+    async def _store_outcome(self, job: ClaimedJob, outcome: Outcome) -> None:
+        await self._retrying_db(lambda db: self._write(db, job, outcome), what=f"storing job {job.id}")
+
+    async def _retrying_db(self, fn: Callable[[Session], T], *, what: str) -> T:
+        """Run a unit of work, riding out a database restart before giving up."""
+        for delay in STORE_RETRY_SECONDS:
+            try:
+                return await self._db(fn)
+            except Exception as exc:
+                log.warning("%s failed (%s); retrying in %ss", what, type(exc).__name__, delay)
+                await asyncio.sleep(delay)
+        return await self._db(fn)
+
+    def _write(self, db: Session, job: ClaimedJob, outcome: Outcome) -> None:
+        s = self.settings
+        record = AttemptRecord(
+            number=job.attempt,
+            started_at=outcome.started_at,
+            finished_at=outcome.finished_at,
+            outcome=outcome.kind,
+            error_class=outcome.error_class,
+            status_code=outcome.status_code,
+            upstream_request_id=outcome.upstream_request_id,
+            retry_after_seconds=outcome.retry_after,
+            error_detail=outcome.raw_error or outcome.summary,
+        )
+        code = outcome.error_class or "error"
+        summary = outcome.summary or "upstream call failed"
+        if outcome.kind == "ok" and outcome.completion is not None:
+            if not lifecycle.store_success(db, job, record, outcome.completion):
+                log.info("job %s attempt %d: lost the lease, result discarded", job.id, job.attempt)
+        elif outcome.kind == "retryable":
+            delay = backoff_seconds(
+                job.attempt, s.retry_base_seconds, s.retry_max_seconds, outcome.retry_after
+            )
+            lifecycle.store_retry(
+                db,
+                job,
+                record,
+                next_attempt_at=utcnow() + timedelta(seconds=delay),
+                max_attempts=s.max_attempts,
+                code=code,
+                error=summary,
+            )
+        else:
+            lifecycle.store_failure(db, job, record, code=code, error=summary)
+
+    # -- background duties -------------------------------------------------------------
+    async def _sweep_forever(self) -> None:
+        while True:
+            try:
+                await self.sweep_once()
+            except Exception as exc:
+                log.warning("sweep failed: %s", type(exc).__name__)
+            await asyncio.sleep(self.settings.sweep_interval_seconds)
+
+    async def sweep_once(self) -> int:
+        """Send messages for due retries, lost messages and expired leases."""
+        s = self.settings
+        ids = await self._db(
+            lambda db: lifecycle.due_for_enqueue(
+                db, now=utcnow(), requeue_after_seconds=s.requeue_after_seconds
+            )
+        )
+        if not ids:
+            return 0
+        sent = await self._loop.run_in_executor(None, self.enqueuer.enqueue, ids)
+        if sent < len(ids):
+            await self._db(lambda db: lifecycle.clear_enqueued(db, ids[sent:]))
+        return sent
+
+    async def _renew_forever(self) -> None:
+        interval = max(self.settings.lease_seconds / 3, 0.5)
+        while True:
+            await asyncio.sleep(interval)
+            claims = list(self._running.items())
+            if not claims:
+                continue
+            try:
+                await self._db(
+                    lambda db, claims=claims: lifecycle.renew_leases(  # type: ignore[misc]
+                        db, claims, now=utcnow(), lease_seconds=self.settings.lease_seconds
+                    )
+                )
+            except Exception as exc:
+                log.warning("lease renewal failed: %s", type(exc).__name__)
