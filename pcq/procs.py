@@ -21,7 +21,9 @@ def free_port() -> int:
         return port
 
 
-def spawn(args: list[str], env: Mapping[str, str], log_path: Path | None = None) -> subprocess.Popen[bytes]:
+def spawn(
+    args: list[str], env: Mapping[str, str], log_path: Path | None = None, cwd: Path | None = None
+) -> subprocess.Popen[bytes]:
     """Run ``pcq <args>`` with this interpreter, in its own process group."""
     out = open(log_path, "ab") if log_path else subprocess.DEVNULL  # noqa: SIM115
     return subprocess.Popen(  # noqa: S603  (our own interpreter and module)
@@ -30,6 +32,7 @@ def spawn(args: list[str], env: Mapping[str, str], log_path: Path | None = None)
         stdout=out,
         stderr=subprocess.STDOUT,
         start_new_session=True,
+        cwd=cwd,
     )
 
 

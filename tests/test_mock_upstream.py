@@ -9,6 +9,7 @@ from typing import Any
 
 import aiohttp
 import pytest
+from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 
 from pcq.mock_upstream import COMPLETIONS_PATH, MockConfig, create_app
@@ -351,3 +352,29 @@ def test_enforce_rpm_rejects_the_excess() -> None:
         assert s["by_status"]["429"] == 4
 
     run(fast(enforce_rpm=5), body)
+
+
+def test_hung_request_is_released_even_without_handler_cancellation() -> None:
+    # Embedders may run the app on a runner that does not cancel handlers on disconnect;
+    # the mock must still notice the caller left instead of holding the request for an hour.
+    async def main() -> None:
+        runner = web.AppRunner(create_app(fast(hang_seconds=60)), handler_cancellation=False)
+        await runner.setup()
+        await web.TCPSite(runner, "127.0.0.1", 0).start()
+        base = f"http://127.0.0.1:{runner.addresses[0][1]}"
+        try:
+            async with aiohttp.ClientSession(headers=KEY) as session:
+                timeout = aiohttp.ClientTimeout(total=0.2)
+                with pytest.raises(asyncio.TimeoutError):
+                    await session.post(base + COMPLETIONS_PATH, json=req("[[mock:hang]]"), timeout=timeout)
+                for _ in range(40):
+                    data = await (await session.get(base + "/mock/stats")).json()
+                    if data["in_flight"] == 0:
+                        break
+                    await asyncio.sleep(0.1)
+                assert data["in_flight"] == 0
+                assert data["by_status"] == {"499": 1}
+        finally:
+            await runner.cleanup()
+
+    asyncio.run(main())

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import threading
 import time
 from datetime import UTC, datetime
 from typing import Any
@@ -55,6 +56,24 @@ def utcnow() -> datetime:
     return datetime.now(UTC)
 
 
+_id_lock = threading.Lock()
+_id_state = {"ms": 0, "seq": 0}
+
+
 def new_id(prefix: str) -> str:
-    """A sortable id: millisecond time then 64 random bits, so ``ORDER BY id`` is creation order."""
-    return f"{prefix}_{int(time.time() * 1000):012x}{os.urandom(8).hex()}"
+    """A sortable id: milliseconds, a per-process sequence, 48 random bits.
+
+    ``ORDER BY id`` is creation order within a process (a batch's jobs export in the order
+    they were submitted) and close to it across processes; the random tail keeps ids from
+    different processes apart.
+    """
+    with _id_lock:
+        ms = int(time.time() * 1000)
+        if ms > _id_state["ms"]:
+            _id_state["ms"], _id_state["seq"] = ms, 0
+        else:
+            _id_state["seq"] += 1
+            if _id_state["seq"] > 0xFFFF:  # more than 65,536 ids in one ms: borrow the next ms
+                _id_state["ms"], _id_state["seq"] = _id_state["ms"] + 1, 0
+        ms, seq = _id_state["ms"], _id_state["seq"]
+    return f"{prefix}_{ms:012x}{seq:04x}{os.urandom(6).hex()}"

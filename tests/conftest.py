@@ -1,0 +1,154 @@
+"""Shared fixtures: real PostgreSQL and Redis on 127.0.0.1 (required under CI=true), SQLite
+files for fast unit tests, and an in-process mock upstream."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import threading
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import pytest
+import redis
+from aiohttp import web
+from sqlalchemy import Engine, text
+
+from pcq.db import make_engine, make_session_factory, unit_of_work
+from pcq.migrate import upgrade_to_head
+from pcq.mock_upstream import MockConfig, create_app
+from pcq.models import Base
+from pcq.settings import Settings, load_settings
+from pcq.tenants import create_key
+
+PG_ADMIN_DSN = os.environ.get("TEST_PG_ADMIN_DSN", "postgresql://postgres@127.0.0.1:5432/postgres")
+REDIS_TEST_URL = "redis://127.0.0.1:6379/14"
+IN_CI = os.environ.get("CI", "").strip().lower() == "true"
+
+
+def _unavailable(reason: str) -> None:
+    if IN_CI:
+        pytest.fail(f"{reason} (CI=true: real-service tests must run, not skip)")
+    pytest.skip(reason)
+
+
+def require_redis(url: str = REDIS_TEST_URL) -> None:
+    try:
+        client = redis.Redis.from_url(url, socket_connect_timeout=2, socket_timeout=2)
+        try:
+            client.ping()
+        finally:
+            client.close()
+    except (redis.RedisError, OSError) as exc:
+        _unavailable(f"Redis not reachable at {url}: {exc!r}")
+
+
+@pytest.fixture(scope="session")
+def pg_url() -> Iterator[str]:
+    """A fresh PostgreSQL database for this test session, migrated to head, dropped at the end."""
+    name = f"pcq_test_{uuid.uuid4().hex[:10]}"
+    try:
+        admin = psycopg.connect(PG_ADMIN_DSN, autocommit=True, connect_timeout=3)
+    except psycopg.Error as exc:
+        _unavailable(f"PostgreSQL not reachable at {PG_ADMIN_DSN}: {exc}")
+        raise
+    with admin:
+        admin.execute(f'CREATE DATABASE "{name}"')
+    url = PG_ADMIN_DSN.rsplit("/", 1)[0].replace("postgresql://", "postgresql+psycopg://") + f"/{name}"
+    upgrade_to_head(url)
+    yield url
+    with psycopg.connect(PG_ADMIN_DSN, autocommit=True) as admin:
+        admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+def truncate_all(engine: Engine) -> None:
+    tables = [t.name for t in reversed(Base.metadata.sorted_tables)]
+    with engine.begin() as conn:
+        if engine.dialect.name == "postgresql":
+            conn.execute(text(f"TRUNCATE {', '.join(tables)} CASCADE"))
+        else:
+            for t in tables:
+                conn.execute(text(f"DELETE FROM {t}"))
+
+
+@pytest.fixture
+def redis_url() -> Iterator[str]:
+    require_redis()
+    yield REDIS_TEST_URL
+    client = redis.Redis.from_url(REDIS_TEST_URL)
+    client.flushdb()  # db 14 belongs to these tests alone
+    client.close()
+
+
+@pytest.fixture
+def sqlite_url(tmp_path: Path) -> str:
+    url = f"sqlite:///{tmp_path / 'pcq.sqlite3'}"
+    upgrade_to_head(url)
+    return url
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    """Each test using this runs on SQLite and on the real PostgreSQL."""
+    if request.param == "sqlite":
+        url = f"sqlite:///{tmp_path / 'pcq.sqlite3'}"
+        upgrade_to_head(url)
+        yield url
+        return
+    url = request.getfixturevalue("pg_url")
+    yield url
+    engine = make_engine(url)
+    truncate_all(engine)
+    engine.dispose()
+
+
+def make_settings(**env: Any) -> Settings:
+    values = {k: str(v) for k, v in env.items() if v is not None}
+    return load_settings(values)
+
+
+def mint_key(url: str, tenant: str, settings: Settings | None = None) -> str:
+    engine = make_engine(url)
+    pepper = settings.key_pepper.get_secret_value() if settings else ""
+    with unit_of_work(make_session_factory(engine)) as session:
+        _, key = create_key(session, tenant, pepper)
+    engine.dispose()
+    return key
+
+
+@dataclass
+class MockServer:
+    url: str
+    config: MockConfig
+
+
+@pytest.fixture
+def mock_upstream() -> Iterator[MockServer]:
+    """The real mock upstream (aiohttp) on a free 127.0.0.1 port, in a background thread."""
+    config = MockConfig(latency_ms=0)
+    loop = asyncio.new_event_loop()
+    ready = threading.Event()
+    state: dict[str, Any] = {}
+
+    async def start() -> None:
+        runner = web.AppRunner(create_app(config))
+        await runner.setup()
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        state["runner"] = runner
+        state["port"] = runner.addresses[0][1]
+        ready.set()
+
+    thread = threading.Thread(
+        target=lambda: (loop.run_until_complete(start()), loop.run_forever()), daemon=True
+    )
+    thread.start()
+    assert ready.wait(10)
+    yield MockServer(f"http://127.0.0.1:{state['port']}", config)
+    asyncio.run_coroutine_threadsafe(state["runner"].cleanup(), loop).result(10)
+    loop.call_soon_threadsafe(loop.stop)
+    thread.join(5)

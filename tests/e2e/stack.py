@@ -1,0 +1,142 @@
+"""Start the real processes (mock upstream, API, Celery worker) for end-to-end tests."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+from sqlalchemy import func, select
+
+from pcq.db import make_engine, make_session_factory
+from pcq.models import Attempt, Citation, Job, Result, Usage
+from pcq.procs import free_port, spawn, stop, wait_http
+from pcq.wire import iter_sse_data
+
+
+@dataclass
+class Stack:
+    env: dict[str, str]
+    workdir: Path
+    api_url: str = ""
+    mock_url: str = ""
+    procs: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
+
+    def start_mock(self, *extra: str) -> None:
+        port = free_port()
+        self.procs["mock"] = spawn(
+            ["mock-upstream", "--port", str(port), "--latency-ms", "20", *extra], self.env, self.log("mock")
+        )
+        self.mock_url = f"http://127.0.0.1:{port}"
+        self.env["PARALLEL_BASE_URL"] = self.mock_url
+        wait_http(f"{self.mock_url}/healthz", proc=self.procs["mock"])
+
+    def start_api(self) -> None:
+        port = free_port()
+        self.procs["api"] = spawn(["api", "--port", str(port)], self.env, self.log("api"), cwd=self.workdir)
+        self.api_url = f"http://127.0.0.1:{port}"
+        wait_http(f"{self.api_url}/healthz", proc=self.procs["api"])
+
+    def start_worker(self, name: str = "worker") -> subprocess.Popen[bytes]:
+        proc = spawn(["worker"], self.env, self.log(name), cwd=self.workdir)
+        self.procs[name] = proc
+        return proc
+
+    def log(self, name: str) -> Path:
+        return self.workdir / f"{name}.log"
+
+    def logs(self) -> str:
+        return "\n".join(
+            f"--- {p.name}\n{p.read_text(errors='replace')[-3000:]}"
+            for p in sorted(self.workdir.glob("*.log"))
+        )
+
+    def stop_all(self) -> None:
+        for proc in self.procs.values():
+            stop(proc)
+
+    def mock_stats(self) -> dict[str, Any]:
+        stats: dict[str, Any] = httpx.get(f"{self.mock_url}/mock/stats").json()
+        return stats
+
+
+def stack_env(database_url: str, redis_url: str | None) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PCQ_")}
+    env.pop("REDIS_URL", None)
+    env.update(
+        DATABASE_URL=database_url,
+        PARALLEL_API_KEY="sk-e2e-secret-key-0000",
+        PCQ_QUEUE_NAME=f"pcq-test-{uuid.uuid4().hex[:8]}",
+        PCQ_SWEEP_INTERVAL_SECONDS="0.5",
+        PCQ_RETRY_BASE_SECONDS="0.2",
+        PCQ_RETRY_MAX_SECONDS="1",
+        PCQ_RATE_LIMIT_PER_MINUTE="60000",
+        PCQ_LOG_LEVEL="INFO",
+    )
+    if redis_url:
+        env["REDIS_URL"] = redis_url
+    return env
+
+
+def basis_citations_in_raw(raw: str) -> int:
+    """Count citations in a stored raw body independently of the worker's parser."""
+    if raw.lstrip().startswith("data:"):
+        seen: set[str] = set()
+        total = 0
+        for data in iter_sse_data(raw):
+            if data.strip() == "[DONE]":
+                continue
+            for entry in json.loads(data).get("basis") or []:
+                key = json.dumps(entry, sort_keys=True)
+                if key not in seen:
+                    seen.add(key)
+                    total += len(entry.get("citations") or [])
+        return total
+    return sum(len(b.get("citations") or []) for b in json.loads(raw).get("basis") or [])
+
+
+@dataclass
+class Audit:
+    jobs: int
+    by_status: dict[str, int]
+    results: int
+    usage: int
+    citations: int
+    citations_in_raw: int
+    attempts: int
+    attempts_claimed: int
+    duplicate_results: int
+
+
+def audit(database_url: str, batch_id: str) -> Audit:
+    engine = make_engine(database_url)
+    try:
+        with make_session_factory(engine)() as s:
+            jobs = list(s.scalars(select(Job).where(Job.batch_id == batch_id)))
+            ids = [j.id for j in jobs]
+            by_status: dict[str, int] = {}
+            for j in jobs:
+                by_status[j.status] = by_status.get(j.status, 0) + 1
+            results = list(s.scalars(select(Result).where(Result.job_id.in_(ids))))
+            return Audit(
+                jobs=len(jobs),
+                by_status=by_status,
+                results=len(results),
+                usage=s.scalar(select(func.count()).select_from(Usage).where(Usage.job_id.in_(ids))) or 0,
+                citations=s.scalar(
+                    select(func.count()).select_from(Citation).where(Citation.batch_id == batch_id)
+                )
+                or 0,
+                citations_in_raw=sum(basis_citations_in_raw(r.raw_body) for r in results),
+                attempts=s.scalar(select(func.count()).select_from(Attempt).where(Attempt.job_id.in_(ids)))
+                or 0,
+                attempts_claimed=sum(j.attempts for j in jobs),
+                duplicate_results=len(results) - len({r.job_id for r in results}),
+            )
+    finally:
+        engine.dispose()

@@ -1,0 +1,177 @@
+"""Claiming and storing: one result per job whatever runs twice (SQLite and PostgreSQL)."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+import pytest
+from sqlalchemy import func, select
+
+from pcq.db import make_engine, make_session_factory, unit_of_work
+from pcq.jobs import lifecycle
+from pcq.jobs.intake import NewJob, create_job
+from pcq.jobs.lifecycle import AttemptRecord
+from pcq.models import Attempt, BasisField, Citation, Job, Result, Usage, utcnow
+from pcq.tenants import create_key
+from pcq.wire import BasisData, CitationData, ParsedCompletion
+
+REQ = {"model": "lite", "messages": [{"role": "user", "content": "q"}]}
+
+
+@pytest.fixture
+def sessions(db_url: str):
+    engine = make_engine(db_url)
+    yield make_session_factory(engine)
+    engine.dispose()
+
+
+def _new_job(sessions) -> str:
+    with unit_of_work(sessions) as s:
+        tenant, _ = create_key(s, "t", "")
+        job, _ = create_job(s, tenant.id, NewJob(request=REQ), None)
+        return job.id
+
+
+def _completion() -> ParsedCompletion:
+    cites = [CitationData(url=f"https://Example.com/{i}", title=None, excerpts=["e"]) for i in range(3)]
+    return ParsedCompletion(
+        raw_body='{"raw": true}',
+        content="a",
+        parsed=None,
+        model="lite",
+        finish_reason="stop",
+        upstream_id="u",
+        usage={"prompt_tokens": 1, "completion_tokens": 2, "total_tokens": 3},
+        basis=[BasisData("output", "r", "high", cites), BasisData("other", None, None, cites[:1])],
+    )
+
+
+def _record(n: int) -> AttemptRecord:
+    now = utcnow()
+    return AttemptRecord(number=n, started_at=now, finished_at=now, outcome="ok", status_code=200)
+
+
+def _claim(sessions, job_id: str, **kw):
+    with unit_of_work(sessions) as s:
+        return lifecycle.claim(
+            s,
+            job_id,
+            now=kw.get("now", utcnow()),
+            lease_seconds=kw.get("lease", 60),
+            max_attempts=kw.get("max_attempts", 3),
+        )
+
+
+def _count(sessions, model, **where) -> int:
+    with sessions() as s:
+        q = select(func.count()).select_from(model)
+        for k, v in where.items():
+            q = q.where(getattr(model, k) == v)
+        return s.scalar(q) or 0
+
+
+def test_a_claimed_job_cannot_be_claimed_again_while_leased(sessions) -> None:
+    job_id = _new_job(sessions)
+    first = _claim(sessions, job_id)
+    assert first is not None
+    assert first.attempt == 1
+    assert _claim(sessions, job_id) is None
+
+
+def test_an_expired_lease_is_claimed_with_the_next_attempt_number(sessions) -> None:
+    job_id = _new_job(sessions)
+    _claim(sessions, job_id, lease=1)
+    later = _claim(sessions, job_id, now=utcnow() + timedelta(seconds=5))
+    assert later is not None
+    assert later.attempt == 2
+
+
+def test_success_stores_result_usage_basis_and_one_row_per_citation(sessions) -> None:
+    job_id = _new_job(sessions)
+    job = _claim(sessions, job_id)
+    with unit_of_work(sessions) as s:
+        assert lifecycle.store_success(s, job, _record(1), _completion())
+    assert _count(sessions, Result, job_id=job_id) == 1
+    assert _count(sessions, Usage, job_id=job_id) == 1
+    assert _count(sessions, BasisField, job_id=job_id) == 2
+    assert _count(sessions, Citation, job_id=job_id) == 4
+    assert _count(sessions, Attempt, job_id=job_id) == 1
+    with sessions() as s:
+        assert s.get(Job, job_id).status == "succeeded"
+        assert s.get(Result, job_id).raw_body == '{"raw": true}'
+        assert {c.domain for c in s.scalars(select(Citation))} == {"example.com"}
+
+
+def test_a_superseded_attempt_records_its_call_but_stores_no_result(sessions) -> None:
+    job_id = _new_job(sessions)
+    stale = _claim(sessions, job_id, lease=1)
+    fresh = _claim(sessions, job_id, now=utcnow() + timedelta(seconds=5))
+    with unit_of_work(sessions) as s:
+        assert lifecycle.store_success(s, fresh, _record(2), _completion())
+    with unit_of_work(sessions) as s:
+        assert not lifecycle.store_success(s, stale, _record(1), _completion())
+    assert _count(sessions, Result) == 1
+    assert _count(sessions, Citation) == 4
+    assert _count(sessions, Attempt, job_id=job_id) == 2
+
+
+def test_retry_requeues_until_the_attempt_cap_then_fails(sessions) -> None:
+    job_id = _new_job(sessions)
+    for n in (1, 2, 3):
+        job = _claim(sessions, job_id, max_attempts=3)
+        assert job is not None
+        assert job.attempt == n
+        with unit_of_work(sessions) as s:
+            status = lifecycle.store_retry(
+                s, job, _record(n), next_attempt_at=utcnow(), max_attempts=3, code="server_error", error="503"
+            )
+        assert status == ("failed" if n == 3 else "queued")
+    with sessions() as s:
+        job_row = s.get(Job, job_id)
+        assert job_row.status == "failed"
+        assert job_row.error_code == "server_error"
+    assert _count(sessions, Attempt, job_id=job_id) == 3
+
+
+def test_a_retry_is_not_claimed_before_it_is_due(sessions) -> None:
+    job_id = _new_job(sessions)
+    job = _claim(sessions, job_id)
+    with unit_of_work(sessions) as s:
+        lifecycle.store_retry(
+            s,
+            job,
+            _record(1),
+            next_attempt_at=utcnow() + timedelta(seconds=30),
+            max_attempts=3,
+            code="rate_limited",
+            error="429",
+        )
+    assert _claim(sessions, job_id) is None
+    assert _claim(sessions, job_id, now=utcnow() + timedelta(seconds=31)) is not None
+
+
+def test_jobs_whose_worker_died_every_time_end_failed_at_the_cap(sessions) -> None:
+    job_id = _new_job(sessions)
+    now = utcnow()
+    for n in range(3):
+        assert _claim(sessions, job_id, now=now + timedelta(seconds=10 * n), lease=1) is not None
+    assert _claim(sessions, job_id, now=now + timedelta(seconds=40)) is None
+    with sessions() as s:
+        row = s.get(Job, job_id)
+        assert row.status == "failed"
+        assert row.error_code == "attempts_exhausted"
+
+
+def test_sweeper_picks_due_retries_lost_messages_and_expired_leases_once(sessions) -> None:
+    fresh = _new_job(sessions)  # enqueued just now: not due
+    leased = _new_job(sessions)
+    _claim(sessions, leased, lease=1)
+    now = utcnow() + timedelta(seconds=5)
+    with unit_of_work(sessions) as s:
+        due = lifecycle.due_for_enqueue(s, now=now, requeue_after_seconds=60)
+    assert due == [leased]
+    with unit_of_work(sessions) as s:
+        assert lifecycle.due_for_enqueue(s, now=now, requeue_after_seconds=60) == []
+    with unit_of_work(sessions) as s:
+        later = lifecycle.due_for_enqueue(s, now=now + timedelta(seconds=120), requeue_after_seconds=60)
+    assert fresh in later
