@@ -63,6 +63,27 @@ def cmd_worker(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_healthcheck(_: argparse.Namespace) -> int:
+    """Exit 0 if this host's worker engine turned its loop recently (for container probes)."""
+    import time
+
+    from worker.engine import heartbeat_path
+
+    settings = _settings()
+    path = heartbeat_path(settings)
+    max_age = max(60.0, 5 * settings.sweep_interval_seconds)
+    try:
+        age = time.time() - path.stat().st_mtime
+    except FileNotFoundError:
+        print(f"unhealthy: no heartbeat at {path}", file=sys.stderr)  # noqa: T201
+        return 1
+    if age > max_age:
+        print(f"unhealthy: last heartbeat {age:.0f} s ago", file=sys.stderr)  # noqa: T201
+        return 1
+    print(f"healthy: last heartbeat {age:.1f} s ago")  # noqa: T201
+    return 0
+
+
 def cmd_mock_upstream(args: argparse.Namespace) -> int:
     from pcq.mock_upstream import MockConfig, serve
 
@@ -210,6 +231,10 @@ def build_parser() -> argparse.ArgumentParser:
     w = sub.add_parser("worker", help="run a worker (Celery) that calls the upstream and stores results")
     w.add_argument("--concurrency", type=int, default=None, help="Celery pool threads (claims in parallel)")
     w.set_defaults(fn=cmd_worker)
+
+    hc = sub.add_parser("healthcheck", help="probe a local process (for container healthchecks)")
+    hc.add_argument("target", choices=["worker"])
+    hc.set_defaults(fn=cmd_healthcheck)
 
     m = sub.add_parser("mock-upstream", help="serve a local stand-in of the Parallel chat endpoint")
     m.add_argument("--host", default="127.0.0.1")

@@ -225,9 +225,10 @@ def test_cooldown_from_one_process_stops_all_others(prefix: str) -> None:
     until = setter["until"]
     cd_start = until - cooldown
     assert setter["start"] + 0.35 < cd_start < until < setter["end"] - 0.3
+    # Admissions before the cool-down (which process wins the few tokens of those 0.4 s depends
+    # on how fast each one started, so only the total is asserted), nothing during it.
+    assert any(t < cd_start for h in hammers for t in h["admitted"])
     for h in hammers:
-        # Admitted before the cool-down, nothing during it, admitted again right after it.
-        assert any(t < cd_start for t in h["admitted"])
         assert not [t for t in h["admitted"] if cd_start <= t < until]
         during = [(t, w) for t, w in h["denied"] if cd_start <= t < until]
         assert during, "this worker made no call during the cool-down"

@@ -14,10 +14,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import tempfile
 import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from datetime import timedelta
+from pathlib import Path
 from typing import Any, TypeVar
 
 from sqlalchemy.orm import Session
@@ -35,6 +37,10 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 STORE_RETRY_SECONDS = (0.5, 1, 2, 4, 8, 15, 30)  # riding out a database restart
+
+
+def heartbeat_path(settings: Settings) -> Path:
+    return Path(tempfile.gettempdir()) / f"pcq-worker-{settings.queue_name}.heartbeat"
 
 
 class Engine:
@@ -219,11 +225,13 @@ class Engine:
 
     # -- background duties -------------------------------------------------------------
     async def _sweep_forever(self) -> None:
+        beat = heartbeat_path(self.settings)
         while True:
             try:
                 await self.sweep_once()
             except Exception as exc:
                 log.warning("sweep failed: %s", type(exc).__name__)
+            beat.touch()  # liveness for `pcq healthcheck worker`: the loop is turning
             await asyncio.sleep(self.settings.sweep_interval_seconds)
 
     async def sweep_once(self) -> int:

@@ -1,0 +1,134 @@
+"""The command line, run as a user runs it: a subprocess with an environment."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from sqlalchemy import select
+
+from pcq.db import make_engine, make_session_factory
+from pcq.models import ApiKey
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def pcq(*args: str, env: dict[str, str] | None = None, cwd: Path | None = None, timeout: float = 120):
+    base = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith("PCQ_") and k not in ("REDIS_URL", "DATABASE_URL", "PARALLEL_API_KEY")
+    }
+    return subprocess.run(
+        [sys.executable, "-m", "pcq.cli", *args],
+        env={**base, **(env or {})},
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def test_keys_create_prints_the_key_last_and_stores_only_a_hash(sqlite_url: str) -> None:
+    out = pcq("keys", "create", "--tenant", "acme", env={"DATABASE_URL": sqlite_url})
+    assert out.returncode == 0, out.stderr
+    key = out.stdout.strip().splitlines()[-1]
+    assert key.startswith("pcq_")
+    engine = make_engine(sqlite_url)
+    with make_session_factory(engine)() as s:
+        rows = list(s.scalars(select(ApiKey)))
+    engine.dispose()
+    assert len(rows) == 1
+    assert key not in (rows[0].key_hash, rows[0].prefix)
+    assert rows[0].prefix in key
+
+
+def test_an_unknown_pcq_setting_fails_with_a_clear_message(sqlite_url: str) -> None:
+    out = pcq("migrate", env={"DATABASE_URL": sqlite_url, "PCQ_MAX_ATTEMPT": "3"})
+    assert out.returncode != 0
+    assert "PCQ_MAX_ATTEMPT" in out.stderr
+
+
+def test_submit_without_a_key_fails_clearly(tmp_path: Path) -> None:
+    f = tmp_path / "b.jsonl"
+    f.write_text("{}\n")
+    out = pcq("submit", str(f))
+    assert out.returncode != 0
+    assert "PCQ_API_KEY" in out.stderr
+
+
+def test_submit_of_a_missing_file_fails_clearly() -> None:
+    out = pcq("submit", "/nonexistent.jsonl", "--api-key", "pcq_x_y")
+    assert out.returncode != 0
+    assert "no such file" in out.stderr
+
+
+@pytest.mark.e2e
+def test_standalone_demo_prints_answers_and_citations(tmp_path: Path) -> None:
+    """The README's run command: everything embedded, nothing else running."""
+    out = pcq("standalone", "--demo", "--port", str(_free_port()), cwd=tmp_path, timeout=180)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    assert "== founders" in out.stdout
+    assert "answer:" in out.stdout
+    assert "citations (3 rows in the database)" in out.stdout
+    assert "https://" in out.stdout
+    assert "succeeded=4" in out.stdout
+    assert (tmp_path / "pcq.sqlite3").exists()
+
+
+def _free_port() -> int:
+    from pcq.procs import free_port
+
+    return free_port()
+
+
+@pytest.mark.e2e
+def test_submit_wait_and_export_against_a_running_stack(tmp_path: Path, sqlite_url: str) -> None:
+    from tests.e2e.stack import Stack, stack_env
+
+    env = stack_env(sqlite_url, None)
+    stack = Stack(env, tmp_path)
+    try:
+        stack.start_mock()
+        stack.start_api()
+        stack.start_worker()
+        key = pcq("keys", "create", "--tenant", "cli", env={"DATABASE_URL": sqlite_url}).stdout.splitlines()[
+            -1
+        ]
+        client_env = {"PCQ_API_URL": stack.api_url, "PCQ_API_KEY": key}
+        lines = [
+            json.dumps(
+                {
+                    "custom_id": f"r{i}",
+                    "body": {"model": "lite", "messages": [{"role": "user", "content": f"q{i}"}]},
+                }
+            )
+            for i in range(5)
+        ]
+        f = tmp_path / "batch.jsonl"
+        f.write_text("\n".join(lines) + "\n")
+        out = pcq("submit", str(f), "--wait", env=client_env)
+        assert out.returncode == 0, out.stderr
+        batch_id = out.stdout.strip().splitlines()[-1]
+        assert "succeeded 5" in out.stderr
+        assert "5/5" in out.stderr  # the progress bar reached the end
+        as_csv = pcq("export", batch_id, "--format", "csv", env=client_env)
+        rows = list(csv.DictReader(io.StringIO(as_csv.stdout)))
+        assert [r["custom_id"] for r in rows] == [f"r{i}" for i in range(5)]
+        assert all(r["status"] == "succeeded" and int(r["citation_count"]) == 3 for r in rows)
+        as_jsonl = pcq(
+            "export", batch_id, "--format", "jsonl", "-o", str(tmp_path / "out.jsonl"), env=client_env
+        )
+        assert as_jsonl.returncode == 0
+        assert len((tmp_path / "out.jsonl").read_text().splitlines()) == 5
+        missing = pcq("export", "bat_nope", env=client_env)
+        assert missing.returncode != 0
+        assert "404" in missing.stderr
+    finally:
+        stack.stop_all()

@@ -1,0 +1,66 @@
+"""Settings: plain URLs accepted, drivers picked, unknown PCQ_ variables refused."""
+
+from __future__ import annotations
+
+import pytest
+
+from pcq.settings import SettingsError, load_settings
+
+
+def test_defaults_are_embedded_sqlite_and_the_public_upstream() -> None:
+    s = load_settings({})
+    assert s.database_url == "sqlite:///pcq.sqlite3"
+    assert s.parallel_base_url == "https://api.parallel.ai"
+    assert s.rate_limit_per_minute == 300
+    assert s.embedded
+    assert s.effective_broker_url.startswith("sqla+sqlite:///")
+
+
+@pytest.mark.parametrize(
+    ("given", "expected"),
+    [
+        ("postgresql://user@host/db", "postgresql+psycopg://user@host/db"),
+        ("postgres://user:pw@host:5433/db", "postgresql+psycopg://user:pw@host:5433/db"),
+        ("postgresql+psycopg://u@h/d", "postgresql+psycopg://u@h/d"),
+        ("sqlite:///data/pcq.db", "sqlite:///data/pcq.db"),
+    ],
+)
+def test_database_url_accepts_plain_forms(given: str, expected: str) -> None:
+    assert load_settings({"DATABASE_URL": given}).database_url == expected
+
+
+def test_unsupported_database_url_is_an_error() -> None:
+    with pytest.raises(ValueError, match="DATABASE_URL"):
+        load_settings({"DATABASE_URL": "mysql://u@h/d"})
+
+
+def test_unknown_pcq_variable_is_an_error_not_ignored() -> None:
+    with pytest.raises(SettingsError, match="PCQ_RATE_LIMT_PER_MINUTE"):
+        load_settings({"PCQ_RATE_LIMT_PER_MINUTE": "10"})
+
+
+def test_other_environment_variables_are_ignored() -> None:
+    assert load_settings({"HOME": "/root", "PATH": "/bin"}).max_attempts == 5
+
+
+def test_redis_url_switches_broker_to_redis() -> None:
+    s = load_settings({"REDIS_URL": "redis://127.0.0.1:6379/3"})
+    assert s.effective_broker_url == "redis://127.0.0.1:6379/3"
+    assert not s.embedded
+
+
+def test_secrets_are_not_shown_in_repr() -> None:
+    s = load_settings({"PARALLEL_API_KEY": "sk-very-secret"})
+    assert "sk-very-secret" not in repr(s)
+    assert s.parallel_api_key is not None
+    assert s.parallel_api_key.get_secret_value() == "sk-very-secret"
+
+
+def test_visibility_timeout_must_exceed_the_call_deadline() -> None:
+    with pytest.raises(ValueError, match="VISIBILITY_TIMEOUT"):
+        load_settings({"PCQ_TOTAL_TIMEOUT_SECONDS": "4000", "PCQ_VISIBILITY_TIMEOUT_SECONDS": "3600"})
+
+
+def test_bad_values_are_refused() -> None:
+    with pytest.raises(ValueError, match="rate_limit_per_minute|PCQ_RATE_LIMIT_PER_MINUTE"):
+        load_settings({"PCQ_RATE_LIMIT_PER_MINUTE": "0"})
