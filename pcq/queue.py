@@ -46,7 +46,10 @@ def make_celery(settings: Settings) -> Celery:
         # At-least-once delivery; exactly-once effect comes from the database claim.
         task_acks_late=True,
         task_reject_on_worker_lost=True,  # loops are capped by the job's attempt counter
-        worker_prefetch_multiplier=1,
+        # The task only claims the job (milliseconds), so a few reserved messages per pool
+        # thread keep the pool busy; a reserved message lost with its worker is re-sent by
+        # the sweeper, and a redelivered duplicate fails its claim and is dropped.
+        worker_prefetch_multiplier=4,
         broker_transport_options=transport_options,
         broker_connection_retry_on_startup=True,
         broker_connection_max_retries=None,  # retry for ever: Redis may come back

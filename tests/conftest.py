@@ -18,12 +18,11 @@ import redis
 from aiohttp import web
 from sqlalchemy import Engine, text
 
-from pcq.db import make_engine, make_session_factory, unit_of_work
+from pcq.db import make_engine
 from pcq.migrate import upgrade_to_head
 from pcq.mock_upstream import MockConfig, create_app
 from pcq.models import Base
 from pcq.settings import Settings, load_settings
-from pcq.tenants import create_key
 
 PG_ADMIN_DSN = os.environ.get("TEST_PG_ADMIN_DSN", "postgresql://postgres@127.0.0.1:5432/postgres")
 REDIS_TEST_URL = "redis://127.0.0.1:6379/14"
@@ -109,15 +108,6 @@ def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
 def make_settings(**env: Any) -> Settings:
     values = {k: str(v) for k, v in env.items() if v is not None}
     return load_settings(values)
-
-
-def mint_key(url: str, tenant: str, settings: Settings | None = None) -> str:
-    engine = make_engine(url)
-    pepper = settings.key_pepper.get_secret_value() if settings else ""
-    with unit_of_work(make_session_factory(engine)) as session:
-        _, key = create_key(session, tenant, pepper)
-    engine.dispose()
-    return key
 
 
 @dataclass

@@ -90,7 +90,7 @@ def _free_port() -> int:
 
 @pytest.mark.e2e
 def test_submit_wait_and_export_against_a_running_stack(tmp_path: Path, sqlite_url: str) -> None:
-    from tests.e2e.stack import Stack, stack_env
+    from pcq.testing import Stack, stack_env
 
     env = stack_env(sqlite_url, None)
     stack = Stack(env, tmp_path)

@@ -15,8 +15,7 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.conftest import mint_key
-from tests.e2e.stack import Stack, audit, stack_env
+from pcq.testing import Stack, audit, mint_key, stack_env
 
 pytestmark = [pytest.mark.e2e]
 

@@ -1,4 +1,7 @@
-"""Start the real processes (mock upstream, API, Celery worker) for end-to-end tests."""
+"""Run the real processes (mock upstream, API, Celery worker) and audit the rows they wrote.
+
+Shared by the end-to-end tests and the benchmarks, so both drive exactly what users run.
+"""
 
 from __future__ import annotations
 
@@ -13,9 +16,10 @@ from typing import Any
 import httpx
 from sqlalchemy import func, select
 
-from pcq.db import make_engine, make_session_factory
+from pcq.db import make_engine, make_session_factory, unit_of_work
 from pcq.models import Attempt, Citation, Job, Result, Usage
 from pcq.procs import free_port, spawn, stop, wait_http
+from pcq.tenants import create_key
 from pcq.wire import iter_sse_data
 
 
@@ -59,6 +63,18 @@ class Stack:
     def stop_all(self) -> None:
         for proc in self.procs.values():
             stop(proc)
+
+    def cpu_seconds(self) -> dict[str, float]:
+        """CPU time (user + system) each process has used so far, from /proc."""
+        tick = os.sysconf("SC_CLK_TCK")
+        out: dict[str, float] = {}
+        for name, proc in self.procs.items():
+            try:
+                fields = Path(f"/proc/{proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            out[name] = (int(fields[11]) + int(fields[12])) / tick
+        return out
 
     def mock_stats(self) -> dict[str, Any]:
         stats: dict[str, Any] = httpx.get(f"{self.mock_url}/mock/stats").json()
@@ -140,3 +156,11 @@ def audit(database_url: str, batch_id: str) -> Audit:
             )
     finally:
         engine.dispose()
+
+
+def mint_key(url: str, tenant: str, pepper: str = "") -> str:
+    engine = make_engine(url)
+    with unit_of_work(make_session_factory(engine)) as session:
+        _, key = create_key(session, tenant, pepper)
+    engine.dispose()
+    return key
