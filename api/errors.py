@@ -18,6 +18,7 @@ log = logging.getLogger(__name__)
 ERROR_RESPONSES: dict[int | str, dict[str, object]] = {
     401: {"model": ErrorOut, "description": "Missing or invalid API key"},
     404: {"model": ErrorOut, "description": "No such object for this tenant"},
+    409: {"model": ErrorOut, "description": "The object is not in a state that allows this"},
     422: {"model": ErrorOut, "description": "Invalid input; nothing was stored"},
 }
 

@@ -142,6 +142,7 @@ class BatchOut(BaseModel):
     metadata: dict[str, Any] | None
     webhook_url: str | None
     created_at: datetime
+    retried: int | None = Field(default=None, description="Jobs requeued by retry-failed")
 
 
 class CitationRow(BaseModel):

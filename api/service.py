@@ -10,8 +10,10 @@ from typing import Any
 from pydantic import ValidationError
 from sqlalchemy import update
 
+from api import repository
 from api.schemas import BatchCreate, BatchLine, JobCreate, check_webhook_url
 from pcq.db import SessionFactory, unit_of_work
+from pcq.jobs import control
 from pcq.jobs.errors import InvalidInput, TooLarge
 from pcq.jobs.intake import NewJob, create_batch, create_job
 from pcq.models import Batch, Job
@@ -58,6 +60,23 @@ class Submitter:
         if created:
             self._send(job_ids)
         return batch, created
+
+    def cancel_job(self, tenant_id: str, job_id: str) -> Job:
+        with unit_of_work(self.sessions) as session:
+            return control.cancel(session, repository.get_job(session, tenant_id, job_id))
+
+    def retry_job(self, tenant_id: str, job_id: str) -> Job:
+        with unit_of_work(self.sessions) as session:
+            job = control.retry(session, repository.get_job(session, tenant_id, job_id))
+        self._send([job.id])
+        return job
+
+    def retry_failed(self, tenant_id: str, batch_id: str) -> tuple[Batch, int]:
+        with unit_of_work(self.sessions) as session:
+            batch = repository.get_batch(session, tenant_id, batch_id)
+            requeued = control.requeue(session, control.failed_job_ids(session, batch_id))
+        self._send(requeued)
+        return batch, len(requeued)
 
     def _send(self, job_ids: list[str]) -> None:
         sent = self.enqueuer.enqueue(job_ids)

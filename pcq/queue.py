@@ -26,6 +26,9 @@ def make_celery(settings: Settings) -> Celery:
         # has not acked is only re-delivered after this.
         "visibility_timeout": settings.visibility_timeout_seconds,
     }
+    if settings.effective_broker_url.startswith(("redis://", "rediss://")):
+        # Fail fast when Redis is down: the API answers (the job is durable) instead of hanging.
+        transport_options["socket_connect_timeout"] = 3
     if settings.effective_broker_url.startswith("sqla+"):
         # kombu's SQLAlchemy transport hands every transport option to create_engine(),
         # which refuses unknown ones; it has no visibility timeout to set anyway.

@@ -80,6 +80,15 @@ def get_batch(batch_id: str, session: SessionDep, tenant: TenantDep) -> BatchOut
     return batch_out(session, repository.get_batch(session, tenant, batch_id))
 
 
+@router.post("/{batch_id}/retry-failed", status_code=202, response_model=BatchOut)
+async def retry_failed(batch_id: str, res: ResourcesDep, session: SessionDep, tenant: TenantDep) -> BatchOut:
+    """Run the failed jobs of a batch again (only those); ``retried`` says how many."""
+    batch, retried = await run_in_threadpool(res.submitter.retry_failed, tenant, batch_id)
+    out = await run_in_threadpool(batch_out, session, batch)
+    out.retried = retried
+    return out
+
+
 @router.get("/{batch_id}/results", response_class=StreamingResponse)
 def batch_results(
     batch_id: str, res: ResourcesDep, session: SessionDep, tenant: TenantDep

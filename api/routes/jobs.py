@@ -34,6 +34,18 @@ def get_job(job_id: str, session: SessionDep, tenant: TenantDep) -> JobOut:
     return repository.job_with_result(session, repository.get_job(session, tenant, job_id))
 
 
+@router.post("/{job_id}/cancel", response_model=JobOut)
+async def cancel_job(job_id: str, res: ResourcesDep, tenant: TenantDep) -> JobOut:
+    """Cancel a queued or running job; a running call's answer is then discarded, not stored."""
+    return repository.job_out(await run_in_threadpool(res.submitter.cancel_job, tenant, job_id))
+
+
+@router.post("/{job_id}/retry", status_code=202, response_model=JobOut)
+async def retry_job(job_id: str, res: ResourcesDep, tenant: TenantDep) -> JobOut:
+    """Run a failed (or cancelled) job again, with a fresh attempt budget."""
+    return repository.job_out(await run_in_threadpool(res.submitter.retry_job, tenant, job_id))
+
+
 @router.get("", response_model=JobPage)
 def list_jobs(
     session: SessionDep,

@@ -107,13 +107,9 @@ def create_batch(
 ) -> tuple[Batch, list[str], bool]:
     """Insert a batch and all its jobs at once; returns (batch, job ids, created)."""
     if idempotency_key is not None:
-        existing = session.scalars(
-            select(Batch).where(Batch.tenant_id == tenant_id, Batch.idempotency_key == idempotency_key)
-        ).one_or_none()
+        existing = _batch_by_key(session, tenant_id, idempotency_key)
         if existing is not None:
-            if existing.request_hash != fingerprint:
-                raise IdempotencyMismatch("this Idempotency-Key was already used with a different batch")
-            return existing, [], False
+            return _replayed_batch(existing, fingerprint), [], False
     now = utcnow()
     batch = Batch(
         id=new_id("bat"),
@@ -125,10 +121,28 @@ def create_batch(
         request_hash=fingerprint,
         created_at=now,
     )
-    session.add(batch)
-    session.flush()
+    try:
+        with session.begin_nested():  # lose a race on the key without spoiling the transaction
+            session.add(batch)
+    except IntegrityError:
+        winner = _batch_by_key(session, tenant_id, idempotency_key) if idempotency_key else None
+        if winner is None:
+            raise
+        return _replayed_batch(winner, fingerprint), [], False
     rows = [_job_row(tenant_id, item, batch.id, now) for item in items]
     # One multi-row INSERT per chunk: an ORM object per job costs several times more.
     for start in range(0, len(rows), 1000):
         session.execute(insert(Job), rows[start : start + 1000])
     return batch, [r["id"] for r in rows], True
+
+
+def _batch_by_key(session: Session, tenant_id: str, key: str) -> Batch | None:
+    return session.scalars(
+        select(Batch).where(Batch.tenant_id == tenant_id, Batch.idempotency_key == key)
+    ).one_or_none()
+
+
+def _replayed_batch(batch: Batch, fingerprint: str | None) -> Batch:
+    if batch.request_hash != fingerprint:
+        raise IdempotencyMismatch("this Idempotency-Key was already used with a different batch")
+    return batch

@@ -25,6 +25,10 @@ class ClaimedJob:
     batch_id: str | None
     attempt: int
     request: dict[str, Any]
+    attempts_base: int = 0
+
+    def exhausted(self, max_attempts: int) -> bool:
+        return self.attempt - self.attempts_base >= max_attempts
 
 
 @dataclass(frozen=True)
@@ -82,9 +86,11 @@ def claim(
     if result.rowcount != 1:  # type: ignore[attr-defined]  # CursorResult at runtime
         return None
     row = session.execute(
-        select(Job.tenant_id, Job.batch_id, Job.attempts, Job.request).where(Job.id == job_id)
+        select(Job.tenant_id, Job.batch_id, Job.attempts, Job.attempts_base, Job.request).where(
+            Job.id == job_id
+        )
     ).one()
-    if row.attempts > max_attempts:
+    if row.attempts - row.attempts_base > max_attempts:
         # The previous attempts died without recording an outcome (a worker killed mid-call,
         # perhaps by this very job): stop here instead of looping for ever.
         _finish(
@@ -97,7 +103,7 @@ def claim(
             error=f"gave up after {max_attempts} attempts that did not complete",
         )
         return None
-    return ClaimedJob(job_id, row.tenant_id, row.batch_id, row.attempts, row.request)
+    return ClaimedJob(job_id, row.tenant_id, row.batch_id, row.attempts, row.request, row.attempts_base)
 
 
 def renew_leases(
@@ -231,7 +237,7 @@ def store_retry(
 ) -> str:
     """Record a retryable failure; schedule the next attempt or fail for good."""
     session.execute(insert(Attempt), [record.row(job.id)])
-    if job.attempt >= max_attempts:
+    if job.exhausted(max_attempts):
         _finish(
             session,
             job.id,
@@ -239,7 +245,7 @@ def store_retry(
             record.finished_at,
             status="failed",
             code=code,
-            error=f"{error} (gave up after {job.attempt} attempts)",
+            error=f"{error} (gave up after {job.attempt - job.attempts_base} attempts)",
         )
         return "failed"
     _finish(

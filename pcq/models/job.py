@@ -68,6 +68,9 @@ class Job(Base):
 
     status: Mapped[str] = mapped_column(String(16), default="queued")
     attempts: Mapped[int] = mapped_column(Integer, default=0)
+    # Attempts made before the last manual retry: the cap counts attempts since then, while
+    # attempt numbers keep growing so every call ever made keeps its own row.
+    attempts_base: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
     lease_until: Mapped[datetime | None] = mapped_column(UTCDateTime(), default=None)
     next_attempt_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), default=None)
     enqueued_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), default=None)
