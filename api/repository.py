@@ -8,7 +8,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import func, select
+from sqlalchemy import and_, func, select
 from sqlalchemy.orm import Session
 
 from api.schemas import BasisOut, CitationOut, CitationRow, JobOut, ResultOut, Usage
@@ -92,13 +92,13 @@ def _load_results(session: Session, job_ids: Sequence[str]) -> _Loaded:
     """Results, usage, basis and citations of many jobs in four queries."""
     results = {r.job_id: r for r in session.scalars(select(Result).where(Result.job_id.in_(job_ids)))}
     usage = {u.job_id: u for u in session.scalars(select(UsageRow).where(UsageRow.job_id.in_(job_ids)))}
-    cites: dict[int, list[CitationOut]] = defaultdict(list)
+    cites: dict[tuple[str, int], list[CitationOut]] = defaultdict(list)
     for c in session.scalars(
         select(Citation)
         .where(Citation.job_id.in_(job_ids))
-        .order_by(Citation.basis_field_id, Citation.position)
+        .order_by(Citation.job_id, Citation.field_position, Citation.position)
     ):
-        cites[c.basis_field_id].append(CitationOut(url=c.url, title=c.title, excerpts=c.excerpts))
+        cites[(c.job_id, c.field_position)].append(CitationOut(url=c.url, title=c.title, excerpts=c.excerpts))
     basis: dict[str, list[BasisOut]] = defaultdict(list)
     for b in session.scalars(
         select(BasisField)
@@ -106,7 +106,12 @@ def _load_results(session: Session, job_ids: Sequence[str]) -> _Loaded:
         .order_by(BasisField.job_id, BasisField.position)
     ):
         basis[b.job_id].append(
-            BasisOut(field=b.field, reasoning=b.reasoning, confidence=b.confidence, citations=cites[b.id])
+            BasisOut(
+                field=b.field,
+                reasoning=b.reasoning,
+                confidence=b.confidence,
+                citations=cites[(b.job_id, b.position)],
+            )
         )
     return _Loaded(results, usage, basis)
 
@@ -205,7 +210,10 @@ def list_citations(
     q = (
         select(Citation, Job.custom_id, BasisField.reasoning, BasisField.confidence)
         .join(Job, Job.id == Citation.job_id)
-        .join(BasisField, BasisField.id == Citation.basis_field_id)
+        .join(
+            BasisField,
+            and_(BasisField.job_id == Citation.job_id, BasisField.position == Citation.field_position),
+        )
         .where(Citation.tenant_id == tenant_id)
     )
     if job_id is not None:

@@ -7,7 +7,7 @@ only (no payload, no secret: anyone who can read the broker sees messages).
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable
+from collections.abc import Sequence
 
 from celery import Celery
 from kombu import Exchange, Queue
@@ -16,7 +16,11 @@ from pcq.settings import Settings
 
 log = logging.getLogger(__name__)
 
-RUN_JOB_TASK = "pcq.run_job"
+RUN_JOB_TASK = "pcq.run_jobs"
+# Job ids per message. One message per job makes the broker the per-job cost (~1.3 ms of
+# worker CPU to consume and ack each); a few dozen ids per message amortise it while still
+# spreading a batch over many workers. A lost message loses nothing: the sweeper resends.
+IDS_PER_MESSAGE = 50
 
 
 def make_celery(settings: Settings) -> Celery:
@@ -72,22 +76,23 @@ class Enqueuer:
         self.app = app
         self.queue_name = queue_name
 
-    def enqueue(self, job_ids: Iterable[str]) -> int:
-        """Send one message per id over one connection; returns how many were sent."""
+    def enqueue(self, job_ids: Sequence[str], per_message: int = IDS_PER_MESSAGE) -> int:
+        """Send the ids, a chunk per message, over one connection; returns how many ids were sent."""
         sent = 0
         try:
             with self.app.producer_or_acquire() as producer:
-                for job_id in job_ids:
+                for start in range(0, len(job_ids), per_message):
+                    chunk = list(job_ids[start : start + per_message])
                     self.app.send_task(
                         RUN_JOB_TASK,
-                        args=[job_id],
+                        args=[chunk],
                         producer=producer,
                         queue=self.queue_name,
                         routing_key=self.queue_name,
                         exchange="",
                         retry=False,
                     )
-                    sent += 1
+                    sent += len(chunk)
         except Exception as exc:  # broker down: the rows are durable, the sweeper resends
             log.warning("enqueue failed after %d message(s): %s", sent, type(exc).__name__)
         return sent

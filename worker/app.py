@@ -26,7 +26,14 @@ def _redis_factory(settings: Settings) -> Any:
     if settings.redis_url:
         import redis.asyncio
 
-        return lambda: redis.asyncio.Redis.from_url(settings.redis_url)
+        url = settings.redis_url
+        # A blocking pool: thousands of calls ask the limiter at once, and they should queue
+        # for one of a few dozen connections, not fail with "Too many connections".
+        return lambda: redis.asyncio.Redis(
+            connection_pool=redis.asyncio.BlockingConnectionPool.from_url(
+                url, max_connections=32, timeout=None
+            )
+        )
     # Embedded mode has one worker process, so an in-process Redis is a faithful home
     # for the limiter's state: the very same Lua script runs on it.
     import fakeredis
@@ -65,9 +72,9 @@ def create_worker_app(settings: Settings) -> Celery:
             return holder["rt"]
 
     @app.task(name=RUN_JOB_TASK, ignore_result=True)
-    def run_job(job_id: str) -> None:
+    def run_jobs(job_ids: list[str] | str) -> None:
         # Returns None on purpose: Celery logs return values, and nothing else belongs there.
-        runtime().engine.submit(job_id)
+        runtime().engine.submit([job_ids] if isinstance(job_ids, str) else list(job_ids))
 
     @worker_ready.connect(weak=False)
     def _start(**_: Any) -> None:

@@ -4,10 +4,15 @@ Why this shape: a ``core`` call can take five minutes and the quota allows hundr
 minute, so one worker process must hold thousands of calls open. A thread per call (Celery's
 threads pool) or a process per call (prefork) caps that far lower and costs far more CPU;
 one event loop holds thousands of sockets cheaply. Celery stays the distributed transport:
-its task hands the job id to this engine and returns as soon as the job is *claimed* in the
-database (status ``running`` with a lease). From then on the database, not the broker, owns
-the job: a worker that dies leaves an expired lease that any worker's sweeper re-enqueues.
-Database work runs in a small thread pool so the loop never blocks on it.
+its task hands a message's job ids to this engine and returns as soon as they are *claimed*
+in the database (status ``running`` with a lease). From then on the database, not the
+broker, owns the job: a worker that dies leaves expired leases that any worker's sweeper
+re-enqueues.
+
+Database work is batched, because per-job transactions are what make a naive worker
+CPU-bound: one statement claims all the ids of a message, and a writer stores the outcomes
+of many calls (attempts, results, usage, basis, citations) per transaction. It runs in a
+small thread pool so the loop never blocks on the database.
 """
 
 from __future__ import annotations
@@ -26,7 +31,7 @@ from sqlalchemy.orm import Session
 
 from pcq.db import SessionFactory, unit_of_work
 from pcq.jobs import lifecycle
-from pcq.jobs.lifecycle import AttemptRecord, ClaimedJob
+from pcq.jobs.lifecycle import AttemptRecord, ClaimedJob, Settled
 from pcq.limiter import RateLimiter, limiter_key
 from pcq.models import utcnow
 from pcq.queue import Enqueuer
@@ -36,11 +41,41 @@ from pcq.upstream import Outcome, UpstreamClient, backoff_seconds
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
-STORE_RETRY_SECONDS = (0.5, 1, 2, 4, 8, 15, 30)  # riding out a database restart
+DB_RETRY_SECONDS = (0.5, 1, 2, 4, 8, 15, 30)  # riding out a database restart
+WRITE_BATCH = 200  # outcomes per transaction at most
+WRITE_LINGER = 0.01  # seconds a small batch waits for company
 
 
 def heartbeat_path(settings: Settings) -> Path:
     return Path(tempfile.gettempdir()) / f"pcq-worker-{settings.queue_name}.heartbeat"
+
+
+def settle(job: ClaimedJob, outcome: Outcome, settings: Settings) -> Settled:
+    """Turn a call's outcome into what the database should record."""
+    record = AttemptRecord(
+        number=job.attempt,
+        started_at=outcome.started_at,
+        finished_at=outcome.finished_at,
+        outcome=outcome.kind,
+        error_class=outcome.error_class,
+        status_code=outcome.status_code,
+        upstream_request_id=outcome.upstream_request_id,
+        retry_after_seconds=outcome.retry_after,
+        error_detail=outcome.raw_error or outcome.summary,
+    )
+    if outcome.kind == "ok" and outcome.completion is not None:
+        return Settled(job, record, completion=outcome.completion)
+    code = outcome.error_class or "error"
+    summary = outcome.summary or "upstream call failed"
+    if outcome.kind == "retryable":
+        delay = backoff_seconds(
+            job.attempt - job.attempts_base,
+            settings.retry_base_seconds,
+            settings.retry_max_seconds,
+            outcome.retry_after,
+        )
+        return Settled(job, record, retry_at=utcnow() + timedelta(seconds=delay), code=code, error=summary)
+    return Settled(job, record, code=code, error=summary)
 
 
 class Engine:
@@ -62,6 +97,7 @@ class Engine:
         self._running: dict[str, int] = {}  # job id -> attempt number held here
         self._stop: asyncio.Event | None = None
         self._slots: asyncio.Semaphore | None = None
+        self._outbox: asyncio.Queue[tuple[Settled, asyncio.Future[None]]] | None = None
         self._upstream: UpstreamClient | None = None
         self._limiter: RateLimiter | None = None
         self._key = ""
@@ -78,9 +114,9 @@ class Engine:
             self._thread.join(timeout)
         self._db_pool.shutdown(wait=False, cancel_futures=True)
 
-    def submit(self, job_id: str) -> bool:
-        """Claim the job and start its call; blocks only while every slot is busy."""
-        future = asyncio.run_coroutine_threadsafe(self._accept(job_id), self._loop)
+    def submit(self, job_ids: list[str]) -> int:
+        """Claim the jobs and start their calls; blocks only while every slot is busy."""
+        future = asyncio.run_coroutine_threadsafe(self._accept(job_ids), self._loop)
         return future.result()
 
     @property
@@ -96,6 +132,7 @@ class Engine:
         s = self.settings
         self._stop = asyncio.Event()
         self._slots = asyncio.Semaphore(s.max_in_flight)
+        self._outbox = asyncio.Queue()
         api_key = s.parallel_api_key.get_secret_value() if s.parallel_api_key else ""
         self._key = limiter_key(api_key)
         http = UpstreamClient.make_http_client(
@@ -110,9 +147,11 @@ class Engine:
         )
         redis = self._redis_factory()
         self._limiter = RateLimiter(redis, limit_per_minute=s.rate_limit_per_minute, burst=s.rate_limit_burst)
+        writers = 1 if s.database_url.startswith("sqlite") else 2  # SQLite has one writer anyway
         background = [
             asyncio.create_task(self._sweep_forever(), name="sweeper"),
             asyncio.create_task(self._renew_forever(), name="lease-renewer"),
+            *(asyncio.create_task(self._write_forever(), name=f"writer-{n}") for n in range(writers)),
         ]
         self._ready.set()
         await self._stop.wait()
@@ -128,60 +167,9 @@ class Engine:
 
         return await self._loop.run_in_executor(self._db_pool, run)
 
-    async def _accept(self, job_id: str) -> bool:
-        assert self._slots is not None
-        await self._slots.acquire()
-        s = self.settings
-        try:
-            claimed = await self._retrying_db(
-                lambda db: lifecycle.claim(
-                    db,
-                    job_id,
-                    now=utcnow(),
-                    lease_seconds=s.lease_seconds,
-                    max_attempts=s.max_attempts,
-                ),
-                what=f"claiming job {job_id}",
-            )
-        except Exception:
-            self._slots.release()
-            raise
-        if claimed is None:
-            self._slots.release()
-            return False
-        self._running[claimed.id] = claimed.attempt
-        asyncio.create_task(self._execute(claimed), name=f"job-{claimed.id}")
-        return True
-
-    async def _execute(self, job: ClaimedJob) -> None:
-        assert self._slots is not None
-        assert self._upstream is not None
-        assert self._limiter is not None
-        try:
-            await self._limiter.acquire(self._key)
-            outcome = await self._upstream.call(job.request)
-            if outcome.status_code == 429:
-                pause = outcome.retry_after or backoff_seconds(
-                    job.attempt,
-                    self.settings.retry_base_seconds,
-                    self.settings.retry_max_seconds,
-                    None,
-                )
-                await self._limiter.set_cooldown(self._key, pause)
-            await self._store_outcome(job, outcome)
-        except Exception:
-            # The lease will expire and the sweeper hands the job to a worker again.
-            log.exception("job %s attempt %d: unexpected error", job.id, job.attempt)
-        finally:
-            self._running.pop(job.id, None)
-            self._slots.release()
-
-    async def _store_outcome(self, job: ClaimedJob, outcome: Outcome) -> None:
-        await self._retrying_db(lambda db: self._write(db, job, outcome), what=f"storing job {job.id}")
-
     async def _retrying_db(self, fn: Callable[[Session], T], *, what: str) -> T:
         """Run a unit of work, riding out a database restart before giving up."""
-        for delay in STORE_RETRY_SECONDS:
+        for delay in DB_RETRY_SECONDS:
             try:
                 return await self._db(fn)
             except Exception as exc:
@@ -189,39 +177,83 @@ class Engine:
                 await asyncio.sleep(delay)
         return await self._db(fn)
 
-    def _write(self, db: Session, job: ClaimedJob, outcome: Outcome) -> None:
+    async def _accept(self, job_ids: list[str]) -> int:
+        assert self._slots is not None
+        for _ in job_ids:
+            await self._slots.acquire()
         s = self.settings
-        record = AttemptRecord(
-            number=job.attempt,
-            started_at=outcome.started_at,
-            finished_at=outcome.finished_at,
-            outcome=outcome.kind,
-            error_class=outcome.error_class,
-            status_code=outcome.status_code,
-            upstream_request_id=outcome.upstream_request_id,
-            retry_after_seconds=outcome.retry_after,
-            error_detail=outcome.raw_error or outcome.summary,
-        )
-        code = outcome.error_class or "error"
-        summary = outcome.summary or "upstream call failed"
-        if outcome.kind == "ok" and outcome.completion is not None:
-            if not lifecycle.store_success(db, job, record, outcome.completion):
-                log.info("job %s attempt %d: lost the lease, result discarded", job.id, job.attempt)
-        elif outcome.kind == "retryable":
-            delay = backoff_seconds(
-                job.attempt, s.retry_base_seconds, s.retry_max_seconds, outcome.retry_after
+        try:
+            claimed = await self._retrying_db(
+                lambda db: lifecycle.claim_many(
+                    db, job_ids, now=utcnow(), lease_seconds=s.lease_seconds, max_attempts=s.max_attempts
+                ),
+                what=f"claiming {len(job_ids)} job(s)",
             )
-            lifecycle.store_retry(
-                db,
-                job,
-                record,
-                next_attempt_at=utcnow() + timedelta(seconds=delay),
-                max_attempts=s.max_attempts,
-                code=code,
-                error=summary,
-            )
-        else:
-            lifecycle.store_failure(db, job, record, code=code, error=summary)
+        except Exception:
+            for _ in job_ids:
+                self._slots.release()
+            raise
+        for _ in range(len(job_ids) - len(claimed)):
+            self._slots.release()
+        for job in claimed:
+            self._running[job.id] = job.attempt
+            asyncio.create_task(self._execute(job), name=f"job-{job.id}")
+        return len(claimed)
+
+    async def _execute(self, job: ClaimedJob) -> None:
+        assert self._slots is not None
+        assert self._upstream is not None
+        assert self._limiter is not None
+        assert self._outbox is not None
+        try:
+            await self._limiter.acquire(self._key)
+            outcome = await self._upstream.call(job.request)
+            if outcome.status_code == 429:
+                pause = outcome.retry_after or backoff_seconds(
+                    job.attempt, self.settings.retry_base_seconds, self.settings.retry_max_seconds, None
+                )
+                await self._limiter.set_cooldown(self._key, pause)
+            stored: asyncio.Future[None] = self._loop.create_future()
+            self._outbox.put_nowait((settle(job, outcome, self.settings), stored))
+            await stored
+        except Exception:
+            # The lease will expire and the sweeper hands the job to a worker again.
+            log.exception("job %s attempt %d: unexpected error", job.id, job.attempt)
+        finally:
+            self._running.pop(job.id, None)
+            self._slots.release()
+
+    async def _write_forever(self) -> None:
+        """Store outcomes in batches: one transaction for up to WRITE_BATCH calls."""
+        assert self._outbox is not None
+        while True:
+            batch = [await self._outbox.get()]
+            while len(batch) < WRITE_BATCH:
+                if self._outbox.empty():
+                    if len(batch) >= 20:
+                        break
+                    await asyncio.sleep(WRITE_LINGER)
+                    if self._outbox.empty():
+                        break
+                batch.append(self._outbox.get_nowait())
+            items = [item for item, _ in batch]
+            try:
+                owned = await self._retrying_db(
+                    lambda db, items=items: lifecycle.store_outcomes(  # type: ignore[misc]
+                        db, items, max_attempts=self.settings.max_attempts
+                    ),
+                    what=f"storing {len(items)} outcome(s)",
+                )
+                lost = [i.job.id for i in items if i.job.id not in owned]
+                if lost:
+                    log.info("%d outcome(s) discarded: claim lost (taken over or cancelled)", len(lost))
+                for _, done in batch:
+                    if not done.done():
+                        done.set_result(None)
+            except Exception as exc:
+                for _, done in batch:
+                    if not done.done():
+                        done.set_exception(exc)
 
     # -- background duties -------------------------------------------------------------
     async def _sweep_forever(self) -> None:
@@ -253,13 +285,13 @@ class Engine:
         interval = max(self.settings.lease_seconds / 3, 0.5)
         while True:
             await asyncio.sleep(interval)
-            claims = list(self._running.items())
-            if not claims:
+            ids = list(self._running)
+            if not ids:
                 continue
             try:
                 await self._db(
-                    lambda db, claims=claims: lifecycle.renew_leases(  # type: ignore[misc]
-                        db, claims, now=utcnow(), lease_seconds=self.settings.lease_seconds
+                    lambda db, ids=ids: lifecycle.renew_leases(  # type: ignore[misc]
+                        db, ids, now=utcnow(), lease_seconds=self.settings.lease_seconds
                     )
                 )
             except Exception as exc:

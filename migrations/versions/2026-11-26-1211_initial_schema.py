@@ -5,7 +5,7 @@ job status check constraint, and the indexes the API and the sweeper query by.
 
 Revision ID: 0001
 Revises:
-Create Date: 2026-11-26 12:11:01.543127
+Create Date: 2026-11-26 12:35:12.767564
 """
 
 from collections.abc import Sequence
@@ -21,7 +21,6 @@ depends_on: str | Sequence[str] | None = None
 
 
 def upgrade() -> None:
-
     op.create_table(
         "tenants",
         sa.Column("id", sa.String(length=40), nullable=False),
@@ -39,10 +38,7 @@ def upgrade() -> None:
         sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
         sa.Column("revoked_at", sa.DateTime(timezone=True), nullable=True),
         sa.ForeignKeyConstraint(
-            ["tenant_id"],
-            ["tenants.id"],
-            name=op.f("fk_api_keys_tenant_id_tenants"),
-            ondelete="CASCADE",
+            ["tenant_id"], ["tenants.id"], name=op.f("fk_api_keys_tenant_id_tenants"), ondelete="CASCADE"
         ),
         sa.PrimaryKeyConstraint("id", name=op.f("pk_api_keys")),
         sa.UniqueConstraint("prefix", name=op.f("uq_api_keys_prefix")),
@@ -65,10 +61,7 @@ def upgrade() -> None:
         sa.Column("request_hash", sa.String(length=64), nullable=True),
         sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
         sa.ForeignKeyConstraint(
-            ["tenant_id"],
-            ["tenants.id"],
-            name=op.f("fk_batches_tenant_id_tenants"),
-            ondelete="CASCADE",
+            ["tenant_id"], ["tenants.id"], name=op.f("fk_batches_tenant_id_tenants"), ondelete="CASCADE"
         ),
         sa.PrimaryKeyConstraint("id", name=op.f("pk_batches")),
         sa.UniqueConstraint(
@@ -112,17 +105,13 @@ def upgrade() -> None:
         sa.Column("started_at", sa.DateTime(timezone=True), nullable=True),
         sa.Column("finished_at", sa.DateTime(timezone=True), nullable=True),
         sa.CheckConstraint(
-            "status IN ('queued', 'running', 'succeeded', 'failed', 'cancelled')",
-            name=op.f("ck_jobs_status"),
+            "status IN ('queued', 'running', 'succeeded', 'failed', 'cancelled')", name=op.f("ck_jobs_status")
         ),
         sa.ForeignKeyConstraint(
             ["batch_id"], ["batches.id"], name=op.f("fk_jobs_batch_id_batches"), ondelete="CASCADE"
         ),
         sa.ForeignKeyConstraint(
-            ["tenant_id"],
-            ["tenants.id"],
-            name=op.f("fk_jobs_tenant_id_tenants"),
-            ondelete="CASCADE",
+            ["tenant_id"], ["tenants.id"], name=op.f("fk_jobs_tenant_id_tenants"), ondelete="CASCADE"
         ),
         sa.PrimaryKeyConstraint("id", name=op.f("pk_jobs")),
         sa.UniqueConstraint("batch_id", "custom_id", name=op.f("uq_jobs_batch_id_custom_id")),
@@ -138,10 +127,7 @@ def upgrade() -> None:
     op.create_table(
         "attempts",
         sa.Column(
-            "id",
-            sa.BigInteger().with_variant(sa.Integer(), "sqlite"),
-            autoincrement=True,
-            nullable=False,
+            "id", sa.BigInteger().with_variant(sa.Integer(), "sqlite"), autoincrement=True, nullable=False
         ),
         sa.Column("job_id", sa.String(length=40), nullable=False),
         sa.Column("number", sa.Integer(), nullable=False),
@@ -163,10 +149,7 @@ def upgrade() -> None:
     op.create_table(
         "basis_fields",
         sa.Column(
-            "id",
-            sa.BigInteger().with_variant(sa.Integer(), "sqlite"),
-            autoincrement=True,
-            nullable=False,
+            "id", sa.BigInteger().with_variant(sa.Integer(), "sqlite"), autoincrement=True, nullable=False
         ),
         sa.Column("job_id", sa.String(length=40), nullable=False),
         sa.Column("position", sa.Integer(), nullable=False),
@@ -177,10 +160,8 @@ def upgrade() -> None:
             ["job_id"], ["jobs.id"], name=op.f("fk_basis_fields_job_id_jobs"), ondelete="CASCADE"
         ),
         sa.PrimaryKeyConstraint("id", name=op.f("pk_basis_fields")),
+        sa.UniqueConstraint("job_id", "position", name=op.f("uq_basis_fields_job_id_position")),
     )
-    with op.batch_alter_table("basis_fields", schema=None) as batch_op:
-        batch_op.create_index("ix_basis_fields_job_position", ["job_id", "position"], unique=True)
-
     op.create_table(
         "results",
         sa.Column("job_id", sa.String(length=40), nullable=False),
@@ -220,15 +201,11 @@ def upgrade() -> None:
     op.create_table(
         "citations",
         sa.Column(
-            "id",
-            sa.BigInteger().with_variant(sa.Integer(), "sqlite"),
-            autoincrement=True,
-            nullable=False,
+            "id", sa.BigInteger().with_variant(sa.Integer(), "sqlite"), autoincrement=True, nullable=False
         ),
         sa.Column("tenant_id", sa.String(length=40), nullable=False),
         sa.Column("job_id", sa.String(length=40), nullable=False),
         sa.Column("batch_id", sa.String(length=40), nullable=True),
-        sa.Column("basis_field_id", sa.BigInteger().with_variant(sa.Integer(), "sqlite"), nullable=False),
         sa.Column("field", sa.Text(), nullable=False),
         sa.Column("field_position", sa.Integer(), nullable=False),
         sa.Column("position", sa.Integer(), nullable=False),
@@ -241,19 +218,16 @@ def upgrade() -> None:
             nullable=True,
         ),
         sa.ForeignKeyConstraint(
-            ["basis_field_id"],
-            ["basis_fields.id"],
-            name=op.f("fk_citations_basis_field_id_basis_fields"),
+            ["job_id", "field_position"],
+            ["basis_fields.job_id", "basis_fields.position"],
+            name=op.f("fk_citations_job_id_basis_fields"),
             ondelete="CASCADE",
         ),
         sa.ForeignKeyConstraint(
             ["job_id"], ["jobs.id"], name=op.f("fk_citations_job_id_jobs"), ondelete="CASCADE"
         ),
         sa.ForeignKeyConstraint(
-            ["tenant_id"],
-            ["tenants.id"],
-            name=op.f("fk_citations_tenant_id_tenants"),
-            ondelete="CASCADE",
+            ["tenant_id"], ["tenants.id"], name=op.f("fk_citations_tenant_id_tenants"), ondelete="CASCADE"
         ),
         sa.PrimaryKeyConstraint("id", name=op.f("pk_citations")),
     )

@@ -1,8 +1,10 @@
 """The worker's side of a job: claim with a lease, store the outcome exactly once, sweep.
 
-Every write here is guarded by ``status='running' AND attempts=<the claimed attempt>``: a
+Every outcome write is guarded by ``status='running' AND attempts=<the claimed attempt>``: a
 second copy of a task, or a run whose lease was taken over, cannot store a result or move
-the job, because a newer claim has bumped ``attempts`` (or the job left ``running``).
+the job, because a newer claim has bumped ``attempts`` (or cancel moved it out of
+``running``). Claims and outcomes work on many jobs per statement: a worker's per-job cost
+is a share of a few round trips, not a transaction of its own.
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import and_, func, insert, or_, select, update
+from sqlalchemy import and_, bindparam, func, insert, or_, select, update
 from sqlalchemy.orm import Session
 
 from pcq.models import Attempt, BasisField, Citation, Job, Result, Usage
@@ -61,17 +63,39 @@ class AttemptRecord:
         }
 
 
-def claim(
-    session: Session, job_id: str, *, now: datetime, lease_seconds: float, max_attempts: int
-) -> ClaimedJob | None:
-    """Take the job for one attempt, or return None if it is not ours to run."""
-    claimable = or_(
+@dataclass(frozen=True)
+class Settled:
+    """The outcome of one attempt, ready to store: success, retry at a time, or failure."""
+
+    job: ClaimedJob
+    record: AttemptRecord
+    completion: ParsedCompletion | None = None  # set: succeeded
+    retry_at: datetime | None = None  # set (and no completion): queued again
+    code: str | None = None
+    error: str | None = None
+
+
+def _claimable(now: datetime) -> Any:
+    return or_(
         and_(Job.status == "queued", or_(Job.next_attempt_at.is_(None), Job.next_attempt_at <= now)),
         and_(Job.status == "running", Job.lease_until < now),
     )
-    result = session.execute(
+
+
+def claim_many(
+    session: Session, job_ids: list[str], *, now: datetime, lease_seconds: float, max_attempts: int
+) -> list[ClaimedJob]:
+    """Take the claimable jobs among ``job_ids`` for one attempt each, in one statement.
+
+    Jobs not claimable (done, cancelled, leased by a live worker, retry not yet due) are
+    skipped. A job whose attempts since its last manual retry exceed ``max_attempts`` died
+    with its worker each time (no outcome recorded): it is failed here, not run again.
+    """
+    if not job_ids:
+        return []
+    rows = session.execute(
         update(Job)
-        .where(Job.id == job_id, claimable)
+        .where(Job.id.in_(job_ids), _claimable(now))
         .values(
             status="running",
             attempts=Job.attempts + 1,
@@ -81,148 +105,204 @@ def claim(
             started_at=func.coalesce(Job.started_at, now),
             updated_at=now,
         )
+        .returning(Job.id, Job.tenant_id, Job.batch_id, Job.attempts, Job.attempts_base, Job.request)
         .execution_options(synchronize_session=False)
-    )
-    if result.rowcount != 1:  # type: ignore[attr-defined]  # CursorResult at runtime
-        return None
-    row = session.execute(
-        select(Job.tenant_id, Job.batch_id, Job.attempts, Job.attempts_base, Job.request).where(
-            Job.id == job_id
-        )
-    ).one()
-    if row.attempts - row.attempts_base > max_attempts:
-        # The previous attempts died without recording an outcome (a worker killed mid-call,
-        # perhaps by this very job): stop here instead of looping for ever.
-        _finish(
-            session,
-            job_id,
-            row.attempts,
-            now,
-            status="failed",
-            code="attempts_exhausted",
-            error=f"gave up after {max_attempts} attempts that did not complete",
-        )
-        return None
-    return ClaimedJob(job_id, row.tenant_id, row.batch_id, row.attempts, row.request, row.attempts_base)
+    ).all()
+    claimed: list[ClaimedJob] = []
+    for row in rows:
+        job = ClaimedJob(row.id, row.tenant_id, row.batch_id, row.attempts, row.request, row.attempts_base)
+        if job.attempt - job.attempts_base > max_attempts:
+            _set_status(
+                session,
+                [
+                    (
+                        job,
+                        "failed",
+                        None,
+                        "attempts_exhausted",
+                        f"gave up after {max_attempts} attempts that did not complete",
+                    )
+                ],
+                now,
+            )
+        else:
+            claimed.append(job)
+    return claimed
 
 
-def renew_leases(
-    session: Session, claims: list[tuple[str, int]], *, now: datetime, lease_seconds: float
-) -> int:
+def claim(
+    session: Session, job_id: str, *, now: datetime, lease_seconds: float, max_attempts: int
+) -> ClaimedJob | None:
+    """Take one job for one attempt, or None if it is not ours to run."""
+    jobs = claim_many(session, [job_id], now=now, lease_seconds=lease_seconds, max_attempts=max_attempts)
+    return jobs[0] if jobs else None
+
+
+def renew_leases(session: Session, job_ids: list[str], *, now: datetime, lease_seconds: float) -> int:
     """Extend the leases of calls still running here, so no sweeper takes them over."""
-    renewed = 0
-    until = now + timedelta(seconds=lease_seconds)
-    for job_id, attempt in claims:
-        res = session.execute(
-            update(Job)
-            .where(Job.id == job_id, Job.status == "running", Job.attempts == attempt)
-            .values(lease_until=until)
-            .execution_options(synchronize_session=False)
-        )
-        renewed += res.rowcount  # type: ignore[attr-defined]
-    return renewed
-
-
-def _finish(
-    session: Session,
-    job_id: str,
-    attempt: int,
-    now: datetime,
-    *,
-    status: str,
-    code: str | None = None,
-    error: str | None = None,
-    next_attempt_at: datetime | None = None,
-) -> bool:
-    terminal = status != "queued"
+    if not job_ids:
+        return 0
     res = session.execute(
         update(Job)
-        .where(Job.id == job_id, Job.status == "running", Job.attempts == attempt)
-        .values(
-            status=status,
-            lease_until=None,
-            next_attempt_at=next_attempt_at,
-            enqueued_at=None,
-            error_code=code,
-            error=error,
-            updated_at=now,
-            finished_at=now if terminal else None,
-        )
+        .where(Job.id.in_(job_ids), Job.status == "running")
+        .values(lease_until=now + timedelta(seconds=lease_seconds))
         .execution_options(synchronize_session=False)
     )
-    return bool(res.rowcount == 1)  # type: ignore[attr-defined]
+    return int(res.rowcount)  # type: ignore[attr-defined]
+
+
+_STATUS_UPDATE = (
+    update(Job.__table__)  # type: ignore[arg-type]
+    .where(Job.__table__.c.id == bindparam("b_id"))
+    .values(
+        status=bindparam("b_status"),
+        lease_until=None,
+        next_attempt_at=bindparam("b_next"),
+        enqueued_at=None,
+        error_code=bindparam("b_code"),
+        error=bindparam("b_error"),
+        updated_at=bindparam("b_now"),
+        finished_at=bindparam("b_finished"),
+    )
+)
+
+
+def _set_status(
+    session: Session,
+    changes: list[tuple[ClaimedJob, str, datetime | None, str | None, str | None]],
+    now: datetime,
+) -> None:
+    """Move owned jobs to their new status: (job, status, next_attempt_at, code, error)."""
+    if changes:
+        session.execute(
+            _STATUS_UPDATE,
+            [
+                {
+                    "b_id": job.id,
+                    "b_status": status,
+                    "b_next": nxt,
+                    "b_code": code,
+                    "b_error": error,
+                    "b_now": now,
+                    "b_finished": None if status == "queued" else now,
+                }
+                for job, status, nxt, code, error in changes
+            ],
+        )
+
+
+def _owned(session: Session, jobs: list[ClaimedJob]) -> set[str]:
+    """Which of these claims still hold their job. Locks the rows (PostgreSQL) until commit;
+    on SQLite the attempts insert before this has already taken the database's write lock."""
+    rows = session.execute(
+        select(Job.id, Job.attempts)
+        .where(Job.id.in_([j.id for j in jobs]), Job.status == "running")
+        .with_for_update()
+    ).all()
+    current = {job_id: attempts for job_id, attempts in rows}
+    return {j.id for j in jobs if current.get(j.id) == j.attempt}
+
+
+def store_outcomes(session: Session, items: list[Settled], *, max_attempts: int) -> set[str]:
+    """Record every attempt, then store the outcome of each job this worker still owns.
+
+    Returns the ids whose outcome was stored; the others lost their claim (taken over after
+    a lease expired, or cancelled) and keep only their attempt row.
+    """
+    if not items:
+        return set()
+    session.execute(insert(Attempt), [i.record.row(i.job.id) for i in items])
+    owned = _owned(session, [i.job for i in items])
+    mine = [i for i in items if i.job.id in owned]
+    now = max(i.record.finished_at for i in items)
+    changes: list[tuple[ClaimedJob, str, datetime | None, str | None, str | None]] = []
+    successes: list[Settled] = []
+    for i in mine:
+        if i.completion is not None:
+            changes.append((i.job, "succeeded", None, None, None))
+            successes.append(i)
+        elif i.retry_at is not None and not i.job.exhausted(max_attempts):
+            changes.append((i.job, "queued", i.retry_at, i.code, i.error))
+        elif i.retry_at is not None:
+            attempts = i.job.attempt - i.job.attempts_base
+            changes.append((i.job, "failed", None, i.code, f"{i.error} (gave up after {attempts} attempts)"))
+        else:
+            changes.append((i.job, "failed", None, i.code, i.error))
+    _set_status(session, changes, now)
+    _store_completions(session, successes)
+    return owned
+
+
+def _store_completions(session: Session, items: list[Settled]) -> None:
+    results: list[dict[str, Any]] = []
+    usage: list[dict[str, Any]] = []
+    fields: list[dict[str, Any]] = []
+    cites: list[dict[str, Any]] = []
+    for i in items:
+        job, c = i.job, i.completion
+        assert c is not None
+        results.append(
+            {
+                "job_id": job.id,
+                "attempt_number": job.attempt,
+                "raw_body": c.raw_body,
+                "content": c.content,
+                "parsed": c.parsed,
+                "model": c.model,
+                "finish_reason": c.finish_reason,
+                "upstream_id": c.upstream_id,
+                "created_at": i.record.finished_at,
+            }
+        )
+        if c.usage is not None:
+            usage.append(
+                {
+                    "job_id": job.id,
+                    "prompt_tokens": _int(c.usage.get("prompt_tokens")),
+                    "completion_tokens": _int(c.usage.get("completion_tokens")),
+                    "total_tokens": _int(c.usage.get("total_tokens")),
+                    "details": c.usage,
+                }
+            )
+        for pos, basis in enumerate(c.basis):
+            fields.append(
+                {
+                    "job_id": job.id,
+                    "position": pos,
+                    "field": basis.field,
+                    "reasoning": basis.reasoning,
+                    "confidence": basis.confidence,
+                }
+            )
+            cites.extend(
+                {
+                    "tenant_id": job.tenant_id,
+                    "job_id": job.id,
+                    "batch_id": job.batch_id,
+                    "field": basis.field,
+                    "field_position": pos,
+                    "position": cpos,
+                    "url": cite.url,
+                    "domain": cite.domain,
+                    "title": cite.title,
+                    "excerpts": cite.excerpts,
+                }
+                for cpos, cite in enumerate(basis.citations)
+            )
+    for model, rows in ((Result, results), (Usage, usage), (BasisField, fields), (Citation, cites)):
+        if rows:
+            session.execute(insert(model), rows)
+
+
+def _int(value: Any) -> int | None:
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
 
 
 def store_success(
     session: Session, job: ClaimedJob, record: AttemptRecord, completion: ParsedCompletion
 ) -> bool:
-    """Attempt row, then (only if we still own the job) result, usage, basis, citations."""
-    session.execute(insert(Attempt), [record.row(job.id)])
-    if not _finish(session, job.id, job.attempt, record.finished_at, status="succeeded"):
-        return False
-    session.add(
-        Result(
-            job_id=job.id,
-            attempt_number=job.attempt,
-            raw_body=completion.raw_body,
-            content=completion.content,
-            parsed=completion.parsed,
-            model=completion.model,
-            finish_reason=completion.finish_reason,
-            upstream_id=completion.upstream_id,
-            created_at=record.finished_at,
-        )
-    )
-    if completion.usage is not None:
-        u = completion.usage
-        session.add(
-            Usage(
-                job_id=job.id,
-                prompt_tokens=_int(u.get("prompt_tokens")),
-                completion_tokens=_int(u.get("completion_tokens")),
-                total_tokens=_int(u.get("total_tokens")),
-                details=u,
-            )
-        )
-    _store_basis(session, job, completion)
-    return True
-
-
-def _store_basis(session: Session, job: ClaimedJob, completion: ParsedCompletion) -> None:
-    for pos, basis in enumerate(completion.basis):
-        bf = BasisField(
-            job_id=job.id,
-            position=pos,
-            field=basis.field,
-            reasoning=basis.reasoning,
-            confidence=basis.confidence,
-        )
-        session.add(bf)
-        session.flush()  # the citation rows need the field's id
-        if basis.citations:
-            session.execute(
-                insert(Citation),
-                [
-                    {
-                        "tenant_id": job.tenant_id,
-                        "job_id": job.id,
-                        "batch_id": job.batch_id,
-                        "basis_field_id": bf.id,
-                        "field": basis.field,
-                        "field_position": pos,
-                        "position": cpos,
-                        "url": c.url,
-                        "domain": c.domain,
-                        "title": c.title,
-                        "excerpts": c.excerpts,
-                    }
-                    for cpos, c in enumerate(basis.citations)
-                ],
-            )
-
-
-def _int(value: Any) -> int | None:
-    return value if isinstance(value, int) and not isinstance(value, bool) else None
+    """One job's success; False (only the attempt is recorded) if the claim was lost."""
+    return job.id in store_outcomes(session, [Settled(job, record, completion=completion)], max_attempts=1)
 
 
 def store_retry(
@@ -236,34 +316,16 @@ def store_retry(
     error: str,
 ) -> str:
     """Record a retryable failure; schedule the next attempt or fail for good."""
-    session.execute(insert(Attempt), [record.row(job.id)])
-    if job.exhausted(max_attempts):
-        _finish(
-            session,
-            job.id,
-            job.attempt,
-            record.finished_at,
-            status="failed",
-            code=code,
-            error=f"{error} (gave up after {job.attempt - job.attempts_base} attempts)",
-        )
-        return "failed"
-    _finish(
+    store_outcomes(
         session,
-        job.id,
-        job.attempt,
-        record.finished_at,
-        status="queued",
-        code=code,
-        error=error,
-        next_attempt_at=next_attempt_at,
+        [Settled(job, record, retry_at=next_attempt_at, code=code, error=error)],
+        max_attempts=max_attempts,
     )
-    return "queued"
+    return "failed" if job.exhausted(max_attempts) else "queued"
 
 
 def store_failure(session: Session, job: ClaimedJob, record: AttemptRecord, *, code: str, error: str) -> None:
-    session.execute(insert(Attempt), [record.row(job.id)])
-    _finish(session, job.id, job.attempt, record.finished_at, status="failed", code=code, error=error)
+    store_outcomes(session, [Settled(job, record, code=code, error=error)], max_attempts=1)
 
 
 def due_for_enqueue(

@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import ForeignKey, Index, Integer, String, Text
+from sqlalchemy import ForeignKey, ForeignKeyConstraint, Index, Integer, String, Text, UniqueConstraint
 from sqlalchemy.orm import Mapped, mapped_column
 
 from pcq.models.base import Base, BigIntPK, JSONType, UTCDateTime, utcnow
@@ -39,7 +39,7 @@ class Usage(Base):
 
 class BasisField(Base):
     __tablename__ = "basis_fields"
-    __table_args__ = (Index("ix_basis_fields_job_position", "job_id", "position", unique=True),)
+    __table_args__ = (UniqueConstraint("job_id", "position"),)
 
     id: Mapped[int] = mapped_column(BigIntPK, primary_key=True, autoincrement=True)
     job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"))
@@ -50,10 +50,18 @@ class BasisField(Base):
 
 
 class Citation(Base):
-    """One row per citation of one basis field; tenant and batch copied in for cheap filters."""
+    """One row per citation of one basis field; tenant and batch copied in for cheap filters.
+
+    The field is referenced by (job_id, field_position), not by a surrogate id, so a worker
+    can insert the fields and citations of many jobs in two statements without round trips
+    for generated keys.
+    """
 
     __tablename__ = "citations"
     __table_args__ = (
+        ForeignKeyConstraint(
+            ["job_id", "field_position"], ["basis_fields.job_id", "basis_fields.position"], ondelete="CASCADE"
+        ),
         Index("ix_citations_job_field_position", "job_id", "field_position", "position", unique=True),
         Index("ix_citations_tenant_domain", "tenant_id", "domain", "id"),
         Index("ix_citations_tenant_url", "tenant_id", "url", "id"),
@@ -64,7 +72,6 @@ class Citation(Base):
     tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id", ondelete="CASCADE"))
     job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"))
     batch_id: Mapped[str | None] = mapped_column(String(40), default=None)
-    basis_field_id: Mapped[int] = mapped_column(ForeignKey("basis_fields.id", ondelete="CASCADE"))
     field: Mapped[str] = mapped_column(Text)
     field_position: Mapped[int] = mapped_column(Integer)
     position: Mapped[int] = mapped_column(Integer)

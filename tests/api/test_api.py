@@ -48,7 +48,10 @@ class Api:
                     msg = queue.get(block=False)
                 except queue.Empty:
                     break
-                ids.append(json.loads(msg.body)[0][0] if isinstance(msg.body, str) else msg.payload[0][0])
+                args, kwargs, _ = msg.payload
+                assert kwargs == {}
+                assert len(args) == 1  # a list of job ids and nothing else
+                ids.extend(args[0])
                 msg.ack()
         return ids
 
