@@ -30,7 +30,12 @@ def build_resources(settings: Settings) -> Resources:
         settings=settings,
         db_engine=db_engine,
         sessions=sessions,
-        submitter=Submitter(sessions, Enqueuer(celery, settings.queue_name), settings.max_batch_lines),
+        submitter=Submitter(
+            sessions,
+            Enqueuer(celery, settings.queue_name),
+            max_batch_lines=settings.max_batch_lines,
+            max_line_bytes=settings.max_request_bytes,
+        ),
         redis=redis_client,
     )
 

@@ -3,22 +3,31 @@
 from __future__ import annotations
 
 import hashlib
-import json
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from typing import Any
+from functools import partial
 
-from pydantic import ValidationError
 from sqlalchemy import update
+from starlette.concurrency import run_in_threadpool
 
 from api import repository
-from api.schemas import BatchCreate, BatchLine, JobCreate, check_webhook_url
+from api.batch_input import JSONL_TYPES, JsonlReader, check_model, media_type, parse_json_batch
+from api.schemas import JobCreate, check_webhook_url
 from pcq.db import SessionFactory, unit_of_work
 from pcq.jobs import control
-from pcq.jobs.errors import InvalidInput, TooLarge
-from pcq.jobs.intake import NewJob, create_batch, create_job
+from pcq.jobs.errors import InvalidInput
+from pcq.jobs.intake import (
+    NewJob,
+    add_jobs,
+    check_replay,
+    close_batch,
+    create_batch,
+    create_job,
+    find_batch,
+    open_batch,
+)
 from pcq.models import Batch, Job
 from pcq.queue import Enqueuer
-from pcq.wire import KNOWN_MODELS
 
 
 @dataclass
@@ -26,10 +35,11 @@ class Submitter:
     sessions: SessionFactory
     enqueuer: Enqueuer
     max_batch_lines: int
+    max_line_bytes: int
 
     def submit_job(self, tenant_id: str, body: JobCreate, idempotency_key: str | None) -> Job:
         request = body.request.model_dump(mode="json", exclude_none=True)
-        _check_model(request)
+        check_model(request)
         item = NewJob(
             request=request,
             custom_id=body.custom_id,
@@ -42,10 +52,72 @@ class Submitter:
             self._send([job.id])
         return job
 
-    def submit_batch(
-        self, tenant_id: str, raw: bytes, content_type: str, idempotency_key: str | None
+    async def submit_batch(
+        self, tenant_id: str, chunks: AsyncIterator[bytes], content_type: str, idempotency_key: str | None
     ) -> tuple[Batch, bool]:
-        items, metadata, webhook_url = parse_batch(raw, content_type, self.max_batch_lines)
+        """A batch from a request body as it streams in (JSONL) or whole (JSON)."""
+        ctype = media_type(content_type)
+        if ctype in JSONL_TYPES:
+            return await self._submit_jsonl(tenant_id, chunks, idempotency_key)
+        if ctype != "application/json":
+            raise InvalidInput("Content-Type must be application/x-ndjson (JSONL) or application/json")
+        raw = b"".join([chunk async for chunk in chunks])
+        return await run_in_threadpool(self._submit_json, tenant_id, raw, idempotency_key)
+
+    async def _submit_jsonl(
+        self, tenant_id: str, chunks: AsyncIterator[bytes], idempotency_key: str | None
+    ) -> tuple[Batch, bool]:
+        """Validate and insert line by line inside one transaction; commit only if all were good."""
+        hasher = hashlib.sha256()
+        session = self.sessions()
+        try:
+            existing = None
+            if idempotency_key:
+                existing = await run_in_threadpool(find_batch, session, tenant_id, idempotency_key)
+            batch = None
+            if existing is None:
+                batch = await run_in_threadpool(
+                    partial(
+                        open_batch,
+                        session,
+                        tenant_id,
+                        metadata=None,
+                        webhook_url=None,
+                        idempotency_key=idempotency_key,
+                    )
+                )
+            if batch is None:  # a replay, or a racing request took the key: compare bodies
+                assert idempotency_key is not None
+                async for chunk in chunks:
+                    hasher.update(chunk)
+                existing = existing or await run_in_threadpool(
+                    find_batch, session, tenant_id, idempotency_key
+                )
+                assert existing is not None
+                return check_replay(existing, hasher.hexdigest()), False
+            reader = JsonlReader(self.max_batch_lines, self.max_line_bytes)
+            ids: list[str] = []
+            pending: list[NewJob] = []
+            async for chunk in chunks:
+                hasher.update(chunk)
+                pending.extend(reader.feed(chunk))
+                if len(pending) >= 2000:
+                    ids += await run_in_threadpool(add_jobs, session, batch, pending)
+                    pending = []
+            pending.extend(reader.finish())
+            ids += await run_in_threadpool(add_jobs, session, batch, pending)
+            await run_in_threadpool(close_batch, session, batch, len(ids), hasher.hexdigest())
+            await run_in_threadpool(session.commit)
+        except BaseException:
+            await run_in_threadpool(session.rollback)
+            raise
+        finally:
+            await run_in_threadpool(session.close)
+        await run_in_threadpool(self._send, ids)
+        return batch, True
+
+    def _submit_json(self, tenant_id: str, raw: bytes, idempotency_key: str | None) -> tuple[Batch, bool]:
+        items, metadata, webhook_url = parse_json_batch(raw, self.max_batch_lines)
         fingerprint = hashlib.sha256(raw).hexdigest()
         with unit_of_work(self.sessions) as session:
             batch, job_ids, created = create_batch(
@@ -92,78 +164,3 @@ class Submitter:
                         .values(enqueued_at=None)
                         .execution_options(synchronize_session=False)
                     )
-
-
-def _check_model(request: dict[str, Any], where: str = "request") -> None:
-    if request["model"] not in KNOWN_MODELS:
-        raise InvalidInput(
-            f"{where}.model: unknown model {request['model']!r}; use one of {', '.join(KNOWN_MODELS)}"
-        )
-
-
-def _describe(exc: ValidationError, where: str) -> str:
-    first = exc.errors()[0]
-    loc = ".".join(str(p) for p in first["loc"])
-    return f"{where}: {loc}: {first['msg']}" if loc else f"{where}: {first['msg']}"
-
-
-def _line_to_job(obj: Any, where: str) -> NewJob:
-    try:
-        line = BatchLine.model_validate(obj)
-    except ValidationError as exc:
-        raise InvalidInput(_describe(exc, where)) from None
-    request = line.body.model_dump(mode="json", exclude_none=True)
-    _check_model(request, f"{where}: body")
-    return NewJob(request=request, custom_id=line.custom_id, metadata=line.metadata)
-
-
-def parse_batch(
-    raw: bytes, content_type: str, max_lines: int
-) -> tuple[list[NewJob], dict[str, Any] | None, str | None]:
-    """Every line valid, or a 422 naming the first bad one; nothing is stored on error."""
-    items: list[NewJob] = []
-    labels: list[str] = []  # where each item came from, for error messages
-    metadata: dict[str, Any] | None = None
-    webhook_url: str | None = None
-    ctype = content_type.split(";")[0].strip().lower()
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError:
-        raise InvalidInput("body is not valid UTF-8") from None
-    if ctype in ("application/x-ndjson", "application/jsonl", "application/x-jsonlines"):
-        for number, line in enumerate(text.splitlines(), start=1):
-            if not line.strip():
-                continue
-            if len(items) >= max_lines:
-                raise TooLarge(f"a batch holds at most {max_lines} lines")
-            try:
-                obj = json.loads(line)
-            except ValueError:
-                raise InvalidInput(f"line {number}: not valid JSON") from None
-            items.append(_line_to_job(obj, f"line {number}"))
-            labels.append(f"line {number}")
-    elif ctype == "application/json":
-        try:
-            body = BatchCreate.model_validate_json(text)
-        except ValidationError as exc:
-            raise InvalidInput(_describe(exc, "body")) from None
-        if len(body.requests) > max_lines:
-            raise TooLarge(f"a batch holds at most {max_lines} requests")
-        labels = [f"requests[{i}]" for i in range(len(body.requests))]
-        items = [_line_to_job(obj, label) for obj, label in zip(body.requests, labels, strict=True)]
-        metadata = body.metadata
-        webhook_url = check_webhook_url(body.webhook_url)
-    else:
-        raise InvalidInput("Content-Type must be application/x-ndjson (JSONL) or application/json")
-    if not items:
-        raise InvalidInput("the batch has no requests")
-    seen: dict[str, int] = {}
-    for index, item in enumerate(items):
-        assert item.custom_id is not None
-        if item.custom_id in seen:
-            raise InvalidInput(
-                f"{labels[index]}: custom_id {item.custom_id!r} already used by "
-                f"{labels[seen[item.custom_id]]}; it must be unique within the batch"
-            )
-        seen[item.custom_id] = index
-    return items, metadata, webhook_url

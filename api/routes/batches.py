@@ -63,13 +63,8 @@ async def submit_batch(
     idempotency_key: Annotated[str | None, Header(max_length=255)] = None,
 ) -> BatchOut:
     """Queue a batch: JSONL lines ``{"custom_id", "body"}`` or JSON ``{"requests": [...]}``."""
-    raw = await request.body()
-    batch, _ = await run_in_threadpool(
-        res.submitter.submit_batch,
-        tenant,
-        raw,
-        request.headers.get("content-type", ""),
-        idempotency_key,
+    batch, _ = await res.submitter.submit_batch(
+        tenant, request.stream(), request.headers.get("content-type", ""), idempotency_key
     )
     return await run_in_threadpool(batch_out, session, batch)
 

@@ -298,3 +298,51 @@ def test_openapi_docs_are_served(api: Api) -> None:
     ):
         assert path in spec["paths"]
     assert api.client.get("/docs").status_code == 200
+
+
+def test_a_batch_over_the_line_limit_answers_413_and_stores_nothing(db_url: str) -> None:
+    settings = make_settings(DATABASE_URL=db_url, PCQ_BROKER_URL="memory://", PCQ_MAX_BATCH_LINES=3)
+    with TestClient(create_app(settings)) as client:
+        key = mint_key(db_url, "acme")
+        body = _jsonl([{"custom_id": f"c{i}", "body": REQ} for i in range(4)])
+        r = client.post(
+            "/v1/batches",
+            content=body,
+            headers={"Authorization": f"Bearer {key}", "Content-Type": "application/x-ndjson"},
+        )
+        assert r.status_code == 413
+        assert "at most 3" in r.json()["detail"]
+    api = Api(client, key, key, db_url)
+    assert api.count(Job) == 0
+    assert api.count(Batch) == 0
+
+
+def test_a_jsonl_line_longer_than_the_request_limit_answers_413(api: Api) -> None:
+    huge = {
+        "custom_id": "a",
+        "body": {"model": "lite", "messages": [{"role": "user", "content": "x" * 70000}]},
+    }
+    r = api.client.post(
+        "/v1/batches", content=_jsonl([huge]), headers=api.h(**{"Content-Type": "application/x-ndjson"})
+    )
+    assert r.status_code == 413
+    assert "line 1" in r.json()["detail"]
+    assert api.count(Batch) == 0
+
+
+def test_a_streamed_batch_arriving_in_small_chunks_is_read_line_by_line(api: Api) -> None:
+    body = _jsonl([{"custom_id": f"c{i}", "body": REQ} for i in range(50)]).encode()
+
+    def chunks():  # type: ignore[no-untyped-def]
+        for i in range(0, len(body), 7):  # cut lines at arbitrary places
+            yield body[i : i + 7]
+
+    r = api.client.post(
+        "/v1/batches", content=chunks(), headers=api.h(**{"Content-Type": "application/x-ndjson"})
+    )
+    assert r.status_code == 202, r.text
+    assert r.json()["total"] == 50
+    ids = api.client.get(
+        "/v1/jobs", params={"batch_id": r.json()["id"], "limit": 100}, headers=api.h()
+    ).json()
+    assert sorted(j["custom_id"] for j in ids["data"]) == sorted(f"c{i}" for i in range(50))
