@@ -53,16 +53,43 @@ __all__ = ["RateLimiter", "limiter_key"]
 
 _US: Final = 1_000_000
 
-# ARGV[1] = mode: "acquire" | "cd_set" | "cd_get"
+# ARGV[1] = mode: "acquire" | "reserve" | "cd_set" | "cd_get" | "penalize" | "factor"
 #   acquire: ARGV[2] = T (us), ARGV[3] = tau (us)  -> {wait_us, now_us}; wait_us == 0 = admitted
+#   reserve: ARGV[2] = T (us), ARGV[3] = tau (us)  -> {wait_us, now_us}; the slot at now+wait is taken
 #   cd_set:  ARGV[2] = duration (us)               -> {remaining_us, now_us} after the call
 #   cd_get:                                        -> {remaining_us, now_us}
-# KEYS[1] = TAT key, KEYS[2] = cool-down key.
+#   penalize: ARGV[2] = step (x1e6), ARGV[3] = floor (x1e6) -> {factor x1e6, now_us}
+#   factor:                                        -> {factor x1e6, now_us}
+# KEYS[1] = TAT key, KEYS[2] = cool-down key, KEYS[3] = rate-factor key.
+# The rate factor (1.0 = the configured limit) steps down on every reported 429 and climbs back
+# linearly (RECOVERY per second) while no 429 comes; acquire/reserve space requests T / factor.
 _SCRIPT: Final = """
 if redis.replicate_commands then redis.replicate_commands() end
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
 local mode = ARGV[1]
+local RECOVERY = 20000  -- factor x1e6 regained per second: from 0.5 to 1.0 in 25 s
+
+local function current_factor()
+  local f = redis.call('HMGET', KEYS[3], 'f', 't')
+  if not f[1] then return 1000000 end
+  local v = tonumber(f[1]) + (now - tonumber(f[2])) / 1000000 * RECOVERY
+  if v > 1000000 then v = 1000000 end
+  return v
+end
+
+if mode == 'factor' then
+  return {math.floor(current_factor()), now}
+end
+
+if mode == 'penalize' then
+  local v = current_factor() * tonumber(ARGV[2]) / 1000000
+  local floor = tonumber(ARGV[3])
+  if v < floor then v = floor end
+  redis.call('HSET', KEYS[3], 'f', string.format('%.0f', v), 't', string.format('%.0f', now))
+  redis.call('PEXPIRE', KEYS[3], math.ceil((1000000 - v) / RECOVERY * 1000) + 1000)
+  return {math.floor(v), now}
+end
 
 local cd_until = tonumber(redis.call('GET', KEYS[2]) or '0') or 0
 local cd_left = cd_until - now
@@ -82,10 +109,26 @@ if mode == 'cd_set' then
   return {cd_left, now}
 end
 
--- mode == 'acquire': GCRA
-local T = tonumber(ARGV[2])
+-- mode == 'acquire' or 'reserve': GCRA, at the rate scaled by the current factor
+local factor = current_factor()
+local T = math.ceil(tonumber(ARGV[2]) * 1000000 / factor)
 local tau = tonumber(ARGV[3])
 local tat = tonumber(redis.call('GET', KEYS[1]) or '0') or 0
+
+if mode == 'reserve' then
+  -- The earliest instant this request conforms (never inside a cool-down); take it now,
+  -- so the caller sleeps once instead of polling with every other waiter.
+  local at = tat - tau
+  if at < now then at = now end
+  if at < cd_until then at = cd_until end
+  local base = tat
+  if base < at then base = at end
+  local new_tat = base + T
+  redis.call('SET', KEYS[1], string.format('%.0f', new_tat), 'PX',
+    math.ceil((new_tat - now) / 1000) + 1)
+  return {at - now, now}
+end
+
 if tat < now then tat = now end
 local wait = (tat - tau) - now
 if wait < cd_left then wait = cd_left end
@@ -139,7 +182,7 @@ class RateLimiter:
 
     def _keys(self, key: str) -> list[str]:
         base = f"{self.prefix}{{{key}}}"
-        return [f"{base}:tat", f"{base}:cd"]
+        return [f"{base}:tat", f"{base}:cd", f"{base}:f"]
 
     async def _run(self, key: str, *args: str | int) -> tuple[int, int]:
         result: Any = await self._script(keys=self._keys(key), args=list(args))
@@ -160,19 +203,45 @@ class RateLimiter:
         wait, _ = await self.try_acquire_timed(key)
         return wait
 
+    async def reserve(self, key: str) -> float:
+        """Take the earliest slot this request may use; returns the seconds until it (0 = now).
+
+        Unlike ``try_acquire`` the slot is taken even when it lies in the future, so a caller
+        sleeps once instead of polling: thousands of waiting calls cost one Redis call each,
+        not one per wake-up each.
+        """
+        wait_us, _ = await self._run(key, "reserve", self._interval_us, self._tolerance_us)
+        return wait_us / _US
+
     async def acquire(self, key: str) -> float:
         """Wait (``asyncio.sleep``) until admitted; return the total seconds waited.
 
-        Each sleep gets a little jitter (<= 10 % of the wait, at most 0.25 s) so workers released
-        by the same cool-down do not all retry in the same millisecond.
+        Reserves a slot and sleeps until it; if a cool-down began meanwhile (another worker saw
+        a 429), it reserves again after it. Jitter on a cool-down wait (<= 10 %, at most 0.25 s)
+        keeps workers released by the same cool-down from all retrying in the same millisecond.
         """
         loop = asyncio.get_running_loop()
         started = loop.time()
-        while True:
-            wait = await self.try_acquire(key)
-            if wait <= 0:
-                return loop.time() - started
-            await asyncio.sleep(wait + random.uniform(0, min(0.25, wait * 0.1)))
+        wait = await self.reserve(key)
+        while wait > 0:
+            await asyncio.sleep(wait)
+            cooling = await self.cooldown_remaining(key)
+            if cooling <= 0:
+                break
+            await asyncio.sleep(cooling + random.uniform(0, min(0.25, cooling * 0.1)))
+            wait = await self.reserve(key)
+        return loop.time() - started
+
+    async def penalize(self, key: str, step: float = 0.7, floor: float = 0.2) -> float:
+        """A 429 was seen: scale the effective rate by ``step`` (not below ``floor`` of the
+        limit) for every worker; it climbs back linearly while no 429 comes. Returns the factor."""
+        factor, _ = await self._run(key, "penalize", round(step * _US), round(floor * _US))
+        return factor / _US
+
+    async def rate_factor(self, key: str) -> float:
+        """The share of the configured limit currently in force (1.0 = all of it)."""
+        factor, _ = await self._run(key, "factor")
+        return factor / _US
 
     async def set_cooldown(self, key: str, seconds: float) -> None:
         """Admit nothing for ``key`` during the next ``seconds`` (Redis clock), in every worker.

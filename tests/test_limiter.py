@@ -258,3 +258,54 @@ def test_interval_rounds_up_never_looser() -> None:
     lim = RateLimiter(new_redis(), limit_per_minute=7, burst=0)
     assert lim.interval >= 60 / 7
     assert lim.interval - 60 / 7 < 1e-6
+
+
+def test_reserve_takes_future_slots_at_the_interval(clock: ManualClock) -> None:
+    async def main() -> None:
+        lim = RateLimiter(new_redis(), limit_per_minute=600, burst=2)
+        waits = [await lim.reserve(KEY) for _ in range(6)]
+        assert waits == pytest.approx([0.0, 0.0, 0.0, 0.1, 0.2, 0.3], abs=1e-6)
+        # A polling caller now finds nothing free: the reserved slots are taken.
+        assert await lim.try_acquire(KEY) == pytest.approx(0.4, abs=1e-6)
+
+    run(main)
+
+
+def test_reserve_never_lands_inside_a_cooldown(clock: ManualClock) -> None:
+    async def main() -> None:
+        lim = RateLimiter(new_redis(), limit_per_minute=600, burst=0)
+        await lim.set_cooldown(KEY, 2.0)
+        assert await lim.reserve(KEY) == pytest.approx(2.0, abs=1e-6)
+        assert await lim.reserve(KEY) == pytest.approx(2.1, abs=1e-6)
+
+    run(main)
+
+
+def test_429s_step_the_rate_down_and_it_recovers_gradually(clock: ManualClock) -> None:
+    async def main() -> None:
+        lim = RateLimiter(new_redis(), limit_per_minute=600, burst=0)
+        assert await lim.rate_factor(KEY) == 1.0
+        assert await lim.penalize(KEY) == pytest.approx(0.7)
+        assert await lim.penalize(KEY) == pytest.approx(0.49)
+        for _ in range(10):
+            await lim.penalize(KEY)
+        assert await lim.rate_factor(KEY) == pytest.approx(0.2)  # the floor
+        # Spacing follows the factor: 0.1 s / 0.2 = 0.5 s between slots.
+        assert [await lim.reserve(KEY) for _ in range(3)] == pytest.approx([0.0, 0.5, 1.0], abs=1e-5)
+        clock.advance(10)
+        assert await lim.rate_factor(KEY) == pytest.approx(0.4)
+        clock.advance(30)
+        assert await lim.rate_factor(KEY) == 1.0
+
+    run(main)
+
+
+def test_penalty_is_shared_by_every_limiter_on_the_key(clock: ManualClock) -> None:
+    async def main() -> None:
+        r = new_redis()
+        a = RateLimiter(r, limit_per_minute=600)
+        b = RateLimiter(r, limit_per_minute=600)
+        await a.penalize(KEY)
+        assert await b.rate_factor(KEY) == pytest.approx(0.7)
+
+    run(main)

@@ -209,10 +209,13 @@ class Engine:
             await self._limiter.acquire(self._key)
             outcome = await self._upstream.call(job.request)
             if outcome.status_code == 429:
+                # Every worker pauses (Retry-After, else backoff) and then sends more slowly;
+                # the rate climbs back while no 429 comes.
                 pause = outcome.retry_after or backoff_seconds(
                     job.attempt, self.settings.retry_base_seconds, self.settings.retry_max_seconds, None
                 )
                 await self._limiter.set_cooldown(self._key, pause)
+                await self._limiter.penalize(self._key)
             stored: asyncio.Future[None] = self._loop.create_future()
             self._outbox.put_nowait((settle(job, outcome, self.settings), stored))
             await stored
