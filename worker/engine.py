@@ -101,6 +101,7 @@ class Engine:
         self._upstream: UpstreamClient | None = None
         self._limiter: RateLimiter | None = None
         self._key = ""
+        self._closing = False
 
     # -- life cycle (called from other threads) ----------------------------------------
     def start(self) -> None:
@@ -109,10 +110,30 @@ class Engine:
             raise RuntimeError("engine did not start")
 
     def stop(self, timeout: float = 10.0) -> None:
+        """Let calls finish for up to ``timeout`` s, then hand the rest back at once.
+
+        Calls still running (a ``core`` call can take minutes) get their leases expired, so
+        the next sweep of any worker re-sends them instead of waiting for the lease to run out.
+        """
         if self._stop is not None and self._thread.is_alive():
+            drain = asyncio.run_coroutine_threadsafe(self._drain(timeout), self._loop)
+            try:
+                drain.result(timeout + 15)
+            except Exception as exc:
+                log.warning("shutdown: could not hand jobs back (%s)", type(exc).__name__)
             self._loop.call_soon_threadsafe(self._stop.set)
-            self._thread.join(timeout)
+            self._thread.join(5)
         self._db_pool.shutdown(wait=False, cancel_futures=True)
+
+    async def _drain(self, timeout: float) -> None:
+        self._closing = True
+        deadline = self._loop.time() + timeout
+        while self._running and self._loop.time() < deadline:
+            await asyncio.sleep(0.1)
+        ids = list(self._running)
+        if ids:
+            released = await self._db(lambda db: lifecycle.release(db, ids, now=utcnow()))
+            log.info("shutdown: handed %d running job(s) back for another worker", released)
 
     def submit(self, job_ids: list[str]) -> int:
         """Claim the jobs and start their calls; blocks only while every slot is busy."""
@@ -179,6 +200,10 @@ class Engine:
 
     async def _accept(self, job_ids: list[str]) -> int:
         assert self._slots is not None
+        if self._closing:
+            # Shutting down: leave them queued and let the next sweep (anywhere) send them.
+            await self._db(lambda db: lifecycle.clear_enqueued(db, job_ids))
+            return 0
         for _ in job_ids:
             await self._slots.acquire()
         s = self.settings

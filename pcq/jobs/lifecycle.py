@@ -151,6 +151,19 @@ def renew_leases(session: Session, job_ids: list[str], *, now: datetime, lease_s
     return int(res.rowcount)  # type: ignore[attr-defined]
 
 
+def release(session: Session, job_ids: list[str], *, now: datetime) -> int:
+    """Expire the leases of jobs this worker gives up (shutting down): due for a sweep now."""
+    if not job_ids:
+        return 0
+    res = session.execute(
+        update(Job)
+        .where(Job.id.in_(job_ids), Job.status == "running")
+        .values(lease_until=now, enqueued_at=None)
+        .execution_options(synchronize_session=False)
+    )
+    return int(res.rowcount)  # type: ignore[attr-defined]
+
+
 _STATUS_UPDATE = (
     update(Job.__table__)  # type: ignore[arg-type]
     .where(Job.__table__.c.id == bindparam("b_id"))
