@@ -102,6 +102,7 @@ class Engine:
         self._limiter: RateLimiter | None = None
         self._key = ""
         self._closing = False
+        self._accept_lock = asyncio.Lock()
 
     # -- life cycle (called from other threads) ----------------------------------------
     def start(self) -> None:
@@ -199,26 +200,45 @@ class Engine:
         return await self._db(fn)
 
     async def _accept(self, job_ids: list[str]) -> int:
+        """Claim ``job_ids`` as slots free up, a share at a time; returns how many were claimed.
+
+        One message at a time takes slots (the lock): two pool threads each holding part of
+        the slots they need would otherwise wait for each other for ever.
+        """
         assert self._slots is not None
         if self._closing:
             # Shutting down: leave them queued and let the next sweep (anywhere) send them.
             await self._db(lambda db: lifecycle.clear_enqueued(db, job_ids))
             return 0
-        for _ in job_ids:
-            await self._slots.acquire()
+        claimed_total = 0
+        remaining = list(job_ids)
+        async with self._accept_lock:
+            while remaining:
+                await self._slots.acquire()
+                take = 1
+                while take < len(remaining) and not self._slots.locked():
+                    await self._slots.acquire()
+                    take += 1
+                chunk, remaining = remaining[:take], remaining[take:]
+                claimed_total += await self._claim(chunk)
+        return claimed_total
+
+    async def _claim(self, chunk: list[str]) -> int:
+        """Claim ids for which a slot is already held; start their calls; free unused slots."""
+        assert self._slots is not None
         s = self.settings
         try:
             claimed = await self._retrying_db(
                 lambda db: lifecycle.claim_many(
-                    db, job_ids, now=utcnow(), lease_seconds=s.lease_seconds, max_attempts=s.max_attempts
+                    db, chunk, now=utcnow(), lease_seconds=s.lease_seconds, max_attempts=s.max_attempts
                 ),
-                what=f"claiming {len(job_ids)} job(s)",
+                what=f"claiming {len(chunk)} job(s)",
             )
         except Exception:
-            for _ in job_ids:
+            for _ in chunk:
                 self._slots.release()
             raise
-        for _ in range(len(job_ids) - len(claimed)):
+        for _ in range(len(chunk) - len(claimed)):
             self._slots.release()
         for job in claimed:
             self._running[job.id] = job.attempt

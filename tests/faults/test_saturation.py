@@ -40,12 +40,6 @@ def db(pg_url: str) -> Iterator[Db]:
     d.close()
 
 
-@pytest.mark.xfail(
-    reason="BUG: worker/engine.py Engine._accept acquires one slot per id of a message "
-    "before claiming any, one at a time; a message with more ids than free slots (here 10 ids, 4 slots; "
-    "also several messages each holding part of the slots) waits for ever, and so does the Celery thread",
-    strict=True,
-)
 @pytest.mark.timeout(60)
 def test_a_worker_with_fewer_slots_than_a_message_has_ids_still_drains_the_batch(
     tmp_path: Path, pg_url: str, private_redis: PrivateRedis, db: Db
@@ -59,6 +53,30 @@ def test_a_worker_with_fewer_slots_than_a_message_has_ids_still_drains_the_batch
         jobs = db.wait_terminal(ids, timeout=12)
     finally:
         kill_group(stack.procs["worker"])  # a stuck worker would sit out its 10 s soft shutdown
+        stack.stop_all()
+
+    check_invariants(db, ids)
+    assert {j.status for j in jobs.values()} == {"succeeded"}
+
+
+@pytest.mark.timeout(60)
+def test_several_messages_competing_for_few_slots_all_drain(
+    tmp_path: Path, pg_url: str, private_redis: PrivateRedis, db: Db
+) -> None:
+    """4 batches of 50 ids (4 messages, taken by 4 pool threads at once) through 60 slots."""
+    stack = start_stack(tmp_path, pg_url, private_redis.url, PCQ_MAX_IN_FLIGHT="60")
+    try:
+        wait_worker_ready(stack)
+        tenant = Tenant.create(stack, pg_url)
+        ids: list[str] = []
+        for b in range(4):
+            _, batch_ids = tenant.submit_batch(
+                [chat(f"compete {b}-{i} [[mock:latency_ms=200]]") for i in range(50)]
+            )
+            ids += batch_ids
+        jobs = db.wait_terminal(ids, timeout=30)
+    finally:
+        kill_group(stack.procs["worker"])
         stack.stop_all()
 
     check_invariants(db, ids)
