@@ -7,6 +7,7 @@ import logging
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from sqlalchemy.exc import DBAPIError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -20,6 +21,7 @@ ERROR_RESPONSES: dict[int | str, dict[str, object]] = {
     404: {"model": ErrorOut, "description": "No such object for this tenant"},
     409: {"model": ErrorOut, "description": "The object is not in a state that allows this"},
     422: {"model": ErrorOut, "description": "Invalid input; nothing was stored"},
+    503: {"model": ErrorOut, "description": "The database is unavailable; retry"},
 }
 
 
@@ -32,6 +34,21 @@ def install(app: FastAPI) -> None:
     async def _domain(_: Request, exc: PcqError) -> JSONResponse:
         headers = {"WWW-Authenticate": "Bearer"} if exc.http_status == 401 else None
         return JSONResponse(error_body(exc.code, exc.detail), status_code=exc.http_status, headers=headers)
+
+    @app.exception_handler(DBAPIError)
+    async def _database(_: Request, exc: DBAPIError) -> JSONResponse:
+        # The database is down or restarting. A failure during commit is ambiguous (the
+        # write may have landed), so the advice is to retry with the same Idempotency-Key.
+        log.warning("database error: %s", type(exc.orig).__name__ if exc.orig else type(exc).__name__)
+        return JSONResponse(
+            error_body(
+                "unavailable",
+                "the database is unavailable; retry shortly (with the same Idempotency-Key "
+                "for submissions, so a request that did land is not duplicated)",
+            ),
+            status_code=503,
+            headers={"Retry-After": "5"},
+        )
 
     @app.exception_handler(RequestValidationError)
     async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:

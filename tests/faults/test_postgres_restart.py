@@ -145,12 +145,6 @@ def test_postgres_down_while_calls_return_loses_no_job(
     assert ready.status_code == 503, ready.text
 
 
-@pytest.mark.xfail(
-    reason="BUG: api/errors.py installs no handler for database errors (sqlalchemy OperationalError), "
-    "so POST /v1/jobs while PostgreSQL is down answers 500 text/plain 'Internal Server Error' instead "
-    'of 503 with the {"error", "detail"} body the README promises for every error',
-    strict=True,
-)
 @pytest.mark.timeout(60)
 def test_a_submission_while_postgres_is_down_answers_503_with_the_error_shape(
     tmp_path: Path, private_pg: PrivatePostgres, private_redis: PrivateRedis
