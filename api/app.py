@@ -20,7 +20,7 @@ from pcq.settings import Settings, get_settings
 def build_resources(settings: Settings) -> Resources:
     db_engine = make_engine(settings.database_url)
     sessions = make_session_factory(db_engine)
-    celery = make_celery(settings)
+    celery = make_celery(settings, publisher=True)
     redis_client: Any | None = None
     if settings.redis_url:
         import redis

@@ -7,6 +7,7 @@ only (no payload, no secret: anyone who can read the broker sees messages).
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Sequence
 
 from celery import Celery
@@ -23,7 +24,9 @@ RUN_JOB_TASK = "pcq.run_jobs"
 IDS_PER_MESSAGE = 50
 
 
-def make_celery(settings: Settings) -> Celery:
+def make_celery(settings: Settings, *, publisher: bool = False) -> Celery:
+    """The Celery app; ``publisher=True`` for processes that only send (the API), which should
+    give up on a dead broker quickly rather than hold a request for kombu's retries."""
     app = Celery("pcq", broker=settings.effective_broker_url, set_as_current=False)
     transport_options: dict[str, object] = {
         # Longer than the longest upstream call (checked in Settings): a message the worker
@@ -33,6 +36,8 @@ def make_celery(settings: Settings) -> Celery:
     if settings.effective_broker_url.startswith(("redis://", "rediss://")):
         # Fail fast when Redis is down: the API answers (the job is durable) instead of hanging.
         transport_options["socket_connect_timeout"] = 3
+        if publisher:
+            transport_options.update(max_retries=1, interval_start=0, connect_retries_timeout=2)
     if settings.effective_broker_url.startswith("sqla+"):
         # kombu's SQLAlchemy transport hands every transport option to create_engine(),
         # which refuses unknown ones; it has no visibility timeout to set anyway.
@@ -70,15 +75,24 @@ def make_celery(settings: Settings) -> Celery:
 
 
 class Enqueuer:
-    """Sends job ids to the workers. Failures are logged, never raised: the sweeper resends."""
+    """Sends job ids to the workers. Failures are logged, never raised: the sweeper resends.
 
-    def __init__(self, app: Celery, queue_name: str) -> None:
+    While the broker is down, reaching it costs seconds (kombu's connect retries); after a
+    failure the enqueuer does not try again for ``pause_seconds``, so an API request during a
+    Redis outage answers at once (its jobs are durable and marked unsent) instead of waiting.
+    """
+
+    def __init__(self, app: Celery, queue_name: str, pause_seconds: float = 5.0) -> None:
         self.app = app
         self.queue_name = queue_name
+        self.pause_seconds = pause_seconds
+        self._down_until = 0.0
 
     def enqueue(self, job_ids: Sequence[str], per_message: int = IDS_PER_MESSAGE) -> int:
         """Send the ids, a chunk per message, over one connection; returns how many ids were sent."""
         sent = 0
+        if time.monotonic() < self._down_until:
+            return 0
         try:
             with self.app.producer_or_acquire() as producer:
                 for start in range(0, len(job_ids), per_message):
@@ -94,5 +108,6 @@ class Enqueuer:
                     )
                     sent += len(chunk)
         except Exception as exc:  # broker down: the rows are durable, the sweeper resends
+            self._down_until = time.monotonic() + self.pause_seconds
             log.warning("enqueue failed after %d message(s): %s", sent, type(exc).__name__)
         return sent

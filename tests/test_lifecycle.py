@@ -175,3 +175,21 @@ def test_sweeper_picks_due_retries_lost_messages_and_expired_leases_once(session
     with unit_of_work(sessions) as s:
         later = lifecycle.due_for_enqueue(s, now=now + timedelta(seconds=120), requeue_after_seconds=60)
     assert fresh in later
+
+
+def test_a_repeated_attempt_number_does_not_fail_the_other_outcomes(sessions) -> None:
+    a, b = _new_job(sessions), _new_job(sessions)
+    ja, jb = _claim(sessions, a), _claim(sessions, b)
+    with unit_of_work(sessions) as s:  # a row for (a, 1) already exists, e.g. after a failover
+        s.add(Attempt(**_record(1).row(a)))
+    with unit_of_work(sessions) as s:
+        stored = lifecycle.store_outcomes(
+            s,
+            [
+                lifecycle.Settled(ja, _record(1), completion=_completion()),
+                lifecycle.Settled(jb, _record(1), completion=_completion()),
+            ],
+            max_attempts=3,
+        )
+    assert stored == {a, b}
+    assert _count(sessions, Result) == 2

@@ -27,6 +27,7 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any, TypeVar
 
+from redis.exceptions import RedisError
 from sqlalchemy.orm import Session
 
 from pcq.db import SessionFactory, unit_of_work
@@ -251,7 +252,8 @@ class Engine:
         assert self._limiter is not None
         assert self._outbox is not None
         try:
-            await self._limiter.acquire(self._key)
+            if not await self._admit(job):
+                return
             outcome = await self._upstream.call(job.request)
             if outcome.status_code == 429:
                 # Every worker pauses (Retry-After, else backoff) and then sends more slowly;
@@ -270,6 +272,27 @@ class Engine:
         finally:
             self._running.pop(job.id, None)
             self._slots.release()
+
+    async def _admit(self, job: ClaimedJob) -> bool:
+        """Wait for the shared limiter's slot; if Redis stays unreachable, give the claim back.
+
+        A Redis restart leaves pooled connections stale, so the first calls after it fail at
+        once: retry them, and never burn an attempt (or a lease) on a call that was not made.
+        """
+        assert self._limiter is not None
+        for delay in (0.1, 0.5, 1, 2, 4, 8):
+            try:
+                await self._limiter.acquire(self._key)
+                return True
+            except (RedisError, OSError) as exc:
+                log.warning("limiter unreachable (%s); retrying in %ss", type(exc).__name__, delay)
+                await asyncio.sleep(delay)
+        now = utcnow()
+        await self._retrying_db(
+            lambda db: lifecycle.unclaim(db, job, now=now, retry_at=now + timedelta(seconds=5)),
+            what=f"giving job {job.id} back",
+        )
+        return False
 
     async def _write_forever(self) -> None:
         """Store outcomes in batches: one transaction for up to WRITE_BATCH calls."""

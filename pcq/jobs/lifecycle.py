@@ -14,6 +14,7 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from sqlalchemy import and_, bindparam, func, insert, or_, select, update
+from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
 from pcq.models import Attempt, BasisField, Citation, Job, Result, Usage
@@ -164,6 +165,24 @@ def release(session: Session, job_ids: list[str], *, now: datetime) -> int:
     return int(res.rowcount)  # type: ignore[attr-defined]
 
 
+def unclaim(session: Session, job: ClaimedJob, *, now: datetime, retry_at: datetime) -> bool:
+    """Give a claim back unused (no upstream call was made): the attempt does not count."""
+    res = session.execute(
+        update(Job)
+        .where(Job.id == job.id, Job.status == "running", Job.attempts == job.attempt)
+        .values(
+            status="queued",
+            attempts=Job.attempts - 1,
+            lease_until=None,
+            enqueued_at=None,
+            next_attempt_at=retry_at,
+            updated_at=now,
+        )
+        .execution_options(synchronize_session=False)
+    )
+    return bool(res.rowcount == 1)  # type: ignore[attr-defined]
+
+
 _STATUS_UPDATE = (
     update(Job.__table__)  # type: ignore[arg-type]
     .where(Job.__table__.c.id == bindparam("b_id"))
@@ -224,7 +243,7 @@ def store_outcomes(session: Session, items: list[Settled], *, max_attempts: int)
     """
     if not items:
         return set()
-    session.execute(insert(Attempt), [i.record.row(i.job.id) for i in items])
+    _insert_attempts(session, [i.record.row(i.job.id) for i in items])
     owned = _owned(session, [i.job for i in items])
     mine = [i for i in items if i.job.id in owned]
     now = max(i.record.finished_at for i in items)
@@ -244,6 +263,23 @@ def store_outcomes(session: Session, items: list[Settled], *, max_attempts: int)
     _set_status(session, changes, now)
     _store_completions(session, successes)
     return owned
+
+
+def _insert_attempts(session: Session, rows: list[dict[str, Any]]) -> None:
+    """Insert attempt rows, skipping any (job, number) already recorded.
+
+    A number can only repeat if the database lost a committed claim (a failover to a lagging
+    replica); one such row must not fail the other outcomes of the batch.
+    """
+    dialect = session.get_bind().dialect.name
+    if dialect == "postgresql":
+        pg = postgresql.insert(Attempt).on_conflict_do_nothing(index_elements=["job_id", "number"])
+        session.execute(pg, rows)
+    elif dialect == "sqlite":
+        lite = sqlite.insert(Attempt).on_conflict_do_nothing(index_elements=["job_id", "number"])
+        session.execute(lite, rows)
+    else:
+        session.execute(insert(Attempt), rows)
 
 
 def _store_completions(session: Session, items: list[Settled]) -> None:

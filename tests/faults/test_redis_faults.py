@@ -248,12 +248,6 @@ def test_submissions_while_redis_is_down_are_durable_and_run_once_it_is_back(
     assert rep.attempts_claimed >= rep.attempt_rows == 7
 
 
-@pytest.mark.xfail(
-    reason="BUG: worker/engine.py Engine._execute treats an exception from self._limiter.acquire "
-    "(a stale Redis connection right after a Redis restart) like a crash: the claim is burnt "
-    "(jobs.attempts + 1, no upstream call, no attempt row) and the job waits for its lease to expire",
-    strict=True,
-)
 @pytest.mark.timeout(60)
 def test_a_redis_restart_does_not_cost_a_claim_an_attempt(
     tmp_path: Path, pg_url: str, private_redis: PrivateRedis, db: Db

@@ -1,0 +1,39 @@
+"""The enqueuer: never raises, and stops knocking on a broker that is down for a while."""
+
+from __future__ import annotations
+
+import time
+
+from pcq.queue import Enqueuer, make_celery
+from tests.conftest import make_settings
+
+
+def test_enqueue_to_an_unreachable_broker_returns_zero_then_answers_at_once() -> None:
+    settings = make_settings(REDIS_URL="redis://127.0.0.1:1/0")  # nothing listens there
+    enqueuer = Enqueuer(make_celery(settings, publisher=True), settings.queue_name, pause_seconds=30)
+    started = time.monotonic()
+    assert enqueuer.enqueue(["job_a", "job_b"]) == 0
+    assert time.monotonic() - started < 3  # the API's publisher gives up quickly
+    started = time.monotonic()
+    assert enqueuer.enqueue(["job_c"]) == 0
+    assert time.monotonic() - started < 0.05
+
+
+def test_messages_are_chunks_of_ids_through_the_default_exchange() -> None:
+    settings = make_settings(PCQ_BROKER_URL="memory://", PCQ_QUEUE_NAME="pcq-chunks")
+    app = make_celery(settings)
+    ids = [f"job_{i}" for i in range(120)]
+    assert Enqueuer(app, settings.queue_name).enqueue(ids, per_message=50) == 120
+    got = []
+    with app.connection_for_write() as conn:
+        queue = conn.SimpleQueue("pcq-chunks")
+        while True:
+            try:
+                msg = queue.get(block=False)
+            except queue.Empty:
+                break
+            assert msg.delivery_info.get("exchange", "") == ""
+            got.append(msg.payload[0][0])
+            msg.ack()
+    assert [len(chunk) for chunk in got] == [50, 50, 20]
+    assert [i for chunk in got for i in chunk] == ids
