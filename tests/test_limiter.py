@@ -309,3 +309,38 @@ def test_penalty_is_shared_by_every_limiter_on_the_key(clock: ManualClock) -> No
         assert await b.rate_factor(KEY) == pytest.approx(0.7)
 
     run(main)
+
+
+@pytest.mark.parametrize(("limit", "burst"), [(600, 5), (300, 5), (60, 0), (10, 20), (3, 5)])
+def test_window_safe_settings_never_exceed_the_quota_in_any_60_s(
+    clock: ManualClock, limit: int, burst: int
+) -> None:
+    """Three minutes of a greedy caller against the sliding minute an upstream enforces."""
+    from pcq.limiter import window_safe
+
+    async def main() -> None:
+        rate, safe_burst = window_safe(limit, burst)
+        lim = RateLimiter(new_redis(), limit_per_minute=rate, burst=safe_burst)
+        admitted: list[float] = []
+        while clock.now < 1_800_000_180:
+            wait = await lim.try_acquire(KEY)  # jump straight to each next admission
+            if wait == 0.0:
+                admitted.append(clock.now)
+            else:
+                clock.advance(wait)
+        assert max_in_window(admitted, 60) <= limit
+        if limit >= 60:  # the carve-out costs (burst + 1) / limit of the steady rate
+            late = [t for t in admitted if t >= admitted[0] + 60]
+            assert len(late) / ((late[-1] - late[0]) / 60) >= 0.95 * limit
+
+    run(main)
+
+
+def max_in_window(times: list[float], window: float) -> int:
+    """Most admissions in any half-open interval [t, t + window)."""
+    best, j = 0, 0
+    for i, t in enumerate(times):
+        while times[j] <= t - window:
+            j += 1
+        best = max(best, i - j + 1)
+    return best

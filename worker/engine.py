@@ -33,7 +33,7 @@ from sqlalchemy.orm import Session
 from pcq.db import SessionFactory, unit_of_work
 from pcq.jobs import lifecycle
 from pcq.jobs.lifecycle import AttemptRecord, ClaimedJob, Settled
-from pcq.limiter import RateLimiter, limiter_key
+from pcq.limiter import RateLimiter, limiter_key, window_safe
 from pcq.models import utcnow
 from pcq.queue import Enqueuer
 from pcq.settings import Settings
@@ -169,7 +169,9 @@ class Engine:
             max_response_bytes=s.max_response_bytes,
         )
         redis = self._redis_factory()
-        self._limiter = RateLimiter(redis, limit_per_minute=s.rate_limit_per_minute, burst=s.rate_limit_burst)
+        # The quota is enforced per sliding minute upstream: never exceed it in any 60 s.
+        rate, burst = window_safe(s.rate_limit_per_minute, s.rate_limit_burst)
+        self._limiter = RateLimiter(redis, limit_per_minute=rate, burst=burst)
         writers = 1 if s.database_url.startswith("sqlite") else 2  # SQLite has one writer anyway
         background = [
             asyncio.create_task(self._sweep_forever(), name="sweeper"),
