@@ -11,12 +11,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import Any
+from typing import Any, cast
 
-from sqlalchemy import and_, bindparam, func, insert, or_, select, update
+from sqlalchemy import JSON, Table, and_, bindparam, func, insert, or_, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
+from pcq.db import copy_rows
 from pcq.models import Attempt, BasisField, Citation, Job, Result, Usage
 from pcq.wire import ParsedCompletion
 
@@ -338,9 +339,19 @@ def _store_completions(session: Session, items: list[Settled]) -> None:
                 }
                 for cpos, cite in enumerate(basis.citations)
             )
+    postgres = session.get_bind().dialect.name == "postgresql"
     for model, rows in ((Result, results), (Usage, usage), (BasisField, fields), (Citation, cites)):
-        if rows:
-            session.execute(insert(model), rows)
+        if not rows:
+            continue
+        if postgres:
+            # COPY: the answer rows are most of a worker's writing (13 rows per job here).
+            columns = list(rows[0])
+            json_cols = {c.name for c in model.__table__.columns if isinstance(c.type, JSON)}
+            copy_rows(
+                session, model.__tablename__, columns, [[r[c] for c in columns] for r in rows], json_cols
+            )
+        else:
+            session.execute(insert(cast(Table, model.__table__)), rows)  # Core: cheaper than ORM bulk
 
 
 def _int(value: Any) -> int | None:
