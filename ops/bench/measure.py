@@ -20,6 +20,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import redis
 
@@ -55,18 +56,53 @@ def machine_busy_seconds() -> float:
     return (sum(values) - idle) / TICK
 
 
+_NOT_POSTGRES: set[int] = set()
+
+
+def wait_quiet(threshold_cores: float = 0.3, window_s: float = 2.0, max_wait_s: float = 90.0) -> float:
+    """Wait until the machine is nearly idle (other work would skew a phase); returns the busy
+    cores of the last window. Gives up after ``max_wait_s`` (the phase then records it)."""
+    deadline = time.monotonic() + max_wait_s
+    while True:
+        b0 = machine_busy_seconds()
+        time.sleep(window_s)
+        cores = (machine_busy_seconds() - b0) / window_s
+        if cores <= threshold_cores or time.monotonic() > deadline:
+            return round(cores, 2)
+
+
+def code_fingerprint(root: Path, packages: tuple[str, ...] = ("pcq", "api", "worker")) -> str:
+    """Changes when any source file of the service changes (path, size, mtime)."""
+    import hashlib
+
+    h = hashlib.sha1(usedforsecurity=False)
+    for pkg in packages:
+        for path in sorted((root / pkg).rglob("*.py")):
+            st = path.stat()
+            h.update(f"{path.relative_to(root)}:{st.st_size}:{st.st_mtime_ns}\n".encode())
+    return h.hexdigest()[:12]
+
+
 def postgres_processes() -> dict[int, str]:
-    """PID -> process title of every PostgreSQL server process on this machine."""
+    """PID -> process title of every PostgreSQL server process on this machine.
+
+    Processes whose name is not ``postgres`` are remembered and skipped on later calls, so a
+    sample costs a directory listing plus a read per PostgreSQL process.
+    """
     out: dict[int, str] = {}
     for entry in os.scandir("/proc"):
-        if not entry.name.isdigit():
+        if not entry.name.isdigit() or int(entry.name) in _NOT_POSTGRES:
             continue
+        pid = int(entry.name)
         try:
-            title = Path(f"/proc/{entry.name}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+            if Path(f"/proc/{pid}/comm").read_text().strip() != "postgres":
+                _NOT_POSTGRES.add(pid)
+                continue
+            title = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
         except OSError:
             continue
         if title.startswith("postgres: "):
-            out[int(entry.name)] = title.strip()
+            out[pid] = title.strip()
     return out
 
 
@@ -113,7 +149,7 @@ class PhaseMeter:
     procs: dict[str, int]  # name -> pid of our own processes
     dbname: str | None = None
     redis_url: str | None = None
-    interval: float = 0.25
+    interval: float = 0.1
     _cpu0: dict[str, float] = field(default_factory=dict)
     _pg0: dict[int, float] = field(default_factory=dict)
     _pg_last: dict[int, float] = field(default_factory=dict)
@@ -159,6 +195,7 @@ class PhaseMeter:
             self._sample_rss()
 
     def start(self) -> None:
+        _NOT_POSTGRES.clear()  # PIDs may have been reused since the last phase
         self._t0 = time.perf_counter()
         self._busy0 = machine_busy_seconds()
         self._cpu0 = {n: c for n, p in self.procs.items() if (c := proc_cpu(p)) is not None}
@@ -168,7 +205,7 @@ class PhaseMeter:
         self._thread = threading.Thread(target=self._loop, name="phase-meter", daemon=True)
         self._thread.start()
 
-    def stop(self, extra_cpu: dict[str, float] | None = None) -> dict[str, object]:
+    def stop(self, extra_cpu: dict[str, float] | None = None) -> dict[str, Any]:
         """CPU seconds per process over the phase, peak RSS in MB, wall seconds.
 
         ``extra_cpu`` adds CPU seconds measured elsewhere (processes that report their own).

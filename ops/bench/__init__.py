@@ -1,0 +1,1 @@
+"""Benchmarks of pcq on one machine: ``python -m ops.bench throughput|inflight|limiter``."""

@@ -1,0 +1,538 @@
+"""pcq benchmarks on one machine: ``python -m ops.bench MODE`` (or ``python ops/bench/run.py MODE``).
+
+Modes (see docs/benchmarks.md for what each measures and the results):
+
+  throughput  pcq (API + worker + PostgreSQL + Redis) against a bare asyncio ceiling and a
+              naive Celery peer, on one mock upstream (500 ms, 10 citations per field)
+  inflight    how many 60-second calls one worker process holds at once, and its RSS
+  limiter     PCQ_RATE_LIMIT_PER_MINUTE=600 over 3 workers against a mock enforcing 600/min
+
+Every mode starts its own processes, uses a fresh PostgreSQL database per phase (dropped at
+the end), Redis db 12 for pcq and db 11 for the naive peer, talks to 127.0.0.1 only, and
+writes the full results as JSON under bench-results/.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import signal
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+if __package__ in (None, ""):  # run as a script: make the repository importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+import httpx
+
+from ops.bench.common import (
+    REPO,
+    flush_own_redis_db,
+    fresh_database,
+    git_state,
+    machine,
+    mock_stats,
+    percentile,
+    query,
+    redis_script_calls,
+    versions,
+)
+from ops.bench.measure import PhaseMeter, code_fingerprint, proc_status_kb, sockets_to_port, wait_quiet
+from ops.bench.profile import Profiler
+from ops.bench.systems import batch_body, pcq_env, run_ceiling, run_naive, run_pcq, start_pcq, wait_batch
+from pcq.testing import Stack, mint_key, stack_env
+
+PG_ADMIN = "postgresql://postgres@127.0.0.1:5432/postgres"
+PCQ_REDIS = "redis://127.0.0.1:6379/12"
+NAIVE_REDIS = "redis://127.0.0.1:6379/11"
+DEFAULT_EXTRA = REPO / ".venv" / "bench-extras"  # optional: uvloop for the ceiling only
+
+
+def say(*parts: object) -> None:
+    print(*parts, file=sys.stderr, flush=True)  # noqa: T201
+
+
+def start_mock(workdir: Path, *args: str) -> Stack:
+    mock = Stack(stack_env("sqlite:///unused.sqlite3", None), workdir)
+    mock.start_mock(*args)
+    return mock
+
+
+def median_of(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """Median of every number (also inside nested dicts) over the runs."""
+    first = runs[0]
+    out: dict[str, Any] = {}
+    for k, v in first.items():
+        if isinstance(v, bool) or not isinstance(v, int | float | dict):
+            out[k] = v if len(runs) == 1 else [r.get(k) for r in runs]
+        elif isinstance(v, dict):
+            out[k] = median_of([r.get(k) or {} for r in runs]) if v else v
+        else:
+            vals = [r[k] for r in runs if isinstance(r.get(k), int | float)]
+            out[k] = round(statistics.median(vals), 3) if vals else None
+    return out
+
+
+def md_table(head: list[str], rows: list[list[Any]]) -> str:
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------- throughput
+
+
+def throughput(args: argparse.Namespace, outdir: Path) -> dict[str, Any]:
+    extra = args.extra_path or (str(DEFAULT_EXTRA) if DEFAULT_EXTRA.exists() else None)
+    rounds: list[dict[str, Any]] = []
+    for k in range(args.repeat):
+        workdir = Path(tempfile.mkdtemp(prefix="pcq-bench-"))
+        mock = start_mock(workdir, "--latency-ms", str(args.latency_ms), "--citations", str(args.citations))
+        mock_pid = mock.procs["mock"].pid
+        rnd: dict[str, Any] = {}
+        try:
+            for system in args.systems:
+                say(f"[round {k + 1}/{args.repeat}] {system}: {args.jobs} jobs ...")
+                profile = Profiler(outdir, f"{system}-r{k + 1}") if args.profile and k == 0 else None
+                if system == "pcq":
+                    rnd[system] = run_pcq(
+                        args.jobs,
+                        mock_url=mock.mock_url,
+                        mock_pid=mock_pid,
+                        pg_admin=args.pg_admin,
+                        redis_url=PCQ_REDIS,
+                        workers=args.workers,
+                        profile=profile,
+                    )
+                elif system == "ceiling":
+                    rnd[system] = run_ceiling(
+                        args.jobs,
+                        mock_url=mock.mock_url,
+                        mock_pid=mock_pid,
+                        pg_admin=args.pg_admin,
+                        procs=2,
+                        in_flight=args.ceiling_in_flight,
+                        extra_path=extra,
+                    )
+                else:
+                    rnd[system] = run_naive(
+                        args.jobs,
+                        mock_url=mock.mock_url,
+                        mock_pid=mock_pid,
+                        pg_admin=args.pg_admin,
+                        redis_url=NAIVE_REDIS,
+                        concurrency=args.naive_concurrency,
+                        profile=profile,
+                    )
+                if profile:
+                    rnd[system]["profile"] = profile.summaries()
+                r = rnd[system]
+                r["git"] = git_state()
+                if r.get("code_changed_during_run"):
+                    say("  WARNING: pcq/api/worker sources changed during this phase")
+                say(
+                    f"  {r['jobs_per_s']} jobs/s, total {r['total_s']} s, p50 {r['p50_s']} s,"
+                    f" cpu ms/job {r['cpu_ms_per_job']}, ok={r['ok']}"
+                )
+        finally:
+            mock.stop_all()
+        rounds.append(rnd)
+    med = {s: median_of([r[s] for r in rounds]) for s in args.systems}
+    ratios: dict[str, float] = {}
+    if "pcq" in med:
+        for peer in ("ceiling", "naive"):
+            if peer in med:
+                ratios[f"pcq/{peer} jobs_per_s"] = round(
+                    med["pcq"]["jobs_per_s"] / med[peer]["jobs_per_s"], 3
+                )
+    return {"rounds": rounds, "median": med, "ratios": ratios}
+
+
+def throughput_table(res: dict[str, Any]) -> str:
+    med = res["median"]
+    own = {"pcq": ("worker", "api"), "ceiling": ("ceiling",), "naive": ("worker",)}
+    rows = [
+        "| system | intake s | last call ended s | total (all visible) s | jobs/s | p50 s | p99 s"
+        " | CPU ms/job: own processes | mock | postgres"
+        " | redis (server) | peak RSS MB |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for system, r in med.items():
+        cpu = dict(r["cpu_ms_per_job"])
+        rss = dict(r["peak_rss_mb"])
+        if "workers_cpu_ms_per_job" in r:  # several pcq workers: their sum, and the largest peak RSS
+            cpu["worker"] = r["workers_cpu_ms_per_job"]
+            rss["worker"] = r["workers_peak_rss_mb"]
+        mine = ", ".join(f"{p} {cpu.get(p, 0):.2f}" for p in own[system])
+        rss_cell = ", ".join(f"{p} {rss.get(p, 0):.0f}" for p in (*own[system], "mock"))
+        cells = [
+            system,
+            f"{r['intake_s']:.2f}",
+            f"{r['last_finished_s']:.1f}",
+            f"{r['total_s']:.1f}",
+            f"{r['jobs_per_s']:.0f}",
+            f"{r['p50_s']:.1f}",
+            f"{r['p99_s']:.1f}",
+            mine,
+            f"{cpu.get('mock', 0):.2f}",
+            f"{cpu.get('postgres', 0):.2f}",
+            f"{cpu.get('redis', 0):.2f}",
+            rss_cell,
+        ]
+        rows.append("| " + " | ".join(cells) + " |")
+    rows.append("")
+    rows += [f"- {k}: {v:.2f}" for k, v in res["ratios"].items()]
+    return "\n".join(rows)
+
+
+# --------------------------------------------------------------------------- inflight
+
+
+def inflight(args: argparse.Namespace, outdir: Path) -> dict[str, Any]:  # noqa: ARG001
+    n = args.jobs
+    workdir = Path(tempfile.mkdtemp(prefix="pcq-bench-inflight-"))
+    flush_own_redis_db(PCQ_REDIS)
+    mock = start_mock(workdir, "--latency-ms", str(args.latency_ms), "--citations", str(args.citations))
+    port = int(mock.mock_url.rsplit(":", 1)[1])
+    try:
+        with fresh_database(args.pg_admin, "pcqbench_inflight", migrate=True) as db:
+            env = pcq_env(
+                db.url,
+                PCQ_REDIS,
+                mock.mock_url,
+                PCQ_MAX_IN_FLIGHT=str(args.max_in_flight),
+                PCQ_RATE_LIMIT_PER_MINUTE="1000000",
+                PCQ_RATE_LIMIT_BURST="1000",
+            )
+            stack, _ = start_pcq(env, workdir, mock.mock_url, 1)
+            try:
+                worker = stack.procs["worker"].pid
+                rss_idle = proc_status_kb(worker, "VmRSS") or 0
+                key = mint_key(db.sa_url, "bench")
+                meter = PhaseMeter({"worker": worker, "mock": mock.procs["mock"].pid}, db.name, PCQ_REDIS)
+                meter.start()
+                t0 = time.monotonic()
+                r = httpx.post(
+                    f"{stack.api_url}/v1/batches",
+                    content=batch_body(n),
+                    timeout=600,
+                    headers={"Authorization": f"Bearer {key}", "Content-Type": "application/x-ndjson"},
+                )
+                r.raise_for_status()
+                samples: list[dict[str, Any]] = []
+                stable = 0
+                plateau_at: float | None = None
+                # Stop well before the first 60 s call answers (its clock starts after intake).
+                deadline = t0 + min(args.latency_ms / 1000 - 8, 120)
+                while time.monotonic() < deadline:
+                    time.sleep(1)
+                    s = {
+                        "t": round(time.monotonic() - t0, 1),
+                        "mock_in_flight": mock_stats(mock.mock_url)["in_flight"],
+                        "worker_sockets": sockets_to_port(worker, port),
+                        "db_running": query(db.url, "SELECT count(*) FROM jobs WHERE status = 'running'")[0][
+                            0
+                        ],
+                        "worker_rss_mb": round((proc_status_kb(worker, "VmRSS") or 0) / 1024, 1),
+                    }
+                    samples.append(s)
+                    say(f"  {s}")
+                    prev = samples[-2]["mock_in_flight"] if len(samples) > 1 else -1
+                    stable = stable + 1 if s["mock_in_flight"] == prev else 0
+                    if plateau_at is None and (s["mock_in_flight"] >= n or stable >= 3):
+                        plateau_at = s["t"]
+                    if plateau_at is not None and s["t"] >= plateau_at + 5:
+                        break
+                m = meter.stop()
+                at = [s for s in samples if plateau_at is not None and s["t"] >= plateau_at] or samples[-3:]
+                stats = mock_stats(mock.mock_url)
+                return {
+                    "jobs": n,
+                    "max_in_flight_setting": args.max_in_flight,
+                    "latency_ms": args.latency_ms,
+                    "plateau_reached_s": plateau_at,
+                    "mock_max_in_flight": stats["max_in_flight"],
+                    "mock_in_flight_at_plateau": statistics.median(s["mock_in_flight"] for s in at),
+                    "worker_sockets_at_plateau": statistics.median(s["worker_sockets"] for s in at),
+                    "db_running_at_plateau": statistics.median(s["db_running"] for s in at),
+                    "worker_rss_mb_idle": round(rss_idle / 1024, 1),
+                    "worker_rss_mb_at_plateau": max(s["worker_rss_mb"] for s in at),
+                    "worker_peak_rss_mb": m["peak_rss_mb"].get("worker"),
+                    "cpu_s_during_ramp": {k: round(v, 2) for k, v in m["cpu_s"].items()},
+                    "samples": samples,
+                }
+            finally:
+                stack.stop_all()
+    finally:
+        mock.stop_all()
+
+
+def inflight_table(r: dict[str, Any]) -> str:
+    head = [
+        "jobs",
+        "PCQ_MAX_IN_FLIGHT",
+        "plateau after s",
+        "mock max_in_flight",
+        "mock in_flight (plateau)",
+        "worker sockets to mock",
+        "jobs running (DB)",
+        "worker RSS MB idle → plateau",
+        "worker VmHWM MB",
+    ]
+    cells = [
+        r["jobs"],
+        r["max_in_flight_setting"],
+        r["plateau_reached_s"],
+        r["mock_max_in_flight"],
+        f"{r['mock_in_flight_at_plateau']:.0f}",
+        f"{r['worker_sockets_at_plateau']:.0f}",
+        f"{r['db_running_at_plateau']:.0f}",
+        f"{r['worker_rss_mb_idle']:.0f} → {r['worker_rss_mb_at_plateau']:.0f}",
+        f"{r['worker_peak_rss_mb']:.0f}",
+    ]
+    return md_table(head, [cells])
+
+
+# ---------------------------------------------------------------------------- limiter
+
+
+def limiter(args: argparse.Namespace, outdir: Path) -> dict[str, Any]:  # noqa: ARG001
+    n = args.jobs
+    limit = args.enforce_rpm or args.rate  # the upstream's quota, which the % is of
+    workdir = Path(tempfile.mkdtemp(prefix="pcq-bench-limiter-"))
+    flush_own_redis_db(PCQ_REDIS)
+    mock = start_mock(
+        workdir,
+        "--latency-ms",
+        str(args.latency_ms),
+        "--citations",
+        str(args.citations),
+        "--enforce-rpm",
+        str(limit),
+    )
+    try:
+        with fresh_database(args.pg_admin, "pcqbench_limiter", migrate=True) as db:
+            overrides = {"PCQ_RATE_LIMIT_PER_MINUTE": str(args.rate)}
+            if args.burst is not None:
+                overrides["PCQ_RATE_LIMIT_BURST"] = str(args.burst)
+            env = pcq_env(db.url, PCQ_REDIS, mock.mock_url, **overrides)
+            code = code_fingerprint(REPO)
+            stack, names = start_pcq(env, workdir, mock.mock_url, args.workers)
+            try:
+                key = mint_key(db.sa_url, "bench")
+                h = {"Authorization": f"Bearer {key}"}
+                procs = {name: stack.procs[name].pid for name in names}
+                meter = PhaseMeter({**procs, "mock": mock.procs["mock"].pid}, db.name, PCQ_REDIS)
+                quiet = wait_quiet()
+                scripts0 = redis_script_calls(PCQ_REDIS)
+                meter.start()
+                r = httpx.post(
+                    f"{stack.api_url}/v1/batches",
+                    content=batch_body(n),
+                    timeout=600,
+                    headers={**h, "Content-Type": "application/x-ndjson"},
+                )
+                r.raise_for_status()
+                batch_id = r.json()["id"]
+                state = wait_batch(stack.api_url, h, batch_id, stall_s=60.0, every=2.0)
+                m = meter.stop()
+                m["limiter_script_calls"] = redis_script_calls(PCQ_REDIS) - scripts0
+                stats = mock_stats(mock.mock_url)
+                starts = sorted(
+                    row[0].timestamp()
+                    for row in query(db.url, "SELECT started_at FROM attempts ORDER BY started_at")
+                )
+                oks = sorted(
+                    row[0].timestamp()
+                    for row in query(db.url, "SELECT started_at FROM attempts WHERE status_code = 200")
+                )
+                limited = sorted(
+                    row[0].timestamp()
+                    for row in query(db.url, "SELECT started_at FROM attempts WHERE status_code = 429")
+                )
+            finally:
+                stack.stop_all()
+    finally:
+        mock.stop_all()
+    out = limiter_numbers(n, limit, args.warmup, starts, oks, stats, m, state)
+    out["busy_cores_before"] = quiet
+    out["code"] = code
+    out["code_changed_during_run"] = code_fingerprint(REPO) != code
+    out["burst"] = args.burst
+    out["pcq_rate_limit_per_minute"] = args.rate
+    out["calls_429_at_s"] = [round(t - starts[0], 2) for t in limited]
+    return out
+
+
+def limiter_numbers(
+    n: int,
+    limit: int,
+    warmup: float,
+    starts: list[float],
+    oks: list[float],
+    stats: dict[str, Any],
+    meter: dict[str, Any],
+    state: dict[str, Any],
+) -> dict[str, Any]:
+    """Steady-state rate from attempts.started_at (the worker's clock when each call began).
+
+    Window: from ``warmup`` seconds after the first call to the last call; every call in
+    between was admitted by the limiter while jobs were still waiting (the backlog lasts
+    until the last call starts). rate = calls started in (a, b] / (b - a) * 60.
+    """
+    a, b = starts[0] + warmup, starts[-1]
+    in_window = sum(1 for t in starts if a < t <= b)
+    rate = in_window / (b - a) * 60 if b > a else float("nan")
+    ok_rate = sum(1 for t in oks if a < t <= b) / (b - a) * 60 if b > a else float("nan")
+    # The most calls in any 60 s window (what a sliding-window enforcer sees).
+    j, worst = 0, 0
+    for i, t in enumerate(starts):
+        while starts[j] <= t - 60:
+            j += 1
+        worst = max(worst, i - j + 1)
+    first_minute = sum(1 for t in starts if t < starts[0] + 60)
+    gaps = [y - x for x, y in zip(starts, starts[1:], strict=False) if a < x <= b]
+    return {
+        "jobs": n,
+        "limit_per_minute": limit,
+        "calls": len(starts),
+        "succeeded": state["counts"].get("succeeded", 0),
+        "failed": state["counts"].get("failed", 0),
+        "run_s": round(starts[-1] - starts[0], 1),
+        "window_s": round(b - a, 1),
+        "steady_rate_per_min": round(rate, 1),
+        "steady_pct_of_limit": round(100 * rate / limit, 1),
+        "steady_200_rate_per_min": round(ok_rate, 1),
+        "calls_first_60s": first_minute,
+        "max_calls_any_60s": worst,
+        "gap_p50_ms": round(1000 * percentile(gaps, 50), 1),
+        "gap_p99_ms": round(1000 * percentile(gaps, 99), 1),
+        "mock_429": stats["by_status"].get("429", 0),
+        "rate_limited_by_enforcer": stats["rate_limited_by_enforcer"],
+        "mock_requests": stats["requests"],
+        # Server-wide count, so it includes any other client's scripts during the run.
+        "limiter_script_calls_per_job": round(meter.get("limiter_script_calls", 0) / n, 1),
+        "cpu_ms_per_job": {k: round(v * 1000 / n, 2) for k, v in meter["cpu_s"].items()},
+        "peak_rss_mb": meter["peak_rss_mb"],
+    }
+
+
+def limiter_table(r: dict[str, Any]) -> str:
+    cpu = r["cpu_ms_per_job"]
+    workers = ", ".join(f"{v:.1f}" for k, v in cpu.items() if k.startswith("worker"))
+    head = [
+        "jobs",
+        "limit/min",
+        "calls",
+        "steady window s",
+        "steady rate /min",
+        "% of limit",
+        "max calls in any 60 s",
+        "429 (mock by_status)",
+        "rate_limited_by_enforcer",
+        "worker CPU ms/job",
+        "redis CPU ms/job",
+        "limiter scripts/job",
+    ]
+    cells = [
+        r["jobs"],
+        r["limit_per_minute"],
+        r["calls"],
+        r["window_s"],
+        r["steady_rate_per_min"],
+        r["steady_pct_of_limit"],
+        r["max_calls_any_60s"],
+        r["mock_429"],
+        r["rate_limited_by_enforcer"],
+        workers,
+        f"{cpu.get('redis', 0):.1f}",
+        r.get("limiter_script_calls_per_job", "?"),
+    ]
+    return md_table(head, [cells])
+
+
+# ------------------------------------------------------------------------------- main
+
+MODE_DEFAULTS: dict[str, dict[str, Any]] = {
+    "throughput": {"jobs": 10_000, "latency_ms": 500, "workers": 1},
+    "inflight": {"jobs": 2_500, "latency_ms": 60_000, "workers": 1},
+    "limiter": {"jobs": 1_600, "latency_ms": 200, "workers": 3},
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(
+        prog="python -m ops.bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument("mode", choices=sorted(MODE_DEFAULTS))
+    p.add_argument("--jobs", type=int, help="jobs per run (throughput 10000, inflight 2500, limiter 1600)")
+    p.add_argument("--repeat", type=int, default=1, help="throughput: runs to take the median of")
+    p.add_argument(
+        "--latency-ms", type=int, help="mock latency (throughput 500, inflight 60000, limiter 200)"
+    )
+    p.add_argument("--citations", type=int, default=10, help="mock citations per basis field")
+    p.add_argument("--workers", type=int, help="pcq worker processes (throughput 1, limiter 3)")
+    p.add_argument(
+        "--systems",
+        default="pcq,ceiling,naive",
+        help="throughput: which systems to run, comma-separated (pcq, ceiling, naive)",
+    )
+    p.add_argument("--ceiling-in-flight", type=int, default=1000, help="calls in flight per ceiling process")
+    p.add_argument("--naive-concurrency", type=int, default=100, help="threads of the naive Celery worker")
+    p.add_argument("--profile", action="store_true", help="py-spy the worker processes in the first round")
+    p.add_argument("--max-in-flight", type=int, default=2500, help="inflight: PCQ_MAX_IN_FLIGHT")
+    p.add_argument("--rate", type=int, default=600, help="limiter: PCQ_RATE_LIMIT_PER_MINUTE")
+    p.add_argument(
+        "--enforce-rpm", type=int, help="limiter: the mock's --enforce-rpm (default: the same as --rate)"
+    )
+    p.add_argument("--burst", type=int, help="limiter: PCQ_RATE_LIMIT_BURST (default: pcq's default)")
+    p.add_argument("--warmup", type=float, default=10.0, help="limiter: seconds excluded at the start")
+    p.add_argument(
+        "--extra-path", help="PYTHONPATH entry for the ceiling (default .venv/bench-extras if present)"
+    )
+    p.add_argument("--pg-admin", default=PG_ADMIN)
+    p.add_argument("--out", type=Path, default=REPO / "bench-results")
+    args = p.parse_args(argv)
+    for k, v in MODE_DEFAULTS[args.mode].items():
+        if getattr(args, k) is None:
+            setattr(args, k, v)
+    args.systems = [s.strip() for s in args.systems.split(",") if s.strip()]
+    if unknown := set(args.systems) - {"pcq", "ceiling", "naive"}:
+        p.error(f"unknown system(s): {sorted(unknown)}")
+    args.out.mkdir(parents=True, exist_ok=True)
+
+    started = time.time()
+    res = {"throughput": throughput, "inflight": inflight, "limiter": limiter}[args.mode](args, args.out)
+    table = {"throughput": throughput_table, "inflight": inflight_table, "limiter": limiter_table}[args.mode](
+        res
+    )
+    record = {
+        "mode": args.mode,
+        "command": "python -m ops.bench " + " ".join(sys.argv[1:] if argv is None else argv),
+        "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+        "machine": machine(),
+        "versions": versions(),
+        "git": git_state(),
+        "duration_s": round(time.time() - started, 1),
+        "result": res,
+    }
+    path = args.out / f"{args.mode}-{time.strftime('%Y%m%d-%H%M%S')}.json"
+    path.write_text(json.dumps(record, indent=2, default=str))
+    print(table)  # noqa: T201
+    print(f"\nfull results: {path.relative_to(REPO) if path.is_relative_to(REPO) else path}")  # noqa: T201
+    ok = all(r.get("ok", True) for rnd in res.get("rounds", []) for r in rnd.values())
+    return 0 if ok else 1
+
+
+def _exit_on_sigterm() -> None:
+    """SIGTERM (or ``timeout``) unwinds like an error: every phase stops what it started."""
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+
+
+if __name__ == "__main__":
+    _exit_on_sigterm()
+    sys.exit(main())
