@@ -104,6 +104,7 @@ class Engine:
         self._key = ""
         self._closing = False
         self._accept_lock = asyncio.Lock()
+        self._sweeper: asyncio.Task[None] | None = None
 
     # -- life cycle (called from other threads) ----------------------------------------
     def start(self) -> None:
@@ -129,6 +130,10 @@ class Engine:
 
     async def _drain(self, timeout: float) -> None:
         self._closing = True
+        # No more sends from here: a message this process sent now could be reserved by its
+        # own consumer as it shuts down and sit unacked until the visibility timeout.
+        if self._sweeper is not None:
+            self._sweeper.cancel()
         deadline = self._loop.time() + timeout
         while self._running and self._loop.time() < deadline:
             await asyncio.sleep(0.1)
@@ -173,8 +178,9 @@ class Engine:
         rate, burst = window_safe(s.rate_limit_per_minute, s.rate_limit_burst)
         self._limiter = RateLimiter(redis, limit_per_minute=rate, burst=burst)
         writers = 1 if s.database_url.startswith("sqlite") else 2  # SQLite has one writer anyway
+        self._sweeper = asyncio.create_task(self._sweep_forever(), name="sweeper")
         background = [
-            asyncio.create_task(self._sweep_forever(), name="sweeper"),
+            self._sweeper,
             asyncio.create_task(self._renew_forever(), name="lease-renewer"),
             *(asyncio.create_task(self._write_forever(), name=f"writer-{n}") for n in range(writers)),
         ]
