@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -28,21 +27,6 @@ from tests.faults.helpers import (
 pytestmark = [pytest.mark.e2e, pytest.mark.realservices]
 
 JOBS = 500
-
-
-@pytest.fixture
-def private_redis(tmp_path: Path) -> Iterator[PrivateRedis]:
-    r = PrivateRedis(tmp_path)
-    r.start()
-    yield r
-    r.kill()
-
-
-@pytest.fixture
-def db(pg_url: str) -> Iterator[Db]:
-    d = Db(pg_url)
-    yield d
-    d.close()
 
 
 def _succeeded(db: Db, ids: list[str]) -> int:

@@ -34,14 +34,6 @@ pytestmark = [pytest.mark.e2e, pytest.mark.realservices]
 
 
 @pytest.fixture
-def private_redis(tmp_path: Path) -> Iterator[PrivateRedis]:
-    r = PrivateRedis(tmp_path)
-    r.start()
-    yield r
-    r.kill()
-
-
-@pytest.fixture
 def private_pg() -> Iterator[PrivatePostgres]:
     pg = PrivatePostgres()
     try:

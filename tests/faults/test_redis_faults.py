@@ -10,7 +10,6 @@ from __future__ import annotations
 import os
 import signal
 import time
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -33,21 +32,6 @@ from tests.faults.helpers import (
 )
 
 pytestmark = [pytest.mark.e2e, pytest.mark.realservices]
-
-
-@pytest.fixture
-def private_redis(tmp_path: Path) -> Iterator[PrivateRedis]:
-    r = PrivateRedis(tmp_path)
-    r.start()
-    yield r
-    r.kill()
-
-
-@pytest.fixture
-def db(pg_url: str) -> Iterator[Db]:
-    d = Db(pg_url)
-    yield d
-    d.close()
 
 
 def texts(tag: str, n: int, latency_ms: int) -> list[str]:

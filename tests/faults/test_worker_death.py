@@ -8,7 +8,6 @@ expires, any live worker's sweeper sends it again, and the next claim runs it.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -29,21 +28,6 @@ from tests.faults.helpers import (
 )
 
 pytestmark = [pytest.mark.e2e, pytest.mark.realservices]
-
-
-@pytest.fixture
-def private_redis(tmp_path: Path) -> Iterator[PrivateRedis]:
-    r = PrivateRedis(tmp_path)
-    r.start()
-    yield r
-    r.kill()
-
-
-@pytest.fixture
-def db(pg_url: str) -> Iterator[Db]:
-    d = Db(pg_url)
-    yield d
-    d.close()
 
 
 @pytest.mark.timeout(60)
