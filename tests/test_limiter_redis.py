@@ -25,27 +25,15 @@ import pytest
 import redis
 
 from pcq.limiter import limiter_key
+from tests import conftest
 
 REDIS_URL = "redis://127.0.0.1:6379/15"
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
 def require_redis(url: str = REDIS_URL) -> None:
-    """Skip when Redis is unreachable, except under CI=true, where that is a failure.
-
-    (Meant to move to conftest.py; call it at the start of every realservices test.)
-    """
-    try:
-        client = redis.Redis.from_url(url, socket_connect_timeout=2, socket_timeout=2)
-        try:
-            client.ping()
-        finally:
-            client.close()
-    except (redis.RedisError, OSError) as exc:
-        reason = f"Redis not reachable at {url}: {exc!r}"
-        if os.environ.get("CI", "").strip().lower() == "true":
-            pytest.fail(f"{reason} (CI=true: real services are required, not skipped)")
-        pytest.skip(reason)
+    """Skip when Redis is unreachable, except under CI=true, where that is a failure."""
+    conftest.require_redis(url)
 
 
 @pytest.fixture
