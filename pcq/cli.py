@@ -6,6 +6,7 @@ import argparse
 import csv
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -85,8 +86,9 @@ def cmd_healthcheck(_: argparse.Namespace) -> int:
 
 
 def cmd_mock_upstream(args: argparse.Namespace) -> int:
-    from pcq.mock_upstream import MockConfig, serve
+    from pcq.mock_upstream import MockConfig, parse_key_quotas, serve
 
+    by_key_env = args.enforce_rpm_by_key_env
     config = MockConfig(
         latency_ms=args.latency_ms,
         latency_jitter_ms=args.latency_jitter_ms,
@@ -99,6 +101,7 @@ def cmd_mock_upstream(args: argparse.Namespace) -> int:
         fault_malformed_rate=args.fault_malformed,
         null_usage_rate=args.null_usage,
         enforce_rpm=args.enforce_rpm,
+        enforce_rpm_by_key=parse_key_quotas(os.environ.get(by_key_env, "")) if by_key_env else {},
         seed=args.seed,
     )
     serve(args.host, args.port, config)
@@ -250,6 +253,11 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--fault-malformed", type=float, default=0.0)
     m.add_argument("--null-usage", type=float, default=0.0)
     m.add_argument("--enforce-rpm", type=int, default=None, help="answer 429 above this many requests/min")
+    m.add_argument(
+        "--enforce-rpm-by-key-env",
+        metavar="VAR",
+        help="per-key quotas read from this env var as key=rpm,key=rpm (keys stay out of `ps`)",
+    )
     m.add_argument("--seed", type=int, default=None)
     m.set_defaults(fn=cmd_mock_upstream)
 

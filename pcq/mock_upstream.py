@@ -65,6 +65,8 @@ class MockConfig:
     fault_malformed_rate: float = 0.0
     null_usage_rate: float = 0.0
     enforce_rpm: int | None = None
+    # Per-key quotas (key -> requests per minute), overriding enforce_rpm for those keys.
+    enforce_rpm_by_key: dict[str, int] = field(default_factory=dict)
     api_key: str | None = None
     seed: int | None = None
 
@@ -99,6 +101,8 @@ class _State:
     times_seen: Counter[str] = field(default_factory=Counter)
     # Per key digest (never the raw key): monotonic times of admitted requests.
     windows: dict[str, deque[float]] = field(default_factory=dict)
+    # Per key digest: requests, calls open now and at most, 429s from the enforcer.
+    by_key: dict[str, Counter[str]] = field(default_factory=dict)
 
     def new_id(self, prefix: str) -> str:
         return f"{prefix}{self.rng.getrandbits(96):024x}"
@@ -109,6 +113,9 @@ class _State:
         for counter in (self.by_status, self.faults, self.by_content_hash, self.times_seen):
             counter.clear()
         self.windows.clear()
+        for c in self.by_key.values():
+            c["requests"] = c["rate_limited"] = 0
+            c["max_in_flight"] = c["in_flight"]
 
 
 STATE_KEY = web.AppKey("pcq_mock_state", _State)
@@ -501,7 +508,7 @@ async def _completions(request: web.Request) -> web.StreamResponse:
 
 def _enforce_rpm(st: _State, key: str, rid: str) -> web.Response | None:
     """Sliding 60 s window per API key, like the upstream quota (POSTs count)."""
-    limit = st.config.enforce_rpm
+    limit = st.config.enforce_rpm_by_key.get(key, st.config.enforce_rpm)
     if limit is None:
         return None
     now = time.monotonic()
@@ -512,6 +519,7 @@ def _enforce_rpm(st: _State, key: str, rid: str) -> web.Response | None:
         window.append(now)
         return None
     st.rate_limited_by_enforcer += 1
+    st.by_key[_digest(key)]["rate_limited"] += 1
     wait = window[0] + _RPM_WINDOW_S - now if window else _RPM_WINDOW_S
     headers = _retry_headers(wait if st.config.retry_after_seconds is not None else None)
     error = {
@@ -606,6 +614,17 @@ async def _handle(request: web.Request, st: _State, rid: str) -> web.StreamRespo
     if key is None:
         error = {"message": "Invalid or missing API key.", "type": "authentication_error"}
         return _json(401, {"error": error}, rid)
+    mine = st.by_key.setdefault(_digest(key), Counter())
+    mine["requests"] += 1
+    mine["in_flight"] += 1
+    mine["max_in_flight"] = max(mine["max_in_flight"], mine["in_flight"])
+    try:
+        return await _handle_authorized(request, st, rid, key)
+    finally:
+        mine["in_flight"] -= 1
+
+
+async def _handle_authorized(request: web.Request, st: _State, rid: str, key: str) -> web.StreamResponse:
     if (limited := _enforce_rpm(st, key, rid)) is not None:
         return limited
     payload = await _read_payload(request, rid)
@@ -650,6 +669,7 @@ async def _stats(request: web.Request) -> web.Response:
             "in_flight": st.in_flight,
             "max_in_flight": st.max_in_flight,
             "rate_limited_by_enforcer": st.rate_limited_by_enforcer,
+            "by_key": {digest: dict(c) for digest, c in st.by_key.items()},
             "faults": dict(st.faults),
             "by_content_hash": dict(st.by_content_hash),
         }
@@ -726,8 +746,13 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--port", type=int, default=8787)
     p.add_argument("--api-key-env", metavar="VAR", help="require the key held in this env var")
     p.add_argument("--no-retry-after", action="store_true", help="send no Retry-After on 429")
+    p.add_argument(
+        "--enforce-rpm-by-key-env",
+        metavar="VAR",
+        help="per-key quotas from this env var: key=rpm,key=rpm (keys stay out of `ps`)",
+    )
     for f in fields(MockConfig):
-        if f.name != "api_key":  # a key on the command line would show up in `ps`
+        if f.name not in ("api_key", "enforce_rpm_by_key"):  # keys on the command line show in `ps`
             conv = int if "int" in str(f.type) else float
             p.add_argument("--" + f.name.replace("_", "-"), type=conv, default=f.default)
     args = vars(p.parse_args(argv))
@@ -735,7 +760,19 @@ def main(argv: list[str] | None = None) -> None:
     if args.pop("no_retry_after"):
         args["retry_after_seconds"] = None
     api_key = os.environ.get(key_env) if key_env else None
-    serve(host, port, MockConfig(api_key=api_key, **args))
+    by_key_env = args.pop("enforce_rpm_by_key_env")
+    by_key = parse_key_quotas(os.environ.get(by_key_env, "")) if by_key_env else {}
+    serve(host, port, MockConfig(api_key=api_key, enforce_rpm_by_key=by_key, **args))
+
+
+def parse_key_quotas(text: str) -> dict[str, int]:
+    """``key=rpm,key=rpm`` -> {key: rpm}; the last ``=`` splits, so keys may contain ``=``."""
+    quotas: dict[str, int] = {}
+    for part in text.split(","):
+        if part.strip():
+            key, _, rpm = part.strip().rpartition("=")
+            quotas[key] = int(rpm)
+    return quotas
 
 
 if __name__ == "__main__":

@@ -6,12 +6,23 @@ error (a typo such as ``PCQ_RATE_LIMT_PER_MINUTE`` must not be silently ignored)
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
+from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 DEFAULT_SQLITE_FILE = "pcq.sqlite3"
@@ -38,6 +49,39 @@ def normalize_database_url(url: str) -> str:
     )
 
 
+class UpstreamKey(BaseModel):
+    """One entry of ``PCQ_UPSTREAM_KEYS``; a limit left out takes the global setting."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    key: SecretStr = Field(min_length=1)
+    rate_limit_per_minute: int | None = Field(default=None, ge=1)
+    rate_limit_burst: int | None = Field(default=None, ge=0)
+    max_in_flight: int | None = Field(default=None, ge=0)
+
+
+@dataclass(frozen=True)
+class KeyPolicy:
+    """One upstream API key as the workers use it: its limits resolved, its id loggable."""
+
+    key: str
+    id: str  # sha256 of the key, first 16 hex chars: safe to log and to name Redis keys
+    rate_limit_per_minute: int
+    rate_limit_burst: int
+    max_in_flight: int  # calls in flight on this key across all workers; 0 = no cap
+
+    def __repr__(self) -> str:  # never the key itself
+        return (
+            f"KeyPolicy(id={self.id!r}, rate_limit_per_minute={self.rate_limit_per_minute}, "
+            f"rate_limit_burst={self.rate_limit_burst}, max_in_flight={self.max_in_flight})"
+        )
+
+
+def key_id(api_key: str) -> str:
+    """Stable short id for an upstream API key (sha256 hex, first 16 chars); never the key."""
+    return hashlib.sha256(api_key.encode("utf-8")).hexdigest()[:16]
+
+
 class Settings(BaseSettings):
     """Every setting of every pcq process. See the README's configuration table."""
 
@@ -56,6 +100,12 @@ class Settings(BaseSettings):
     )
     parallel_api_key: SecretStr | None = Field(default=None, validation_alias="PARALLEL_API_KEY")
     parallel_base_url: str = Field(default="https://api.parallel.ai", validation_alias="PARALLEL_BASE_URL")
+    upstream_keys: list[UpstreamKey] = Field(
+        default_factory=list,
+        validation_alias="PCQ_UPSTREAM_KEYS",
+        description="More upstream keys, each with its own quota: `key1,key2` or a JSON list "
+        'like `[{"key":"...","rate_limit_per_minute":1200,"max_in_flight":500}]`.',
+    )
 
     rate_limit_per_minute: int = Field(default=300, ge=1, validation_alias="PCQ_RATE_LIMIT_PER_MINUTE")
     rate_limit_burst: int = Field(default=5, ge=0, validation_alias="PCQ_RATE_LIMIT_BURST")
@@ -88,7 +138,25 @@ class Settings(BaseSettings):
         validation_alias="PCQ_REQUEUE_AFTER_SECONDS",
         description="A queued job whose message was sent this long ago is sent again.",
     )
-    max_in_flight: int = Field(default=2000, ge=1, validation_alias="PCQ_MAX_IN_FLIGHT")
+    max_in_flight: int = Field(
+        default=2000,
+        ge=1,
+        validation_alias="PCQ_MAX_IN_FLIGHT",
+        description="Jobs one worker process holds at once (calls and their short token waits).",
+    )
+    max_in_flight_per_key: int = Field(
+        default=0,
+        ge=0,
+        validation_alias="PCQ_MAX_IN_FLIGHT_PER_KEY",
+        description="Calls in flight on one upstream key across all workers; 0 = no cap.",
+    )
+    admission_horizon_seconds: float = Field(
+        default=10.0,
+        gt=0,
+        validation_alias="PCQ_ADMISSION_HORIZON_SECONDS",
+        description="A worker claims only jobs the shared limiter can start within this long; "
+        "the rest wait in the queue, not in a worker.",
+    )
     worker_concurrency: int = Field(default=8, ge=1, validation_alias="PCQ_WORKER_CONCURRENCY")
     visibility_timeout_seconds: int = Field(
         default=3600, ge=60, validation_alias="PCQ_VISIBILITY_TIMEOUT_SECONDS"
@@ -118,6 +186,22 @@ class Settings(BaseSettings):
     )
     log_level: str = Field(default="INFO", validation_alias="PCQ_LOG_LEVEL")
 
+    @field_validator("upstream_keys", mode="before")
+    @classmethod
+    def _parse_keys(cls, value: Any) -> Any:
+        if not isinstance(value, str):
+            return value
+        text = value.strip()
+        if not text:
+            return []
+        if text.startswith("["):
+            try:
+                return json.loads(text)
+            except ValueError:
+                # Say where, never what: the text holds secrets.
+                raise ValueError("PCQ_UPSTREAM_KEYS is not valid JSON") from None
+        return [{"key": part.strip()} for part in text.split(",") if part.strip()]
+
     @field_validator("database_url")
     @classmethod
     def _normalize_db(cls, value: str) -> str:
@@ -131,6 +215,40 @@ class Settings(BaseSettings):
                 "or the broker re-delivers messages of calls still running"
             )
         return self
+
+    def key_pool(self) -> list[KeyPolicy]:
+        """Every upstream key the workers spread calls over, with its limits resolved.
+
+        ``PARALLEL_API_KEY`` comes first (with the global limits), then ``PCQ_UPSTREAM_KEYS``.
+        With no key at all the pool is one empty key (the local stand-in needs none).
+        """
+        entries: list[tuple[str, UpstreamKey | None]] = []
+        if self.parallel_api_key is not None:
+            entries.append((self.parallel_api_key.get_secret_value(), None))
+        entries += [(k.key.get_secret_value(), k) for k in self.upstream_keys]
+        if not entries:
+            entries.append(("", None))
+        pool: list[KeyPolicy] = []
+        seen: set[str] = set()
+        for position, (key, entry) in enumerate(entries):
+            ident = key_id(key)
+            if ident in seen:
+                raise SettingsError(f"upstream key #{position + 1} is configured twice")
+            seen.add(ident)
+
+            limit = entry.rate_limit_per_minute if entry else None
+            burst = entry.rate_limit_burst if entry else None
+            cap = entry.max_in_flight if entry else None
+            pool.append(
+                KeyPolicy(
+                    key=key,
+                    id=ident,
+                    rate_limit_per_minute=self.rate_limit_per_minute if limit is None else limit,
+                    rate_limit_burst=self.rate_limit_burst if burst is None else burst,
+                    max_in_flight=self.max_in_flight_per_key if cap is None else cap,
+                )
+            )
+        return pool
 
     @property
     def effective_broker_url(self) -> str:
@@ -163,7 +281,17 @@ def load_settings(environ: dict[str, str] | None = None, **overrides: Any) -> Se
     values.update(overrides)
     # Values come from the dict, not from pydantic-settings' own environment reading, so
     # that tests can pass an explicit environment.
-    return Settings.model_validate(values)
+    try:
+        settings = Settings.model_validate(values)
+        settings.key_pool()  # duplicate keys are a configuration error, found at start
+    except ValidationError as exc:
+        # pydantic's message repeats the offending input, which may be an API key.
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in err['loc']) or 'settings'}: {err['msg']}"
+            for err in exc.errors(include_input=False, include_url=False)
+        )
+        raise SettingsError(f"invalid settings: {problems}") from None
+    return settings
 
 
 @lru_cache(maxsize=1)

@@ -13,6 +13,7 @@ import json
 import random
 import re
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -127,18 +128,18 @@ class UpstreamClient:
         client: httpx.AsyncClient,
         *,
         base_url: str,
-        api_key: str,
+        api_key: str | Sequence[str],
         total_timeout: float,
         max_response_bytes: int,
     ) -> None:
+        """``api_key``: one key, or the pool's keys in order (``call``'s ``key_index``)."""
         self._client = client
         self._url = base_url.rstrip("/") + CHAT_PATH
-        self._api_key = api_key
-        self._headers = {
-            "x-api-key": api_key,
-            "Authorization": f"Bearer {api_key}",
-            "Content-Type": "application/json",
-        }
+        keys = [api_key] if isinstance(api_key, str) else list(api_key)
+        self._secrets = [k for k in keys if k]  # never in a stored error, whichever key was used
+        self._headers = [
+            {"x-api-key": k, "Authorization": f"Bearer {k}", "Content-Type": "application/json"} for k in keys
+        ]
         self._total_timeout = total_timeout
         self._max_bytes = max_response_bytes
 
@@ -157,11 +158,11 @@ class UpstreamClient:
             follow_redirects=False,
         )
 
-    async def call(self, request: dict[str, Any]) -> Outcome:
+    async def call(self, request: dict[str, Any], key_index: int = 0) -> Outcome:
         started = datetime.now(UTC)
         try:
             async with asyncio.timeout(self._total_timeout):
-                return await self._call(request, started)
+                return await self._call(request, started, self._headers[key_index])
         except TimeoutError:
             return self._fail("retryable", started, "timeout", "upstream call exceeded its deadline")
         except httpx.TimeoutException as exc:
@@ -199,8 +200,8 @@ class UpstreamClient:
             chunks.append(chunk)
         return b"".join(chunks).decode("utf-8", errors="replace")
 
-    async def _call(self, request: dict[str, Any], started: datetime) -> Outcome:
-        async with self._client.stream("POST", self._url, json=request, headers=self._headers) as resp:
+    async def _call(self, request: dict[str, Any], started: datetime, headers: dict[str, str]) -> Outcome:
+        async with self._client.stream("POST", self._url, json=request, headers=headers) as resp:
             request_id = resp.headers.get("x-request-id")
             body = await self._read(resp)
         status = resp.status_code
@@ -219,7 +220,7 @@ class UpstreamClient:
                     cls,
                     f"upstream answer unusable: {exc}",
                     status_code=200,
-                    raw_error=redact(body[:4000], [self._api_key]),
+                    raw_error=redact(body[:4000], self._secrets),
                     upstream_request_id=request_id,
                 )
             return Outcome(
@@ -236,9 +237,9 @@ class UpstreamClient:
             "retryable" if retryable else "fatal",
             started,
             cls,
-            redact(summarize_error(status, body), [self._api_key]),
+            redact(summarize_error(status, body), self._secrets),
             status_code=status,
-            raw_error=redact(body[:4000], [self._api_key]),
+            raw_error=redact(body[:4000], self._secrets),
             retry_after=parse_retry_after(resp.headers) if retryable else None,
             upstream_request_id=request_id,
         )

@@ -64,3 +64,45 @@ def test_visibility_timeout_must_exceed_the_call_deadline() -> None:
 def test_bad_values_are_refused() -> None:
     with pytest.raises(ValueError, match="rate_limit_per_minute|PCQ_RATE_LIMIT_PER_MINUTE"):
         load_settings({"PCQ_RATE_LIMIT_PER_MINUTE": "0"})
+
+
+def test_upstream_keys_pool_with_per_key_overrides() -> None:
+    s = load_settings(
+        {
+            "PARALLEL_API_KEY": "sk-main",
+            "PCQ_RATE_LIMIT_PER_MINUTE": "300",
+            "PCQ_MAX_IN_FLIGHT_PER_KEY": "100",
+            "PCQ_UPSTREAM_KEYS": '[{"key":"sk-big","rate_limit_per_minute":1200,"max_in_flight":0},'
+            '{"key":"sk-small","rate_limit_burst":1}]',
+        }
+    )
+    pool = s.key_pool()
+    assert [(k.key, k.rate_limit_per_minute, k.rate_limit_burst, k.max_in_flight) for k in pool] == [
+        ("sk-main", 300, 5, 100),
+        ("sk-big", 1200, 5, 0),
+        ("sk-small", 300, 1, 100),
+    ]
+    assert len({k.id for k in pool}) == 3
+    assert all("sk-" not in repr(k) for k in pool)
+    assert "sk-big" not in repr(s)
+
+
+def test_upstream_keys_as_a_plain_list() -> None:
+    pool = load_settings({"PCQ_UPSTREAM_KEYS": " sk-a , sk-b,"}).key_pool()
+    assert [k.key for k in pool] == ["sk-a", "sk-b"]
+    assert load_settings({}).key_pool()[0].key == ""  # no key: the local stand-in needs none
+
+
+@pytest.mark.parametrize(
+    ("value", "problem"),
+    [
+        ('[{"key":"sk-secret-1","rate_limit_per_minute":0}]', "rate_limit_per_minute"),
+        ('[{"key":"sk-secret-1","colour":"red"}]', "colour"),
+        ('[{"key":"sk-secret-1"', "not valid JSON"),
+        ("sk-secret-1,sk-secret-1", "configured twice"),
+    ],
+)
+def test_bad_upstream_keys_are_refused_without_echoing_them(value: str, problem: str) -> None:
+    with pytest.raises(SettingsError, match=problem) as info:
+        load_settings({"PCQ_UPSTREAM_KEYS": value})
+    assert "sk-secret-1" not in str(info.value)

@@ -33,7 +33,7 @@ from sqlalchemy.orm import Session
 from pcq.db import SessionFactory, unit_of_work
 from pcq.jobs import lifecycle
 from pcq.jobs.lifecycle import AttemptRecord, ClaimedJob, Settled
-from pcq.limiter import RateLimiter, limiter_key, window_safe
+from pcq.limiter import KeyPool, PoolKey
 from pcq.models import utcnow
 from pcq.queue import Enqueuer
 from pcq.settings import Settings
@@ -100,8 +100,7 @@ class Engine:
         self._slots: asyncio.Semaphore | None = None
         self._outbox: asyncio.Queue[tuple[Settled, asyncio.Future[None]]] | None = None
         self._upstream: UpstreamClient | None = None
-        self._limiter: RateLimiter | None = None
-        self._key = ""
+        self._pool: KeyPool | None = None
         self._closing = False
         self._accept_lock = asyncio.Lock()
         self._sweeper: asyncio.Task[None] | None = None
@@ -161,27 +160,37 @@ class Engine:
         self._stop = asyncio.Event()
         self._slots = asyncio.Semaphore(s.max_in_flight)
         self._outbox = asyncio.Queue()
-        api_key = s.parallel_api_key.get_secret_value() if s.parallel_api_key else ""
-        self._key = limiter_key(api_key)
+        keys = s.key_pool()
         http = UpstreamClient.make_http_client(
             s.connect_timeout_seconds, s.read_timeout_seconds, s.max_in_flight
         )
         self._upstream = UpstreamClient(
             http,
             base_url=s.parallel_base_url,
-            api_key=api_key,
+            api_key=[k.key for k in keys],
             total_timeout=s.total_timeout_seconds,
             max_response_bytes=s.max_response_bytes,
         )
         redis = self._redis_factory()
-        # The quota is enforced per sliding minute upstream: never exceed it in any 60 s.
-        rate, burst = window_safe(s.rate_limit_per_minute, s.rate_limit_burst)
-        self._limiter = RateLimiter(redis, limit_per_minute=rate, burst=burst)
+        # One budget per upstream key, shared with every other worker through Redis.
+        self._pool = KeyPool(
+            redis,
+            [PoolKey(k.id, k.rate_limit_per_minute, k.rate_limit_burst, k.max_in_flight) for k in keys],
+        )
+        for k in keys:
+            log.info(
+                "upstream key %s: %d/min, burst %d, in-flight cap %s",
+                k.id,
+                k.rate_limit_per_minute,
+                k.rate_limit_burst,
+                k.max_in_flight or "none",
+            )
         writers = 1 if s.database_url.startswith("sqlite") else 2  # SQLite has one writer anyway
         self._sweeper = asyncio.create_task(self._sweep_forever(), name="sweeper")
         background = [
             self._sweeper,
             asyncio.create_task(self._renew_forever(), name="lease-renewer"),
+            asyncio.create_task(self._pool.run(), name="limiter-permits"),
             *(asyncio.create_task(self._write_forever(), name=f"writer-{n}") for n in range(writers)),
         ]
         self._ready.set()
@@ -211,26 +220,43 @@ class Engine:
     async def _accept(self, job_ids: list[str]) -> int:
         """Claim ``job_ids`` as slots free up, a share at a time; returns how many were claimed.
 
+        Only as many jobs are claimed as the shared limiter can start within the admission
+        horizon: the rest stay queued in the broker, unclaimed, so waiting for the quota
+        costs no attempt, no lease and no engine slot, and a cancel still reaches them.
         One message at a time takes slots (the lock): two pool threads each holding part of
         the slots they need would otherwise wait for each other for ever.
         """
         assert self._slots is not None
-        if self._closing:
-            # Shutting down: leave them queued and let the next sweep (anywhere) send them.
-            await self._db(lambda db: lifecycle.clear_enqueued(db, job_ids))
-            return 0
         claimed_total = 0
         remaining = list(job_ids)
         async with self._accept_lock:
             while remaining:
+                room = await self._room(len(remaining))
+                if self._closing:
+                    # Shutting down: leave them queued and let the next sweep (anywhere) send them.
+                    await self._db(lambda db, ids=remaining: lifecycle.clear_enqueued(db, ids))  # type: ignore[misc]
+                    break
                 await self._slots.acquire()
                 take = 1
-                while take < len(remaining) and not self._slots.locked():
+                while take < min(len(remaining), room) and not self._slots.locked():
                     await self._slots.acquire()
                     take += 1
                 chunk, remaining = remaining[:take], remaining[take:]
                 claimed_total += await self._claim(chunk)
         return claimed_total
+
+    async def _room(self, wanted: int) -> int:
+        """How many calls the shared limiter can start within the horizon; waits while none."""
+        assert self._pool is not None
+        while not self._closing:
+            try:
+                room, opens_in = await self._pool.room(self.settings.admission_horizon_seconds)
+            except (RedisError, OSError):
+                return wanted  # the limiter is away: _admit waits for it (or gives the job back)
+            if room > 0:
+                return room
+            await asyncio.sleep(min(max(opens_in, 0.05), 1.0) if opens_in >= 0 else self._pool.poll)
+        return 0
 
     async def _claim(self, chunk: list[str]) -> int:
         """Claim ids for which a slot is already held; start their calls; free unused slots."""
@@ -257,41 +283,47 @@ class Engine:
     async def _execute(self, job: ClaimedJob) -> None:
         assert self._slots is not None
         assert self._upstream is not None
-        assert self._limiter is not None
+        assert self._pool is not None
         assert self._outbox is not None
+        held: tuple[int, str] | None = None
         try:
-            if not await self._admit(job):
+            held = await self._admit(job)
+            if held is None:
                 return
-            outcome = await self._upstream.call(job.request)
+            outcome = await self._upstream.call(job.request, held[0])
             if outcome.status_code == 429:
-                # Every worker pauses (Retry-After, else backoff) and then sends more slowly;
-                # the rate climbs back while no 429 comes.
+                # Every worker pauses this key (Retry-After, else backoff) and then sends to
+                # it more slowly; its rate climbs back while no 429 comes.
                 pause = outcome.retry_after or backoff_seconds(
                     job.attempt, self.settings.retry_base_seconds, self.settings.retry_max_seconds, None
                 )
-                await self._limiter.set_cooldown(self._key, pause)
-                await self._limiter.penalize(self._key)
+                await self._pool.report_429(held[0], pause)
             stored: asyncio.Future[None] = self._loop.create_future()
             self._outbox.put_nowait((settle(job, outcome, self.settings), stored))
+            if held is not None:
+                self._pool.release(*held)  # the call is over; storing it needs no permit
+                held = None
             await stored
         except Exception:
             # The lease will expire and the sweeper hands the job to a worker again.
             log.exception("job %s attempt %d: unexpected error", job.id, job.attempt)
         finally:
+            if held is not None:
+                self._pool.release(*held)
             self._running.pop(job.id, None)
             self._slots.release()
 
-    async def _admit(self, job: ClaimedJob) -> bool:
-        """Wait for the shared limiter's slot; if Redis stays unreachable, give the claim back.
+    async def _admit(self, job: ClaimedJob) -> tuple[int, str] | None:
+        """Wait for a slot on one of the shared keys: ``(key index, permit)``; if Redis stays
+        unreachable, give the claim back and return None.
 
         A Redis restart leaves pooled connections stale, so the first calls after it fail at
         once: retry them, and never burn an attempt (or a lease) on a call that was not made.
         """
-        assert self._limiter is not None
+        assert self._pool is not None
         for delay in (0.1, 0.5, 1, 2, 4, 8):
             try:
-                await self._limiter.acquire(self._key)
-                return True
+                return await self._pool.acquire()
             except (RedisError, OSError) as exc:
                 log.warning("limiter unreachable (%s); retrying in %ss", type(exc).__name__, delay)
                 await asyncio.sleep(delay)
@@ -300,7 +332,7 @@ class Engine:
             lambda db: lifecycle.unclaim(db, job, now=now, retry_at=now + timedelta(seconds=5)),
             what=f"giving job {job.id} back",
         )
-        return False
+        return None
 
     async def _write_forever(self) -> None:
         """Store outcomes in batches: one transaction for up to WRITE_BATCH calls."""
