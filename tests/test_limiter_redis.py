@@ -270,3 +270,160 @@ def test_require_redis_fails_under_ci_and_skips_otherwise(monkeypatch: pytest.Mo
     monkeypatch.delenv("CI")
     with pytest.raises(pytest.skip.Exception, match="not reachable"):
         require_redis(unreachable)
+
+
+POOL_WORKER = r"""
+import asyncio, json, random, sys
+
+cfg = json.loads(sys.argv[1])
+import redis.asyncio as aioredis
+from pcq.limiter import KeyPool, PoolKey
+
+
+async def main():
+    r = aioredis.Redis.from_url(cfg["url"])
+    keys = [PoolKey(k["id"], k["limit"], k["burst"], k["cap"]) for k in cfg["keys"]]
+    pool = KeyPool(r, keys, prefix=cfg["prefix"], permit_ttl=cfg["ttl"], poll=0.02)
+    await pool.room(1.0)  # connect and load the script before the start
+    print("ready", flush=True)
+    go = json.loads(await asyncio.to_thread(sys.stdin.readline))
+    background = asyncio.create_task(pool.run())
+    calls = []  # [key index, start, end] on the Redis clock, strictly inside the permit
+
+    async def one():
+        index, permit = await pool.acquire()
+        s, us = await r.time()
+        start = s + us / 1e6
+        await asyncio.sleep(random.uniform(0.02, 0.08))
+        s, us = await r.time()
+        calls.append([index, start, s + us / 1e6])
+        pool.release(index, permit)
+        return start
+
+    async def caller():
+        while True:
+            if await one() >= go["end"]:
+                return
+
+    await asyncio.gather(*(caller() for _ in range(cfg["callers"])))
+    if cfg.get("die"):
+        print(json.dumps({"calls": calls}), flush=True)
+        held = [await pool.acquire() for _ in range(cfg["die"])]  # then killed holding them
+        print(json.dumps({"holding": len(held)}), flush=True)
+        await asyncio.sleep(3600)
+    await pool.flush_releases()
+    background.cancel()
+    await r.aclose()
+    print(json.dumps({"calls": calls}), flush=True)
+
+
+asyncio.run(main())
+"""
+
+
+def max_overlap(intervals: list[tuple[float, float]]) -> int:
+    events = sorted([(s, 1) for s, _ in intervals] + [(e, -1) for _, e in intervals])
+    best = now = 0
+    for _, step in events:
+        now += step
+        best = max(best, now)
+    return best
+
+
+def start_pool_workers(configs: list[dict[str, Any]]) -> list[subprocess.Popen[bytes]]:
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO_ROOT), os.environ.get("PYTHONPATH", "")])}
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", POOL_WORKER, json.dumps(cfg)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            cwd=REPO_ROOT,
+            env=env,
+        )
+        for cfg in configs
+    ]
+    for p in procs:
+        assert p.stdout is not None
+        ready, _, _ = select.select([p.stdout], [], [], 10)
+        line = p.stdout.readline() if ready else b""
+        if line.strip() != b"ready":
+            p.kill()
+            pytest.fail(f"pool worker did not start: {line!r} {p.communicate(timeout=5)[1]!r}")
+    return procs
+
+
+def go_all(procs: list[subprocess.Popen[bytes]], run_for: float) -> None:
+    client = redis.Redis.from_url(REDIS_URL)
+    try:
+        secs, micros = client.time()
+    finally:
+        client.close()
+    for p in procs:
+        assert p.stdin is not None
+        p.stdin.write((json.dumps({"end": secs + micros / 1e6 + run_for}) + "\n").encode())
+        p.stdin.flush()
+
+
+@pytest.mark.realservices
+def test_in_flight_cap_holds_across_processes_on_every_key(prefix: str) -> None:
+    """4 processes x 10 callers on 2 keys, key A capped at 6 calls at once, key B at 3: no
+    instant ever has more calls open on a key than its cap, and both caps are reached."""
+    require_redis()
+    keys = [
+        {"id": limiter_key(f"sk-a-{uuid.uuid4()}"), "limit": 6000, "burst": 2, "cap": 6},
+        {"id": limiter_key(f"sk-b-{uuid.uuid4()}"), "limit": 6000, "burst": 2, "cap": 3},
+    ]
+    cfg = {"url": REDIS_URL, "prefix": prefix, "keys": keys, "ttl": 30.0, "callers": 10}
+    procs = start_pool_workers([cfg] * 4)
+    try:
+        go_all(procs, 3.0)
+        calls = []
+        for p in procs:
+            out, err = p.communicate(timeout=20)
+            assert p.returncode == 0, err.decode(errors="replace")
+            calls += json.loads(out.decode().strip().splitlines()[-1])["calls"]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    by_key = {i: [(s, e) for k, s, e in calls if k == i] for i in (0, 1)}
+    assert max_overlap(by_key[0]) <= 6
+    assert max_overlap(by_key[1]) <= 3
+    # The caps, not the rates, bound this run: each key kept close to its cap busy.
+    assert max_overlap(by_key[0]) == 6
+    assert max_overlap(by_key[1]) == 3
+
+
+@pytest.mark.realservices
+def test_permits_of_a_killed_process_expire_and_the_others_go_on(prefix: str) -> None:
+    require_redis()
+    key = {"id": limiter_key(f"sk-{uuid.uuid4()}"), "limit": 60000, "burst": 5, "cap": 4}
+    base = {"url": REDIS_URL, "prefix": prefix, "keys": [key], "ttl": 2.0}
+    doomed, survivor = start_pool_workers([{**base, "callers": 0, "die": 4}, {**base, "callers": 2}])
+    client = redis.Redis.from_url(REDIS_URL)
+    try:
+        go_all([doomed], 60)
+        assert doomed.stdout is not None
+        doomed.stdout.readline()  # its (no) calls
+        assert json.loads(doomed.stdout.readline())["holding"] == 4  # the whole cap
+        assert client.zcard(f"{prefix}{{{key['id']}}}:fl") == 4
+        doomed.kill()  # SIGKILL: no release, no goodbye
+        doomed.wait(5)
+        secs, micros = client.time()
+        killed_at = secs + micros / 1e6
+        go_all([survivor], 3.0)
+        out, err = survivor.communicate(timeout=20)
+        assert survivor.returncode == 0, err.decode(errors="replace")
+        calls = json.loads(out.decode().strip().splitlines()[-1])["calls"]
+        starts = sorted(s for _, s, _ in calls)
+        # Nothing started while the dead permits held the cap (they were taken just before the
+        # kill, with a 2 s ttl); then the survivor's callers got through instead of waiting for ever.
+        assert starts[0] > killed_at + 1.5
+        assert len(starts) >= 10
+        assert max_overlap([(s, e) for _, s, e in calls]) <= 4
+    finally:
+        client.close()
+        for p in (doomed, survivor):
+            if p.poll() is None:
+                p.kill()
