@@ -51,9 +51,11 @@ def heartbeat_path(settings: Settings) -> Path:
     return Path(tempfile.gettempdir()) / f"pcq-worker-{settings.queue_name}.heartbeat"
 
 
-def settle(job: ClaimedJob, outcome: Outcome, settings: Settings) -> Settled:
-    """Turn a call's outcome into what the database should record."""
+def settle(job: ClaimedJob, outcome: Outcome, settings: Settings, key_id: str | None = None) -> Settled:
+    """Turn a call's outcome into what the database should record (``key_id``: the upstream
+    key that carried the call)."""
     record = AttemptRecord(
+        upstream_key_id=key_id,
         number=job.attempt,
         started_at=outcome.started_at,
         finished_at=outcome.finished_at,
@@ -299,10 +301,10 @@ class Engine:
                 )
                 await self._pool.report_429(held[0], pause)
             stored: asyncio.Future[None] = self._loop.create_future()
-            self._outbox.put_nowait((settle(job, outcome, self.settings), stored))
-            if held is not None:
-                self._pool.release(*held)  # the call is over; storing it needs no permit
-                held = None
+            settled = settle(job, outcome, self.settings, self._pool.keys[held[0]].id)
+            self._outbox.put_nowait((settled, stored))
+            self._pool.release(*held)  # the call is over; storing it needs no permit
+            held = None
             await stored
         except Exception:
             # The lease will expire and the sweeper hands the job to a worker again.

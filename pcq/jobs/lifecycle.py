@@ -48,6 +48,7 @@ class AttemptRecord:
     upstream_request_id: str | None = None
     retry_after_seconds: float | None = None
     error_detail: str | None = None
+    upstream_key_id: str | None = None
 
     def row(self, job_id: str) -> dict[str, Any]:
         return {
@@ -62,6 +63,7 @@ class AttemptRecord:
             "upstream_request_id": self.upstream_request_id,
             "retry_after_seconds": self.retry_after_seconds,
             "error_detail": self.error_detail,
+            "upstream_key_id": self.upstream_key_id,
         }
 
 

@@ -99,5 +99,7 @@ class Attempt(Base):
     error_class: Mapped[str | None] = mapped_column(String(32), default=None)
     status_code: Mapped[int | None] = mapped_column(Integer, default=None)
     upstream_request_id: Mapped[str | None] = mapped_column(String(128), default=None)
+    # sha256(key)[:16] of the upstream key that carried the call (never the key itself).
+    upstream_key_id: Mapped[str | None] = mapped_column(String(16), default=None)
     retry_after_seconds: Mapped[float | None] = mapped_column(default=None)
     error_detail: Mapped[str | None] = mapped_column(Text, default=None)

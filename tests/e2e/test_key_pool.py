@@ -11,7 +11,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from sqlalchemy import create_engine, text
 
+from pcq.settings import key_id, normalize_database_url
 from pcq.testing import Stack, audit, mint_key, stack_env
 from tests.e2e.test_pipeline import batch_lines, run_batch
 
@@ -68,6 +70,16 @@ def test_calls_split_over_keys_by_quota_and_no_key_is_overrun(
     # each key's burst of 6: the big key carries about three quarters of the calls.
     assert 0.65 <= big["requests"] / n <= 0.85, (small, big)
     assert audit(pg_url, state["id"]).attempts == n
+    # The audit trail names the key that carried each call, as the upstream counted them.
+    engine = create_engine(normalize_database_url(pg_url))
+    with engine.connect() as c:
+        query = text(
+            "SELECT a.upstream_key_id, count(*) FROM attempts a JOIN jobs j ON j.id = a.job_id"
+            " WHERE j.batch_id = :b GROUP BY a.upstream_key_id"
+        )
+        rows = {k: n for k, n in c.execute(query, {"b": state["id"]})}
+    engine.dispose()
+    assert rows == {key_id(KEY_SMALL): small["requests"], key_id(KEY_BIG): big["requests"]}
     logs = s.logs()
     assert KEY_SMALL not in logs
     assert KEY_BIG not in logs
