@@ -12,7 +12,7 @@ import threading
 from typing import Any
 
 from celery import Celery
-from celery.signals import worker_ready, worker_shutdown
+from celery.signals import worker_ready, worker_shutdown, worker_shutting_down
 
 from pcq.db import make_engine, make_session_factory
 from pcq.queue import RUN_JOB_TASK, Enqueuer, make_celery
@@ -79,6 +79,12 @@ def create_worker_app(settings: Settings) -> Celery:
     @worker_ready.connect(weak=False)
     def _start(**_: Any) -> None:
         runtime()  # start the sweeper even if no message ever arrives
+
+    @worker_shutting_down.connect(weak=False)
+    def _stop_claiming(**_: Any) -> None:
+        rt = holder.get("rt")  # no lock: this runs in a signal handler
+        if rt is not None:
+            rt.engine.begin_shutdown()
 
     @worker_shutdown.connect(weak=False)
     def _stop(**_: Any) -> None:

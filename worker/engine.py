@@ -143,6 +143,14 @@ class Engine:
             released = await self._db(lambda db: lifecycle.release(db, ids, now=utcnow()))
             log.info("shutdown: handed %d running job(s) back for another worker", released)
 
+    def begin_shutdown(self) -> None:
+        """Stop claiming (called as Celery's warm shutdown begins, from its main thread).
+
+        Pool threads waiting for quota room then return at once, their jobs unclaimed and
+        marked unsent, so Celery's wait for running tasks is short and nothing is stranded.
+        """
+        self._closing = True
+
     def submit(self, job_ids: list[str]) -> int:
         """Claim the jobs and start their calls; blocks only while every slot is busy."""
         future = asyncio.run_coroutine_threadsafe(self._accept(job_ids), self._loop)
@@ -257,7 +265,10 @@ class Engine:
                 return wanted  # the limiter is away: _admit waits for it (or gives the job back)
             if room > 0:
                 return room
-            await asyncio.sleep(min(max(opens_in, 0.05), 1.0) if opens_in >= 0 else self._pool.poll)
+            # Booked a horizon ahead: ask again once a quarter of it has passed (or when room
+            # opens, if later), so waiting costs a few Redis calls, not one per slot.
+            horizon = self.settings.admission_horizon_seconds
+            await asyncio.sleep(max(opens_in, horizon / 4) if opens_in >= 0 else self._pool.poll)
         return 0
 
     async def _claim(self, chunk: list[str]) -> int:

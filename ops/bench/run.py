@@ -15,12 +15,14 @@ writes the full results as JSON under bench-results/.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import signal
 import statistics
 import sys
 import tempfile
 import time
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +46,7 @@ from ops.bench.common import (
 from ops.bench.measure import PhaseMeter, code_fingerprint, proc_status_kb, sockets_to_port, wait_quiet
 from ops.bench.profile import Profiler
 from ops.bench.systems import batch_body, pcq_env, run_ceiling, run_naive, run_pcq, start_pcq, wait_batch
+from pcq.settings import key_id
 from pcq.testing import Stack, mint_key, stack_env
 
 PG_ADMIN = "postgresql://postgres@127.0.0.1:5432/postgres"
@@ -302,7 +305,11 @@ def inflight_table(r: dict[str, Any]) -> str:
 
 def limiter(args: argparse.Namespace, outdir: Path) -> dict[str, Any]:  # noqa: ARG001
     n = args.jobs
-    limit = args.enforce_rpm or args.rate  # the upstream's quota, which the % is of
+    rates = [int(r) for r in args.key_rates.split(",")] if args.key_rates else [args.rate]
+    keys = [f"sk-bench-key-{i + 1}-{uuid.uuid4().hex[:8]}" for i in range(len(rates))]
+    # The upstream's quota per key (what the % is of): --enforce-rpm for a single key.
+    quotas = [args.enforce_rpm or rates[0]] if len(rates) == 1 else rates
+    limit = sum(quotas)
     workdir = Path(tempfile.mkdtemp(prefix="pcq-bench-limiter-"))
     flush_own_redis_db(PCQ_REDIS)
     mock = start_mock(
@@ -311,12 +318,17 @@ def limiter(args: argparse.Namespace, outdir: Path) -> dict[str, Any]:  # noqa: 
         str(args.latency_ms),
         "--citations",
         str(args.citations),
-        "--enforce-rpm",
-        str(limit),
+        "--enforce-rpm-by-key-env",
+        "PCQ_BENCH_MOCK_QUOTAS",
     )
     try:
         with fresh_database(args.pg_admin, "pcqbench_limiter", migrate=True) as db:
-            overrides = {"PCQ_RATE_LIMIT_PER_MINUTE": str(args.rate)}
+            overrides = {"PCQ_RATE_LIMIT_PER_MINUTE": str(rates[0]), "PARALLEL_API_KEY": keys[0]}
+            if len(keys) > 1:
+                extra = [
+                    {"key": k, "rate_limit_per_minute": r} for k, r in zip(keys[1:], rates[1:], strict=True)
+                ]
+                overrides["PCQ_UPSTREAM_KEYS"] = json.dumps(extra)
             if args.burst is not None:
                 overrides["PCQ_RATE_LIMIT_BURST"] = str(args.burst)
             env = pcq_env(db.url, PCQ_REDIS, mock.mock_url, **overrides)
@@ -342,30 +354,45 @@ def limiter(args: argparse.Namespace, outdir: Path) -> dict[str, Any]:  # noqa: 
                 m = meter.stop()
                 m["limiter_script_calls"] = redis_script_calls(PCQ_REDIS) - scripts0
                 stats = mock_stats(mock.mock_url)
-                starts = sorted(
-                    row[0].timestamp()
-                    for row in query(db.url, "SELECT started_at FROM attempts ORDER BY started_at")
-                )
-                oks = sorted(
-                    row[0].timestamp()
-                    for row in query(db.url, "SELECT started_at FROM attempts WHERE status_code = 200")
-                )
-                limited = sorted(
-                    row[0].timestamp()
-                    for row in query(db.url, "SELECT started_at FROM attempts WHERE status_code = 429")
-                )
+                rows = query(db.url, "SELECT started_at, status_code, upstream_key_id FROM attempts")
             finally:
                 stack.stop_all()
     finally:
         mock.stop_all()
+    starts = sorted(row[0].timestamp() for row in rows)
+    oks = sorted(row[0].timestamp() for row in rows if row[1] == 200)
+    limited = sorted(row[0].timestamp() for row in rows if row[1] == 429)
     out = limiter_numbers(n, limit, args.warmup, starts, oks, stats, m, state)
+    if len(keys) > 1:
+        out["per_key"] = []
+        for k, quota in zip(keys, quotas, strict=True):
+            mine = sorted(row[0].timestamp() for row in rows if row[2] == key_id(k))
+            if not mine:
+                out["per_key"].append({"quota_per_minute": quota, "calls": 0})
+                continue
+            numbers = limiter_numbers(len(mine), quota, args.warmup, mine, [], stats, m, state)
+            out["per_key"].append(
+                {
+                    "quota_per_minute": quota,
+                    "calls": len(mine),
+                    "steady_rate_per_min": numbers["steady_rate_per_min"],
+                    "steady_pct_of_limit": numbers["steady_pct_of_limit"],
+                    "max_calls_any_60s": numbers["max_calls_any_60s"],
+                    "mock_429": stats["by_key"].get(mock_digest(k), {}).get("rate_limited", 0),
+                }
+            )
     out["busy_cores_before"] = quiet
     out["code"] = code
     out["code_changed_during_run"] = code_fingerprint(REPO) != code
     out["burst"] = args.burst
-    out["pcq_rate_limit_per_minute"] = args.rate
+    out["pcq_rate_limit_per_minute"] = rates
     out["calls_429_at_s"] = [round(t - starts[0], 2) for t in limited]
     return out
+
+
+def mock_digest(key: str) -> str:
+    """How the mock names a key in /mock/stats (blake2b, 8 bytes)."""
+    return hashlib.blake2b(key.encode(), digest_size=8).hexdigest()
 
 
 def limiter_numbers(
@@ -452,7 +479,23 @@ def limiter_table(r: dict[str, Any]) -> str:
         f"{cpu.get('redis', 0):.1f}",
         r.get("limiter_script_calls_per_job", "?"),
     ]
-    return md_table(head, [cells])
+    table = md_table(head, [cells])
+    if r.get("per_key"):
+        rows = [
+            [
+                i + 1,
+                k["quota_per_minute"],
+                k["calls"],
+                k.get("steady_rate_per_min", "-"),
+                k.get("steady_pct_of_limit", "-"),
+                k.get("max_calls_any_60s", "-"),
+                k.get("mock_429", "-"),
+            ]
+            for i, k in enumerate(r["per_key"])
+        ]
+        head = ["key", "quota/min", "calls", "steady rate /min", "% of quota", "max calls in any 60 s", "429"]
+        table += "\n\n" + md_table(head, rows)
+    return table
 
 
 # ------------------------------------------------------------------------------- main
@@ -490,6 +533,11 @@ def main(argv: list[str] | None = None) -> int:
         "--enforce-rpm", type=int, help="limiter: the mock's --enforce-rpm (default: the same as --rate)"
     )
     p.add_argument("--burst", type=int, help="limiter: PCQ_RATE_LIMIT_BURST (default: pcq's default)")
+    p.add_argument(
+        "--key-rates",
+        help="limiter: several upstream keys, one quota each (e.g. 600,1200): pcq's per-key "
+        "limits and the mock's per-key enforcement",
+    )
     p.add_argument("--warmup", type=float, default=10.0, help="limiter: seconds excluded at the start")
     p.add_argument(
         "--extra-path", help="PYTHONPATH entry for the ceiling (default .venv/bench-extras if present)"
