@@ -46,6 +46,18 @@ def cmd_keys_create(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_keys_upstream(args: argparse.Namespace) -> int:  # noqa: ARG001
+    """The upstream key pool as the workers will use it: the id that `attempts.upstream_key_id`
+    holds, the key's last 4 characters (never more), its quota, burst and in-flight cap."""
+    pool = _settings().key_pool()
+    print("id                last4  per_minute  burst  max_in_flight")  # noqa: T201
+    for k in pool:
+        last4 = k.key[-4:] if len(k.key) >= 12 else "-"  # short keys: show nothing of them
+        cap = k.max_in_flight or "none"
+        print(f"{k.id}  {last4:>5}  {k.rate_limit_per_minute:>10}  {k.rate_limit_burst:>5}  {cap!s:>13}")  # noqa: T201
+    return 0
+
+
 def cmd_api(args: argparse.Namespace) -> int:
     import uvicorn
 
@@ -225,6 +237,11 @@ def build_parser() -> argparse.ArgumentParser:
     kc = keys.add_parser("create", help="mint a key for a tenant (created if new); prints it once, last")
     kc.add_argument("--tenant", required=True)
     kc.set_defaults(fn=cmd_keys_create)
+    ku = keys.add_parser(
+        "upstream",
+        help="list the upstream keys (ids as in attempts.upstream_key_id, last 4 characters, limits)",
+    )
+    ku.set_defaults(fn=cmd_keys_upstream)
 
     api = sub.add_parser("api", help="run the HTTP API")
     api.add_argument("--host", default="127.0.0.1")

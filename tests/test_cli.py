@@ -15,6 +15,7 @@ from sqlalchemy import select
 
 from pcq.db import make_engine, make_session_factory
 from pcq.models import ApiKey
+from pcq.settings import key_id
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -132,3 +133,19 @@ def test_submit_wait_and_export_against_a_running_stack(tmp_path: Path, sqlite_u
         assert "404" in missing.stderr
     finally:
         stack.stop_all()
+
+
+def test_keys_upstream_lists_ids_and_limits_never_the_keys() -> None:
+    env = {
+        "PARALLEL_API_KEY": "sk-live-main-key-AAAA",
+        "PCQ_UPSTREAM_KEYS": json.dumps(
+            [{"key": "sk-live-second-key-BBBB", "rate_limit_per_minute": 1200, "max_in_flight": 50}]
+        ),
+    }
+    out = pcq("keys", "upstream", env=env)
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.splitlines()
+    assert len(lines) == 3
+    assert lines[1].split() == [key_id("sk-live-main-key-AAAA"), "AAAA", "300", "5", "none"]
+    assert lines[2].split() == [key_id("sk-live-second-key-BBBB"), "BBBB", "1200", "5", "50"]
+    assert "sk-live" not in out.stdout + out.stderr
