@@ -13,14 +13,12 @@ import json
 import random
 import re
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
 import aiohttp
-import httpx
-from httpx_aiohttp import AiohttpTransport
 
 from pcq.wire import (
     MalformedResponse,
@@ -51,7 +49,7 @@ class Outcome:
     upstream_request_id: str | None = None
 
 
-def parse_retry_after(headers: httpx.Headers, now: float | None = None) -> float | None:
+def parse_retry_after(headers: Mapping[str, str], now: float | None = None) -> float | None:
     """Seconds to wait from ``retry-after-ms`` or ``Retry-After`` (seconds or HTTP date)."""
     ms = headers.get("retry-after-ms")
     if ms:
@@ -125,7 +123,7 @@ class BodyTooLarge(Exception):
 class UpstreamClient:
     def __init__(
         self,
-        client: httpx.AsyncClient,
+        client: aiohttp.ClientSession,
         *,
         base_url: str,
         api_key: str | Sequence[str],
@@ -144,18 +142,19 @@ class UpstreamClient:
         self._max_bytes = max_response_bytes
 
     @staticmethod
-    def make_http_client(connect: float, read: float, max_connections: int) -> httpx.AsyncClient:
-        """httpx's API on aiohttp's connection pool.
+    def make_http_client(connect: float, read: float, max_connections: int) -> aiohttp.ClientSession:
+        """An aiohttp session: one connection pool for every call of the process.
 
-        httpcore's own pool scans every pending request on every change, so its CPU cost per
-        call grows with the number in flight (encode/httpx#3215); measured here it spent
-        ~40% of a worker's CPU at a few hundred calls in flight. aiohttp's pool does not.
+        Measured on this machine: httpx's own pool (httpcore) spent ~40% of a worker's CPU at a
+        few hundred calls in flight, as its cost grows with the number pending
+        (encode/httpx#3215); httpx on aiohttp's pool (httpx-aiohttp) fixed that but still spent
+        about a third of the worker's samples in httpx's request and response layers. aiohttp
+        itself needs neither. Must be called with the event loop running.
         """
-        limits = httpx.Limits(max_connections=max_connections, max_keepalive_connections=max_connections)
-        return httpx.AsyncClient(
-            transport=AiohttpTransport(limits=limits),
-            timeout=httpx.Timeout(connect=connect, read=read, write=read, pool=None),
-            follow_redirects=False,
+        return aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(limit=max_connections, limit_per_host=0, ttl_dns_cache=300),
+            timeout=aiohttp.ClientTimeout(total=None, sock_connect=connect, sock_read=read),
+            raise_for_status=False,
         )
 
     async def call(self, request: dict[str, Any], key_index: int = 0) -> Outcome:
@@ -163,14 +162,13 @@ class UpstreamClient:
         try:
             async with asyncio.timeout(self._total_timeout):
                 return await self._call(request, started, self._headers[key_index])
+        except aiohttp.ConnectionTimeoutError:  # a TimeoutError too: test it first
+            return self._fail("retryable", started, "timeout", "upstream connect timed out")
+        except aiohttp.ServerTimeoutError:
+            return self._fail("retryable", started, "timeout", "upstream read timed out")
         except TimeoutError:
             return self._fail("retryable", started, "timeout", "upstream call exceeded its deadline")
-        except httpx.TimeoutException as exc:
-            if isinstance(exc.__cause__, aiohttp.ClientConnectorError):
-                # httpx-aiohttp maps a refused connection to ConnectTimeout; it is not a timeout.
-                return self._fail("retryable", started, "transport", "connection problem: ConnectError")
-            return self._fail("retryable", started, "timeout", f"upstream {type(exc).__name__}")
-        except (httpx.TransportError, aiohttp.ClientError) as exc:
+        except aiohttp.ClientError as exc:
             return self._fail("retryable", started, "transport", f"connection problem: {type(exc).__name__}")
         except BodyTooLarge:
             return self._fail(
@@ -190,10 +188,12 @@ class UpstreamClient:
             **kw,
         )
 
-    async def _read(self, response: httpx.Response) -> str:
+    async def _read(self, response: aiohttp.ClientResponse) -> str:
+        if (response.content_length or 0) > self._max_bytes:
+            raise BodyTooLarge
         chunks: list[bytes] = []
         size = 0
-        async for chunk in response.aiter_bytes():
+        async for chunk in response.content.iter_chunked(65536):
             size += len(chunk)
             if size > self._max_bytes:
                 raise BodyTooLarge
@@ -201,10 +201,11 @@ class UpstreamClient:
         return b"".join(chunks).decode("utf-8", errors="replace")
 
     async def _call(self, request: dict[str, Any], started: datetime, headers: dict[str, str]) -> Outcome:
-        async with self._client.stream("POST", self._url, json=request, headers=headers) as resp:
+        payload = json.dumps(request).encode()
+        async with self._client.post(self._url, data=payload, headers=headers, allow_redirects=False) as resp:
             request_id = resp.headers.get("x-request-id")
             body = await self._read(resp)
-        status = resp.status_code
+        status = resp.status
         fmt = request.get("response_format")
         if status == 200:
             try:

@@ -38,7 +38,7 @@ def call(
             }
             return await client.call(body)
         finally:
-            await http.aclose()
+            await http.close()
 
     return asyncio.run(go())
 

@@ -207,7 +207,7 @@ class Engine:
         await self._stop.wait()
         for task in background:
             task.cancel()
-        await http.aclose()
+        await http.close()
         await redis.aclose()
 
     async def _db(self, fn: Callable[[Session], T]) -> T:
@@ -323,7 +323,10 @@ class Engine:
         finally:
             if held is not None:
                 self._pool.release(*held)
-            self._running.pop(job.id, None)
+            if self._running.get(job.id) == job.attempt:
+                # Only this claim's entry: if the job was claimed again here meanwhile (its
+                # lease expired under load), the newer claim's lease must go on being renewed.
+                del self._running[job.id]
             self._slots.release()
 
     async def _admit(self, job: ClaimedJob) -> tuple[int, str] | None:

@@ -134,7 +134,7 @@ def versions() -> dict[str, str]:
     from importlib.metadata import PackageNotFoundError, version
 
     out = {"python": sys.version.split()[0]}
-    for pkg in ("celery", "kombu", "sqlalchemy", "psycopg", "aiohttp", "httpx", "httpx-aiohttp", "fastapi"):
+    for pkg in ("celery", "kombu", "sqlalchemy", "psycopg", "aiohttp", "httpx", "fastapi"):
         with contextlib.suppress(PackageNotFoundError):
             out[pkg] = version(pkg)
     out["uvicorn"] = version("uvicorn")
