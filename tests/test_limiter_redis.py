@@ -24,7 +24,7 @@ from typing import Any
 import pytest
 import redis
 
-from pcq.limiter import limiter_key
+from pcq.limiter import limiter_key, window_safe
 from tests import conftest
 
 REDIS_URL = "redis://127.0.0.1:6379/15"
@@ -427,3 +427,35 @@ def test_permits_of_a_killed_process_expire_and_the_others_go_on(prefix: str) ->
         for p in (doomed, survivor):
             if p.poll() is None:
                 p.kill()
+
+
+@pytest.mark.realservices
+def test_pool_processes_never_exceed_any_keys_limit_plus_burst(prefix: str) -> None:
+    """The engine's path (``KeyPool.acquire``): 3 processes x 20 callers on 2 keys with
+    different quotas. In every window each key admits at most its window-safe rate plus its
+    burst (+1 for reading the time just after the slot), and each key's quota is used."""
+    require_redis()
+    keys = [
+        {"id": limiter_key(f"sk-a-{uuid.uuid4()}"), "limit": 600, "burst": 5, "cap": 0},
+        {"id": limiter_key(f"sk-b-{uuid.uuid4()}"), "limit": 1200, "burst": 2, "cap": 0},
+    ]
+    cfg = {"url": REDIS_URL, "prefix": prefix, "keys": keys, "ttl": 30.0, "callers": 20}
+    procs = start_pool_workers([cfg] * 3)
+    duration = 3.0
+    try:
+        go_all(procs, duration)
+        calls = []
+        for p in procs:
+            out, err = p.communicate(timeout=20)
+            assert p.returncode == 0, err.decode(errors="replace")
+            calls += json.loads(out.decode().strip().splitlines()[-1])["calls"]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    for index, key in enumerate(keys):
+        rate, burst = window_safe(key["limit"], key["burst"])
+        starts = [s for k, s, _ in calls if k == index]
+        for window in (0.1, 0.5, 1.0, 2.0):
+            assert max_in_window(starts, window) <= rate / 60 * window + burst + 2, (index, window)
+        assert len(starts) >= 0.9 * rate / 60 * duration, (index, len(starts))
