@@ -104,18 +104,12 @@ asyncio.run(main())
 """
 
 
-def run_workers(configs: list[dict[str, Any]], go: dict[str, Any]) -> list[dict[str, Any]]:
-    """Start one process per config, wait until all are ready, start them together, collect.
-
-    ``go["run_for"]`` seconds become Redis-clock ``start``/``end`` values sent to every worker.
-    """
-    env = {
-        **os.environ,
-        "PYTHONPATH": os.pathsep.join([str(REPO_ROOT), os.environ.get("PYTHONPATH", "")]),
-    }
-    procs = [
+def spawn_scripts(script: str, configs: list[dict[str, Any]]) -> list[subprocess.Popen[bytes]]:
+    """One ``python -c script <config json>`` process per config, with pipes, in the repo."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO_ROOT), os.environ.get("PYTHONPATH", "")])}
+    return [
         subprocess.Popen(
-            [sys.executable, "-c", WORKER, json.dumps(cfg)],
+            [sys.executable, "-c", script, json.dumps(cfg)],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
@@ -124,6 +118,14 @@ def run_workers(configs: list[dict[str, Any]], go: dict[str, Any]) -> list[dict[
         )
         for cfg in configs
     ]
+
+
+def run_workers(configs: list[dict[str, Any]], go: dict[str, Any]) -> list[dict[str, Any]]:
+    """Start one process per config, wait until all are ready, start them together, collect.
+
+    ``go["run_for"]`` seconds become Redis-clock ``start``/``end`` values sent to every worker.
+    """
+    procs = spawn_scripts(WORKER, configs)
     try:
         deadline = time.monotonic() + 8
         for p in procs:
@@ -331,18 +333,7 @@ def max_overlap(intervals: list[tuple[float, float]]) -> int:
 
 
 def start_pool_workers(configs: list[dict[str, Any]]) -> list[subprocess.Popen[bytes]]:
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO_ROOT), os.environ.get("PYTHONPATH", "")])}
-    procs = [
-        subprocess.Popen(
-            [sys.executable, "-c", POOL_WORKER, json.dumps(cfg)],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            cwd=REPO_ROOT,
-            env=env,
-        )
-        for cfg in configs
-    ]
+    procs = spawn_scripts(POOL_WORKER, configs)
     for p in procs:
         assert p.stdout is not None
         ready, _, _ = select.select([p.stdout], [], [], 10)
