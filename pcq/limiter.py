@@ -41,7 +41,6 @@ make the limiter very slightly stricter, never looser.
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import logging
 import math
 import random
@@ -49,6 +48,8 @@ import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Final
+
+from pcq.settings import key_id
 
 if TYPE_CHECKING:
     import redis.asyncio
@@ -241,9 +242,8 @@ def window_safe(limit_per_minute: int, burst: int, slack_seconds: float = 0.5) -
     return max(1, math.floor(carved * 60 / (60 + slack_seconds))), burst
 
 
-def limiter_key(api_key: str) -> str:
-    """Stable short id for an upstream API key (sha256 hex, first 16 chars); never the key."""
-    return hashlib.sha256(api_key.encode("utf-8")).hexdigest()[:16]
+# The limiter's id for an upstream API key is the one settings and attempts use.
+limiter_key = key_id
 
 
 class RateLimiter:
@@ -382,8 +382,10 @@ class KeyPool:
     and adds the permit in the same script that takes the rate slot; ``release`` removes it
     (batched: one round trip for every permit released meanwhile). This process renews its
     permits every ``permit_ttl / 4``, so the permits of a worker that died expire after at
-    most ``permit_ttl`` and its calls stop counting. With no cap, no permit is kept and
-    nothing is released or renewed: the cap costs nothing when it is not used.
+    most ``permit_ttl`` and its calls stop counting. A permit is taken with the rate slot, so
+    a call waiting for its slot (at most about the admission horizon) already counts as in
+    flight. With no cap, no permit is kept and nothing is released or renewed: the cap costs
+    nothing when it is not used.
 
     **Waiting when every key is full.** One waiter per process asks Redis again, after a
     local release or every ``poll`` seconds (releases by other workers); the others queue

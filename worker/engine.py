@@ -310,7 +310,10 @@ class Engine:
                 pause = outcome.retry_after or backoff_seconds(
                     job.attempt, self.settings.retry_base_seconds, self.settings.retry_max_seconds, None
                 )
-                await self._pool.report_429(held[0], pause)
+                try:
+                    await self._pool.report_429(held[0], pause)
+                except (RedisError, OSError) as exc:  # the attempt must still be stored
+                    log.warning("could not share a 429 cool-down (%s)", type(exc).__name__)
             stored: asyncio.Future[None] = self._loop.create_future()
             settled = settle(job, outcome, self.settings, self._pool.keys[held[0]].id)
             self._outbox.put_nowait((settled, stored))
