@@ -9,9 +9,11 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Sequence
+from typing import Any
 
 from celery import Celery
 from kombu import Exchange, Queue
+from kombu.exceptions import ChannelError
 
 from pcq.settings import Settings
 
@@ -87,6 +89,23 @@ class Enqueuer:
         self.queue_name = queue_name
         self.pause_seconds = pause_seconds
         self._down_until = 0.0
+
+    def backlog(self) -> int | None:
+        """Messages waiting in the queue (not those reserved by workers); None if unknown."""
+        if time.monotonic() < self._down_until:
+            return None
+        try:
+            with self.app.connection_for_read() as conn:
+                channel: Any = conn.default_channel
+                declared = channel.queue_declare(queue=self.queue_name, passive=True)
+                return int(declared.message_count)
+        except ChannelError:
+            # kombu's virtual transports answer NOT_FOUND for a queue with no message (Redis
+            # deletes an empty list): nothing is waiting.
+            return 0
+        except Exception as exc:  # broker away or a transport that cannot tell
+            log.debug("queue length unknown: %s", type(exc).__name__)
+            return None
 
     def enqueue(self, job_ids: Sequence[str], per_message: int = IDS_PER_MESSAGE) -> int:
         """Send the ids, a chunk per message, over one connection; returns how many ids were sent."""

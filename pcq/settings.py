@@ -136,7 +136,8 @@ class Settings(BaseSettings):
         default=300.0,
         gt=0,
         validation_alias="PCQ_REQUEUE_AFTER_SECONDS",
-        description="A queued job whose message was sent this long ago is sent again.",
+        description="A queued job whose message was sent this long ago is sent again "
+        "(once the broker's queue is empty).",
     )
     max_in_flight: int = Field(
         default=2000,

@@ -193,3 +193,18 @@ def test_a_repeated_attempt_number_does_not_fail_the_other_outcomes(sessions) ->
         )
     assert stored == {a, b}
     assert _count(sessions, Result) == 2
+
+
+def test_sweeper_leaves_old_messages_alone_while_the_broker_still_holds_messages(sessions) -> None:
+    waiting = _new_job(sessions)  # its message was sent: it waits its turn in the queue
+    with unit_of_work(sessions) as s:
+        s.get(Job, waiting).enqueued_at = utcnow()
+    unsent = _new_job(sessions)
+    with unit_of_work(sessions) as s:
+        s.get(Job, unsent).enqueued_at = None  # the send failed: it must go out regardless
+    later = utcnow() + timedelta(seconds=120)
+    with unit_of_work(sessions) as s:
+        due = lifecycle.due_for_enqueue(s, now=later, requeue_after_seconds=60, resend_stale=False)
+    assert due == [unsent]
+    with unit_of_work(sessions) as s:  # the queue is empty now: the old message was lost
+        assert lifecycle.due_for_enqueue(s, now=later, requeue_after_seconds=60) == [waiting]

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import time
+import uuid
+
+import pytest
 
 from pcq.queue import Enqueuer, make_celery
 from tests.conftest import make_settings
@@ -37,3 +40,18 @@ def test_messages_are_chunks_of_ids_through_the_default_exchange() -> None:
             msg.ack()
     assert [len(chunk) for chunk in got] == [50, 50, 20]
     assert [i for chunk in got for i in chunk] == ids
+
+
+@pytest.mark.realservices
+def test_backlog_counts_the_messages_waiting_in_redis(redis_url: str) -> None:
+    settings = make_settings(REDIS_URL=redis_url, PCQ_QUEUE_NAME=f"pcq-backlog-{uuid.uuid4().hex[:8]}")
+    enqueuer = Enqueuer(make_celery(settings, publisher=True), settings.queue_name)
+    assert enqueuer.backlog() == 0
+    assert enqueuer.enqueue([f"job_{i}" for i in range(120)]) == 120
+    assert enqueuer.backlog() == 3  # 50 + 50 + 20 ids
+
+
+def test_backlog_of_an_unreachable_broker_is_unknown() -> None:
+    settings = make_settings(REDIS_URL="redis://127.0.0.1:1/0")
+    enqueuer = Enqueuer(make_celery(settings, publisher=True), settings.queue_name, pause_seconds=30)
+    assert enqueuer.backlog() is None

@@ -397,11 +397,20 @@ class Engine:
             await asyncio.sleep(self.settings.sweep_interval_seconds)
 
     async def sweep_once(self) -> int:
-        """Send messages for due retries, lost messages and expired leases."""
+        """Send messages for due retries, lost messages and expired leases.
+
+        A job whose message is merely old is sent again only once the broker's queue is empty
+        (or its length unknown): with a backlog longer than ``PCQ_REQUEUE_AFTER_SECONDS`` (the
+        quota is behind), re-sending every waiting job would only lengthen the queue.
+        """
         s = self.settings
+        backlog = await self._loop.run_in_executor(None, self.enqueuer.backlog)
         ids = await self._db(
             lambda db: lifecycle.due_for_enqueue(
-                db, now=utcnow(), requeue_after_seconds=s.requeue_after_seconds
+                db,
+                now=utcnow(),
+                requeue_after_seconds=s.requeue_after_seconds,
+                resend_stale=not backlog,
             )
         )
         if not ids:

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any, cast
 
-from sqlalchemy import JSON, Table, and_, bindparam, func, insert, or_, select, update
+from sqlalchemy import JSON, ColumnElement, Table, and_, bindparam, func, insert, or_, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
@@ -391,24 +391,29 @@ def store_failure(session: Session, job: ClaimedJob, record: AttemptRecord, *, c
 
 
 def due_for_enqueue(
-    session: Session, *, now: datetime, requeue_after_seconds: float, limit: int = 1000
+    session: Session,
+    *,
+    now: datetime,
+    requeue_after_seconds: float,
+    limit: int = 1000,
+    resend_stale: bool = True,
 ) -> list[str]:
     """Jobs that need a (new) message: retries that are due, lost messages, expired leases.
 
-    Marks them as enqueued now, so that several sweepers do not all send them.
+    ``resend_stale=False`` leaves out jobs whose message was sent (and is merely old): the
+    caller knows the broker still holds messages, so they are most likely waiting their turn.
+    Marks the jobs as enqueued now, so that several sweepers do not all send them.
     """
-    stale = now - timedelta(seconds=requeue_after_seconds)
+    unsent: ColumnElement[bool] = Job.enqueued_at.is_(None)
+    if resend_stale:
+        unsent = or_(unsent, Job.enqueued_at < now - timedelta(seconds=requeue_after_seconds))
     due = or_(
         and_(
             Job.status == "queued",
             or_(Job.next_attempt_at.is_(None), Job.next_attempt_at <= now),
-            or_(Job.enqueued_at.is_(None), Job.enqueued_at < stale),
+            unsent,
         ),
-        and_(
-            Job.status == "running",
-            Job.lease_until < now,
-            or_(Job.enqueued_at.is_(None), Job.enqueued_at < stale),
-        ),
+        and_(Job.status == "running", Job.lease_until < now, unsent),
     )
     ids = list(session.scalars(select(Job.id).where(due).order_by(Job.id).limit(limit)))
     if ids:
