@@ -208,3 +208,21 @@ def test_sweeper_leaves_old_messages_alone_while_the_broker_still_holds_messages
     assert due == [unsent]
     with unit_of_work(sessions) as s:  # the queue is empty now: the old message was lost
         assert lifecycle.due_for_enqueue(s, now=later, requeue_after_seconds=60) == [waiting]
+
+
+def test_lease_renewal_extends_only_the_claim_that_still_holds_the_job(sessions) -> None:
+    job_id = _new_job(sessions)
+    now = utcnow()
+    old = _claim(sessions, job_id, now=now, lease=1)
+    new = _claim(sessions, job_id, now=now + timedelta(seconds=2), lease=1)  # taken over
+    assert old is not None
+    assert new is not None
+    later = now + timedelta(seconds=2.5)
+    with unit_of_work(sessions) as s:  # the superseded claim renews nothing
+        assert lifecycle.renew_leases(s, [(job_id, old.attempt)], now=later, lease_seconds=60) == 0
+    with sessions() as s:
+        assert s.get(Job, job_id).lease_until < later + timedelta(seconds=1)
+    with unit_of_work(sessions) as s:
+        assert lifecycle.renew_leases(s, [(job_id, new.attempt)], now=later, lease_seconds=60) == 1
+    with sessions() as s:
+        assert s.get(Job, job_id).lease_until > later + timedelta(seconds=59)

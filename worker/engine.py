@@ -424,13 +424,13 @@ class Engine:
         interval = max(self.settings.lease_seconds / 3, 0.5)
         while True:
             await asyncio.sleep(interval)
-            ids = list(self._running)
-            if not ids:
+            claims = list(self._running.items())
+            if not claims:
                 continue
             try:
                 await self._db(
-                    lambda db, ids=ids: lifecycle.renew_leases(  # type: ignore[misc]
-                        db, ids, now=utcnow(), lease_seconds=self.settings.lease_seconds
+                    lambda db, claims=claims: lifecycle.renew_leases(  # type: ignore[misc]
+                        db, claims, now=utcnow(), lease_seconds=self.settings.lease_seconds
                     )
                 )
             except Exception as exc:

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any, cast
 
-from sqlalchemy import JSON, ColumnElement, Table, and_, bindparam, func, insert, or_, select, update
+from sqlalchemy import JSON, ColumnElement, Table, and_, bindparam, func, insert, or_, select, tuple_, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
@@ -142,13 +142,19 @@ def claim(
     return jobs[0] if jobs else None
 
 
-def renew_leases(session: Session, job_ids: list[str], *, now: datetime, lease_seconds: float) -> int:
-    """Extend the leases of calls still running here, so no sweeper takes them over."""
-    if not job_ids:
+def renew_leases(
+    session: Session, claims: list[tuple[str, int]], *, now: datetime, lease_seconds: float
+) -> int:
+    """Extend the leases of calls still running here, so no sweeper takes them over.
+
+    ``claims`` are (job id, attempt) pairs: a claim that was taken over meanwhile renews
+    nothing, so it cannot keep alive a newer claim whose worker died.
+    """
+    if not claims:
         return 0
     res = session.execute(
         update(Job)
-        .where(Job.id.in_(job_ids), Job.status == "running")
+        .where(tuple_(Job.id, Job.attempts).in_(claims), Job.status == "running")
         .values(lease_until=now + timedelta(seconds=lease_seconds))
         .execution_options(synchronize_session=False)
     )
