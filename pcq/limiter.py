@@ -59,9 +59,8 @@ __all__ = ["KeyPool", "PoolKey", "RateLimiter", "limiter_key", "window_safe"]
 log = logging.getLogger(__name__)
 _US: Final = 1_000_000
 
-# ARGV[1] = mode: "acquire" | "reserve" | "cd_set" | "cd_get" | "penalize" | "factor"
+# ARGV[1] = mode: "acquire" | "cd_set" | "cd_get" | "penalize" | "factor" | "take" | "room" | "renew"
 #   acquire: ARGV[2] = T (us), ARGV[3] = tau (us)  -> {wait_us, now_us}; wait_us == 0 = admitted
-#   reserve: ARGV[2] = T (us), ARGV[3] = tau (us)  -> {wait_us, now_us}; the slot at now+wait is taken
 #   cd_set:  ARGV[2] = duration (us)               -> {remaining_us, now_us} after the call
 #   cd_get:                                        -> {remaining_us, now_us}
 #   penalize: ARGV[2] = step (x1e6), ARGV[3] = floor (x1e6) -> {factor x1e6, now_us}
@@ -69,7 +68,7 @@ _US: Final = 1_000_000
 #   take / room / renew: the pool modes, described where they begin below.
 # KEYS[1] = TAT key, KEYS[2] = cool-down key, KEYS[3] = rate-factor key.
 # The rate factor (1.0 = the configured limit) steps down on every reported 429 and climbs back
-# linearly (RECOVERY per second) while no 429 comes; acquire/reserve space requests T / factor.
+# linearly (RECOVERY per second) while no 429 comes; acquire and take space requests T / factor.
 _SCRIPT: Final = """
 if redis.replicate_commands then redis.replicate_commands() end
 local t = redis.call('TIME')
@@ -192,25 +191,11 @@ if mode == 'cd_set' then
   return {cd_left, now}
 end
 
--- mode == 'acquire' or 'reserve': GCRA, at the rate scaled by the current factor
+-- mode == 'acquire': GCRA, at the rate scaled by the current factor; takes a slot only if it is now
 local factor = current_factor()
 local T = math.ceil(tonumber(ARGV[2]) * 1000000 / factor)
 local tau = tonumber(ARGV[3])
 local tat = tonumber(redis.call('GET', KEYS[1]) or '0') or 0
-
-if mode == 'reserve' then
-  -- The earliest instant this request conforms (never inside a cool-down); take it now,
-  -- so the caller sleeps once instead of polling with every other waiter.
-  local at = tat - tau
-  if at < now then at = now end
-  if at < cd_until then at = cd_until end
-  local base = tat
-  if base < at then base = at end
-  local new_tat = base + T
-  redis.call('SET', KEYS[1], string.format('%.0f', new_tat), 'PX',
-    math.ceil((new_tat - now) / 1000) + 1)
-  return {at - now, now}
-end
 
 if tat < now then tat = now end
 local wait = (tat - tau) - now
@@ -309,8 +294,13 @@ class RateLimiter:
         sleeps once instead of polling: thousands of waiting calls cost one Redis call each,
         not one per wake-up each.
         """
-        wait_us, _ = await self._run(key, "reserve", self._interval_us, self._tolerance_us)
-        return wait_us / _US
+        # The pool's ``take`` on a pool of this one key, with no in-flight cap: one
+        # reservation rule for both.
+        result: Any = await self._script(
+            keys=[*self._keys(key), f"{self.prefix}{{{key}}}:fl"],
+            args=["take", 1, self._interval_us, self._tolerance_us, 0, "", 0],
+        )
+        return int(result[1]) / _US
 
     async def acquire(self, key: str) -> float:
         """Wait (``asyncio.sleep``) until admitted; return the total seconds waited.
