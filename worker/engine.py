@@ -156,10 +156,6 @@ class Engine:
         future = asyncio.run_coroutine_threadsafe(self._accept(job_ids), self._loop)
         return future.result()
 
-    @property
-    def in_flight(self) -> int:
-        return len(self._running)
-
     # -- the loop ----------------------------------------------------------------------
     def _run(self) -> None:
         asyncio.set_event_loop(self._loop)
