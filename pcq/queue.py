@@ -15,6 +15,7 @@ from celery import Celery
 from kombu import Exchange, Queue
 from kombu.exceptions import ChannelError
 
+from pcq.broker_epoch import BrokerEpoch
 from pcq.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -82,6 +83,10 @@ class Enqueuer:
     While the broker is down, reaching it costs seconds (kombu's connect retries); after a
     failure the enqueuer does not try again for ``pause_seconds``, so an API request during a
     Redis outage answers at once (its jobs are durable and marked unsent) instead of waiting.
+
+    When it is made (or, if Redis is away then, before its next send), it makes sure the
+    broker holds an epoch marker (pcq/broker_epoch.py), so that a worker starting later does
+    not take the messages this process sends for messages a broker lost.
     """
 
     def __init__(self, app: Celery, queue_name: str, pause_seconds: float = 5.0) -> None:
@@ -89,6 +94,8 @@ class Enqueuer:
         self.queue_name = queue_name
         self.pause_seconds = pause_seconds
         self._down_until = 0.0
+        self._epoch = BrokerEpoch.for_broker(app.conf.broker_url, queue_name)
+        self._epoch_written = self._epoch is None or self._epoch.ensure()
 
     def backlog(self) -> int | None:
         """Messages waiting in the queue (not those reserved by workers); None if unknown."""
@@ -112,6 +119,8 @@ class Enqueuer:
         sent = 0
         if time.monotonic() < self._down_until:
             return 0
+        if not self._epoch_written and self._epoch is not None:
+            self._epoch_written = self._epoch.ensure()
         try:
             with self.app.producer_or_acquire() as producer:
                 for start in range(0, len(job_ids), per_message):

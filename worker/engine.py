@@ -18,18 +18,20 @@ small thread pool so the loop never blocks on the database.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import tempfile
 import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from datetime import timedelta
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any, TypeVar
 
 from redis.exceptions import RedisError
 from sqlalchemy.orm import Session
 
+from pcq.broker_epoch import BrokerEpoch
 from pcq.db import SessionFactory, unit_of_work
 from pcq.jobs import lifecycle
 from pcq.jobs.lifecycle import AttemptRecord, ClaimedJob, Settled
@@ -45,6 +47,8 @@ T = TypeVar("T")
 DB_RETRY_SECONDS = (0.5, 1, 2, 4, 8, 15, 30)  # riding out a database restart
 WRITE_BATCH = 200  # outcomes per transaction at most
 WRITE_LINGER = 0.01  # seconds a small batch waits for company
+SWEEP_CHUNK = 1000  # jobs one sweep query sends at most
+RECOVERY_CHUNKS = 50  # after a broker loss, chunks one sweep sends before the next sweep goes on
 
 
 def heartbeat_path(settings: Settings) -> Path:
@@ -106,6 +110,9 @@ class Engine:
         self._closing = False
         self._accept_lock = asyncio.Lock()
         self._sweeper: asyncio.Task[None] | None = None
+        # The sweeper's view of the broker's Redis: None for a broker that cannot lose its data.
+        self._broker_epoch = BrokerEpoch.for_settings(settings)
+        self._lost_before: datetime | None = None  # messages sent before this may be lost
 
     # -- life cycle (called from other threads) ----------------------------------------
     def start(self) -> None:
@@ -384,13 +391,17 @@ class Engine:
     # -- background duties -------------------------------------------------------------
     async def _sweep_forever(self) -> None:
         beat = heartbeat_path(self.settings)
-        while True:
-            try:
-                await self.sweep_once()
-            except Exception as exc:
-                log.warning("sweep failed: %s", type(exc).__name__)
-            beat.touch()  # liveness for `pcq healthcheck worker`: the loop is turning
-            await asyncio.sleep(self.settings.sweep_interval_seconds)
+        try:
+            while True:
+                try:
+                    await self.sweep_once()
+                except Exception as exc:
+                    log.warning("sweep failed: %s", type(exc).__name__)
+                beat.touch()  # liveness for `pcq healthcheck worker`: the loop is turning
+                await asyncio.sleep(self.settings.sweep_interval_seconds)
+        finally:
+            if self._broker_epoch is not None:
+                self._broker_epoch.close()
 
     async def sweep_once(self) -> int:
         """Send messages for due retries, lost messages and expired leases.
@@ -398,23 +409,45 @@ class Engine:
         A job whose message is merely old is sent again only once the broker's queue is empty
         (or its length unknown): with a backlog longer than ``PCQ_REQUEUE_AFTER_SECONDS`` (the
         quota is behind), re-sending every waiting job would only lengthen the queue.
+
+        After the broker's Redis lost its data (pcq/broker_epoch.py: one GET per sweep tells),
+        every job whose message was sent before the loss is sent again at once, whatever the
+        queue holds, a chunk after another until none is left.
         """
         s = self.settings
+        if self._broker_epoch is not None:
+            lost = await self._loop.run_in_executor(None, self._broker_epoch.check)
+            if lost is not None and (self._lost_before is None or lost > self._lost_before):
+                self._lost_before = lost
         backlog = await self._loop.run_in_executor(None, self.enqueuer.backlog)
-        ids = await self._db(
-            lambda db: lifecycle.due_for_enqueue(
-                db,
-                now=utcnow(),
-                requeue_after_seconds=s.requeue_after_seconds,
-                resend_stale=not backlog,
+        total = 0
+        for _ in range(RECOVERY_CHUNKS):
+            lost_before = self._lost_before
+            # Marked as sent no earlier than the loss, so a chunk is never picked twice.
+            now = utcnow() if lost_before is None else max(utcnow(), lost_before)
+            ids = await self._db(
+                functools.partial(
+                    lifecycle.due_for_enqueue,
+                    now=now,
+                    requeue_after_seconds=s.requeue_after_seconds,
+                    limit=SWEEP_CHUNK,
+                    resend_stale=not backlog,
+                    lost_before=lost_before,
+                )
             )
-        )
-        if not ids:
-            return 0
-        sent = await self._loop.run_in_executor(None, self.enqueuer.enqueue, ids)
-        if sent < len(ids):
-            await self._db(lambda db: lifecycle.clear_enqueued(db, ids[sent:]))
-        return sent
+            sent = await self._loop.run_in_executor(None, self.enqueuer.enqueue, ids) if ids else 0
+            total += sent
+            if sent < len(ids):  # the broker is away: the next sweep goes on from here
+                await self._db(functools.partial(lifecycle.clear_enqueued, job_ids=ids[sent:]))
+                break
+            if lost_before is None:
+                break  # no loss to make up for: one chunk per sweep
+            if len(ids) < SWEEP_CHUNK:  # the last chunk: nothing sent before the loss is left
+                if total:
+                    log.warning("sent %d job(s) whose message the broker may have lost", total)
+                self._lost_before = None
+                break
+        return total
 
     async def _renew_forever(self) -> None:
         interval = max(self.settings.lease_seconds / 3, 0.5)

@@ -403,14 +403,20 @@ def due_for_enqueue(
     requeue_after_seconds: float,
     limit: int = 1000,
     resend_stale: bool = True,
+    lost_before: datetime | None = None,
 ) -> list[str]:
     """Jobs that need a (new) message: retries that are due, lost messages, expired leases.
 
     ``resend_stale=False`` leaves out jobs whose message was sent (and is merely old): the
     caller knows the broker still holds messages, so they are most likely waiting their turn.
-    Marks the jobs as enqueued now, so that several sweepers do not all send them.
+    ``lost_before``: the broker lost its data (pcq/broker_epoch.py), so a message sent before
+    this time counts as never sent, however young it is and whatever the queue holds.
+    Marks the jobs as enqueued now, so that several sweepers do not all send them (on
+    PostgreSQL, rows another sweeper is marking are skipped rather than sent twice).
     """
     unsent: ColumnElement[bool] = Job.enqueued_at.is_(None)
+    if lost_before is not None:
+        unsent = or_(unsent, Job.enqueued_at < lost_before)
     if resend_stale:
         unsent = or_(unsent, Job.enqueued_at < now - timedelta(seconds=requeue_after_seconds))
     due = or_(
@@ -421,7 +427,11 @@ def due_for_enqueue(
         ),
         and_(Job.status == "running", Job.lease_until < now, unsent),
     )
-    ids = list(session.scalars(select(Job.id).where(due).order_by(Job.id).limit(limit)))
+    ids = list(
+        session.scalars(
+            select(Job.id).where(due).order_by(Job.id).limit(limit).with_for_update(skip_locked=True)
+        )
+    )
     if ids:
         session.execute(
             update(Job)

@@ -2,7 +2,12 @@
 
 Each test runs its own redis-server on a free port (never the shared one on 6379). Redis is
 only the wake-up channel: the database holds every job, and each worker's sweeper re-sends
-a queued job whose message was sent ``PCQ_REQUEUE_AFTER_SECONDS`` ago (5 s here) or never.
+a queued job whose message was never sent, or was sent before the broker lost its data (the
+marker of pcq/broker_epoch.py is gone), or was sent ``PCQ_REQUEUE_AFTER_SECONDS`` ago.
+
+The FLUSHALL and restart tests run the two settings that bound the recovery at their shipped
+defaults (``PCQ_REQUEUE_AFTER_SECONDS`` 300 s, ``PCQ_SWEEP_INTERVAL_SECONDS`` 2 s) and measure
+the time from the loss to the last lost job being claimed again (``jobs.started_at``).
 """
 
 from __future__ import annotations
@@ -11,12 +16,16 @@ import os
 import signal
 import time
 from concurrent.futures import ThreadPoolExecutor
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
+from sqlalchemy import select
+from sqlalchemy.orm import Session
 
+from pcq.models import Job, utcnow
 from pcq.testing import Stack
 from tests.faults.helpers import (
     Db,
@@ -25,6 +34,7 @@ from tests.faults.helpers import (
     Tenant,
     chat,
     check_invariants,
+    fault_env,
     mock_calls,
     start_stack,
     wait_for,
@@ -32,6 +42,37 @@ from tests.faults.helpers import (
 )
 
 pytestmark = [pytest.mark.e2e, pytest.mark.realservices]
+
+# Settings the fault helpers shorten that bound the recovery from a broker loss: these tests
+# leave them at their shipped defaults.
+RECOVERY_SETTINGS = ("PCQ_REQUEUE_AFTER_SECONDS", "PCQ_SWEEP_INTERVAL_SECONDS")
+RECOVERY_BUDGET_SECONDS = 10.0
+
+
+def start_stack_with_default_recovery(workdir: Path, database_url: str, redis_url: str) -> Stack:
+    """``start_stack``, with the settings that bound the recovery left at their defaults."""
+    env = fault_env(database_url, redis_url)
+    for name in RECOVERY_SETTINGS:
+        env.pop(name)
+    stack = Stack(env, workdir)
+    try:
+        stack.start_mock()
+        stack.start_api()
+        stack.start_worker()
+    except BaseException:
+        stack.stop_all()
+        raise
+    return stack
+
+
+def seconds_until_claimed(db: Db, ids: list[str], since: datetime) -> float:
+    """From ``since`` to the first claim of the last of ``ids`` (the worker stamps
+    ``started_at`` with the same host clock)."""
+    with Session(db.engine) as s:
+        rows = s.execute(select(Job.id, Job.started_at).where(Job.id.in_(ids))).all()
+    started = {job_id: at for job_id, at in rows}
+    assert all(started.get(i) is not None for i in ids), started
+    return max((t - since).total_seconds() for t in started.values() if t is not None)
 
 
 def texts(tag: str, n: int, latency_ms: int) -> list[str]:
@@ -60,6 +101,7 @@ class MidBatch:
         self.queue = stack.env["PCQ_QUEUE_NAME"]
         self.contents: dict[str, str] = {}
         self.ids: list[str] = []
+        self.only_in_redis: list[str] = []  # batch B: the jobs whose messages the fault loses
 
     def submit_batch(self, tag: str, n: int, latency_ms: int) -> list[str]:
         batch = texts(tag, n, latency_ms)
@@ -88,7 +130,7 @@ class MidBatch:
         wait_for("batch A in flight", in_flight, timeout=15, interval=0.05)
         os.killpg(self.stack.procs["worker"].pid, signal.SIGSTOP)
         try:
-            self.submit_singles("only in redis", 6, 10)
+            self.only_in_redis = self.submit_singles("only in redis", 6, 10)
             waiting, _ = self.redis.queue_depth(self.queue)
         except BaseException:
             self.resume()
@@ -103,18 +145,19 @@ class MidBatch:
 def test_flushall_mid_batch_loses_no_job(
     tmp_path: Path, pg_url: str, private_redis: PrivateRedis, db: Db
 ) -> None:
-    stack = start_stack(tmp_path, pg_url, private_redis.url)
+    stack = start_stack_with_default_recovery(tmp_path, pg_url, private_redis.url)
     try:
         wait_worker_ready(stack)
         mid = MidBatch(stack, db, private_redis, Tenant.create(stack, pg_url))
         waiting = mid.start()
         try:
-            private_redis.flushall()  # queue, unacked set, limiter state: all gone
+            flushed_at = utcnow()
+            private_redis.flushall()  # queue, unacked set, limiter state, epoch marker: all gone
             assert private_redis.queue_depth(mid.queue) == (0, 0)
         finally:
             mid.resume()
         # New messages still reach the worker right after the flush (the default exchange
-        # needs no binding keys): batch C is done long before any sweeper re-send (5 s).
+        # needs no binding keys).
         c = mid.submit_batch("after flush", 4, 10)
         db.wait_terminal(c, timeout=4, stack=stack)
         jobs = db.wait_terminal(mid.ids, timeout=30, stack=stack)
@@ -123,9 +166,14 @@ def test_flushall_mid_batch_loses_no_job(
         stack.stop_all()
 
     assert waiting > 0  # batch B's messages were in Redis when it was flushed
+    # The sweeper saw the epoch marker gone and re-sent batch B at once, with a re-send
+    # delay of 300 s (the default): within seconds, not minutes.
+    recovery = seconds_until_claimed(db, mid.only_in_redis, flushed_at)
+    print(f"\nFLUSHALL: every lost job claimed again {recovery:.2f} s after the flush")
+    assert recovery < RECOVERY_BUDGET_SECONDS, recovery
     rep = check_invariants(db, mid.ids)
     assert rep.by_status == {"succeeded": 16}, rep.by_status
-    # The sweeper re-sent batch B from the database; nothing ran twice.
+    # Nothing ran twice.
     assert all(j.attempts == 1 for j in jobs.values()), {k: j.attempts for k, j in jobs.items()}
     assert rep.attempt_rows == rep.attempts_claimed == 16
     assert_each_call_recorded(rep, stats, mid.contents, mid.ids)
@@ -135,18 +183,20 @@ def test_flushall_mid_batch_loses_no_job(
 def test_redis_restart_mid_batch_loses_no_job(
     tmp_path: Path, pg_url: str, private_redis: PrivateRedis, db: Db
 ) -> None:
-    stack = start_stack(tmp_path, pg_url, private_redis.url)
+    stack = start_stack_with_default_recovery(tmp_path, pg_url, private_redis.url)
     try:
         wait_worker_ready(stack)
         worker_pid = stack.procs["worker"].pid
         mid = MidBatch(stack, db, private_redis, Tenant.create(stack, pg_url))
         waiting = mid.start()
         try:
+            killed_at = utcnow()
             private_redis.kill()  # SIGKILL, no persistence: it comes back empty
         finally:
             mid.resume()  # the worker lives through the outage
         time.sleep(1.0)
         private_redis.start()  # same port
+        back_at = utcnow()
         c = mid.submit_batch("after restart", 4, 10)
         jobs = db.wait_terminal(mid.ids, timeout=40, stack=stack)
         stats = stack.mock_stats()
@@ -157,13 +207,21 @@ def test_redis_restart_mid_batch_loses_no_job(
 
     assert waiting > 0
     assert len(c) == 4
+    recovery = seconds_until_claimed(db, mid.only_in_redis, back_at)
+    down = (back_at - killed_at).total_seconds()
+    print(
+        f"\nRedis restart: every lost job claimed again {recovery:.2f} s after Redis was back "
+        f"({down:.1f} s down)"
+    )
+    assert recovery < RECOVERY_BUDGET_SECONDS, recovery
     rep = check_invariants(db, mid.ids)
     assert rep.by_status == {"succeeded": 16}, rep.by_status
-    # Every call that was made is recorded. A claim whose call never started (the shared
-    # limiter lives in Redis; a call that cannot reach it fails before the upstream) counts
-    # in jobs.attempts without a row, so claims >= rows.
+    # Every call that was made is recorded, and each job was called once. A claim whose call
+    # never started (the shared limiter lives in Redis; a call that cannot reach it fails
+    # before the upstream) counts in jobs.attempts without a row, so claims >= rows.
     assert_each_call_recorded(rep, stats, mid.contents, mid.ids)
-    assert rep.attempts_claimed >= rep.attempt_rows >= 16
+    assert all(len(rep.attempts[i]) == 1 for i in mid.ids), {i: len(rep.attempts[i]) for i in mid.ids}
+    assert rep.attempts_claimed >= rep.attempt_rows == 16
     assert all(j.attempts <= 5 for j in jobs.values())  # within PCQ_MAX_ATTEMPTS (default 5)
 
 
