@@ -226,3 +226,51 @@ def test_lease_renewal_extends_only_the_claim_that_still_holds_the_job(sessions)
         assert lifecycle.renew_leases(s, [(job_id, new.attempt)], now=later, lease_seconds=60) == 1
     with sessions() as s:
         assert s.get(Job, job_id).lease_until > later + timedelta(seconds=59)
+
+
+def _expire_and_claim(sessions, job_id: str, *, seconds: int, **kw):
+    """Claim the job as a new worker would once the previous claim's lease has expired."""
+    with unit_of_work(sessions) as s:
+        return lifecycle.claim_many(
+            s,
+            [job_id],
+            now=utcnow() + timedelta(seconds=seconds),
+            lease_seconds=1,
+            max_attempts=kw.get("max_attempts", 3),
+            suspect_room=kw.get("suspect_room"),
+        )
+
+
+def test_worker_deaths_are_counted_apart_from_attempts_and_make_a_suspect(sessions) -> None:
+    job_id = _new_job(sessions)
+    _claim(sessions, job_id, lease=1)
+    once = _expire_and_claim(sessions, job_id, seconds=5).jobs[0]
+    assert (once.attempt, once.lease_losses, once.tries, once.suspect) == (2, 1, 1, False)
+    # The second death makes it a suspect: with no room in the lane it is deferred, unclaimed.
+    held = _expire_and_claim(sessions, job_id, seconds=10, suspect_room=0)
+    assert (held.jobs, held.deferred) == ([], [job_id])
+    twice = _expire_and_claim(sessions, job_id, seconds=10, suspect_room=1).jobs[0]
+    assert (twice.attempt, twice.lease_losses, twice.tries, twice.suspect) == (3, 2, 1, True)
+    assert not twice.exhausted(3)  # deaths do not spend the attempt budget
+
+
+def test_a_job_whose_worker_dies_every_time_fails_at_the_crash_cap(sessions) -> None:
+    job_id = _new_job(sessions)
+    _claim(sessions, job_id, lease=1)
+    for n in range(1, lifecycle.crash_cap(3)):
+        assert _expire_and_claim(sessions, job_id, seconds=5 * n).jobs
+    assert _expire_and_claim(sessions, job_id, seconds=100).jobs == []
+    with sessions() as s:
+        job = s.get(Job, job_id)
+        assert (job.status, job.error_code, job.lease_losses) == ("failed", "attempts_exhausted", 3)
+        assert "worker died" in job.error
+
+
+def test_a_release_at_shutdown_is_not_a_death(sessions) -> None:
+    job_id = _new_job(sessions)
+    first = _claim(sessions, job_id)
+    with unit_of_work(sessions) as s:
+        assert lifecycle.release(s, [(job_id, first.attempt + 1)], now=utcnow()) == 0  # not our claim
+        assert lifecycle.release(s, [(job_id, first.attempt)], now=utcnow()) == 1
+    again = _claim(sessions, job_id)
+    assert (again.attempt, again.lease_losses) == (2, 0)

@@ -76,7 +76,7 @@ def settle(job: ClaimedJob, outcome: Outcome, settings: Settings, key_id: str | 
     summary = outcome.summary or "upstream call failed"
     if outcome.kind == "retryable":
         delay = backoff_seconds(
-            job.attempt - job.attempts_base,
+            job.tries,
             settings.retry_base_seconds,
             settings.retry_max_seconds,
             outcome.retry_after,
@@ -102,6 +102,7 @@ class Engine:
         self._ready = threading.Event()
         self._db_pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="pcq-db")
         self._running: dict[str, int] = {}  # job id -> attempt number held here
+        self._suspects = 0  # suspects among them (see lifecycle.SUSPECT_AFTER_LOSSES)
         self._stop: asyncio.Event | None = None
         self._slots: asyncio.Semaphore | None = None
         self._outbox: asyncio.Queue[tuple[Settled, asyncio.Future[None]]] | None = None
@@ -145,9 +146,9 @@ class Engine:
         deadline = self._loop.time() + timeout
         while self._running and self._loop.time() < deadline:
             await asyncio.sleep(0.1)
-        ids = list(self._running)
-        if ids:
-            released = await self._db(lambda db: lifecycle.release(db, ids, now=utcnow()))
+        claims = list(self._running.items())
+        if claims:
+            released = await self._db(lambda db: lifecycle.release(db, claims, now=utcnow()))
             log.info("shutdown: handed %d running job(s) back for another worker", released)
 
     def begin_shutdown(self) -> None:
@@ -275,13 +276,25 @@ class Engine:
         return 0
 
     async def _claim(self, chunk: list[str]) -> int:
-        """Claim ids for which a slot is already held; start their calls; free unused slots."""
+        """Claim ids for which a slot is already held; start their calls; free unused slots.
+
+        Suspects (jobs whose worker died under them twice) run at most SUSPECT_LANE at a time
+        here; the others are left queued and unsent, so the next sweep offers them to a worker
+        whose lane is free, and a job that kills its worker cannot take innocent ones with it
+        again and again.
+        """
         assert self._slots is not None
         s = self.settings
+        room = lifecycle.SUSPECT_LANE - self._suspects
         try:
-            claimed = await self._retrying_db(
+            result = await self._retrying_db(
                 lambda db: lifecycle.claim_many(
-                    db, chunk, now=utcnow(), lease_seconds=s.lease_seconds, max_attempts=s.max_attempts
+                    db,
+                    chunk,
+                    now=utcnow(),
+                    lease_seconds=s.lease_seconds,
+                    max_attempts=s.max_attempts,
+                    suspect_room=room,
                 ),
                 what=f"claiming {len(chunk)} job(s)",
             )
@@ -289,12 +302,19 @@ class Engine:
             for _ in chunk:
                 self._slots.release()
             raise
-        for _ in range(len(chunk) - len(claimed)):
+        if result.deferred:
+            await self._db(lambda db: lifecycle.clear_enqueued(db, result.deferred))
+        for _ in range(len(chunk) - len(result.jobs)):
             self._slots.release()
-        for job in claimed:
+        for job in result.jobs:
             self._running[job.id] = job.attempt
+            if job.suspect:
+                self._suspects += 1
+                log.warning(
+                    "job %s runs as a suspect: its worker died under it %d times", job.id, job.lease_losses
+                )
             asyncio.create_task(self._execute(job), name=f"job-{job.id}")
-        return len(claimed)
+        return len(result.jobs)
 
     async def _execute(self, job: ClaimedJob) -> None:
         assert self._slots is not None
@@ -311,7 +331,7 @@ class Engine:
                 # Every worker pauses this key (Retry-After, else backoff) and then sends to
                 # it more slowly; its rate climbs back while no 429 comes.
                 pause = outcome.retry_after or backoff_seconds(
-                    job.attempt, self.settings.retry_base_seconds, self.settings.retry_max_seconds, None
+                    job.tries, self.settings.retry_base_seconds, self.settings.retry_max_seconds, None
                 )
                 try:
                     await self._pool.report_429(held[0], pause)
@@ -329,6 +349,8 @@ class Engine:
         finally:
             if held is not None:
                 self._pool.release(*held)
+            if job.suspect:
+                self._suspects -= 1
             if self._running.get(job.id) == job.attempt:
                 # Only this claim's entry: if the job was claimed again here meanwhile (its
                 # lease expired under load), the newer claim's lease must go on being renewed.

@@ -58,6 +58,7 @@ def requeue(session: Session, job_ids: list[str]) -> list[str]:
             .values(
                 status="queued",
                 attempts_base=Job.attempts,
+                lease_losses=0,
                 error=None,
                 error_code=None,
                 next_attempt_at=None,

@@ -13,7 +13,20 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any, cast
 
-from sqlalchemy import JSON, ColumnElement, Table, and_, bindparam, func, insert, or_, select, tuple_, update
+from sqlalchemy import (
+    JSON,
+    ColumnElement,
+    Table,
+    and_,
+    bindparam,
+    case,
+    func,
+    insert,
+    or_,
+    select,
+    tuple_,
+    update,
+)
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
@@ -27,12 +40,30 @@ class ClaimedJob:
     id: str
     tenant_id: str
     batch_id: str | None
-    attempt: int
-    request: dict[str, Any]
-    attempts_base: int = 0
+    attempt: int  # this call's number: every claim ever made, so each call has its own row
+    request_json: str  # the submitted request, verbatim: what the upstream receives
+    attempts_base: int = 0  # claims made before the last manual retry
+    lease_losses: int = 0  # claims since then that died with their worker
+
+    @property
+    def tries(self) -> int:
+        """Calls counted against PCQ_MAX_ATTEMPTS: those since the last manual retry, this one
+        included, except the ones that died with their worker (counted by ``crash_cap``)."""
+        return self.attempt - self.attempts_base - self.lease_losses
+
+    @property
+    def suspect(self) -> bool:
+        return self.lease_losses >= SUSPECT_AFTER_LOSSES
 
     def exhausted(self, max_attempts: int) -> bool:
-        return self.attempt - self.attempts_base >= max_attempts
+        """No further call after this one: a retryable failure now fails the job."""
+        return self.tries >= max_attempts
+
+
+@dataclass
+class Claimed:
+    jobs: list[ClaimedJob]
+    deferred: list[str]  # suspects left unclaimed because the worker's suspect lane was full
 
 
 @dataclass(frozen=True)
@@ -86,52 +117,90 @@ def _claimable(now: datetime) -> Any:
     )
 
 
+def _losses_after_claim() -> Any:
+    """A ``running`` job being claimed has an expired lease: its last worker died under it."""
+    return Job.lease_losses + case((Job.status == "running", 1), else_=0)
+
+
 def claim_many(
-    session: Session, job_ids: list[str], *, now: datetime, lease_seconds: float, max_attempts: int
-) -> list[ClaimedJob]:
+    session: Session,
+    job_ids: list[str],
+    *,
+    now: datetime,
+    lease_seconds: float,
+    max_attempts: int,
+    suspect_room: int | None = None,
+) -> Claimed:
     """Take the claimable jobs among ``job_ids`` for one attempt each, in one statement.
 
     Jobs not claimable (done, cancelled, leased by a live worker, retry not yet due) are
-    skipped. A job whose attempts since its last manual retry exceed ``max_attempts`` died
-    with its worker each time (no outcome recorded): it is failed here, not run again.
+    skipped. A claim of a job whose lease expired counts a lease loss (its worker died). A job
+    that lost ``crash_cap`` leases since its last manual retry is failed here, not run again;
+    so is one whose calls since then (deaths aside) exceed ``max_attempts`` with no outcome.
+    With ``suspect_room``, at most that many suspects are claimed; the others are ``deferred``.
     """
     if not job_ids:
-        return []
+        return Claimed([], [])
+    deferred: list[str] = []
+    if suspect_room is not None:
+        suspects = list(
+            session.scalars(
+                select(Job.id)
+                .where(Job.id.in_(job_ids), _claimable(now), _losses_after_claim() >= SUSPECT_AFTER_LOSSES)
+                .order_by(Job.id)
+            )
+        )
+        deferred = suspects[max(suspect_room, 0) :]
+        if deferred:
+            skip = set(deferred)
+            job_ids = [i for i in job_ids if i not in skip]
     rows = session.execute(
         update(Job)
         .where(Job.id.in_(job_ids), _claimable(now))
         .values(
             status="running",
             attempts=Job.attempts + 1,
+            lease_losses=_losses_after_claim(),
             lease_until=now + timedelta(seconds=lease_seconds),
             next_attempt_at=None,
             enqueued_at=None,  # the message is consumed: an expired lease is due at once
             started_at=func.coalesce(Job.started_at, now),
             updated_at=now,
         )
-        .returning(Job.id, Job.tenant_id, Job.batch_id, Job.attempts, Job.attempts_base, Job.request)
+        .returning(
+            Job.id,
+            Job.tenant_id,
+            Job.batch_id,
+            Job.attempts,
+            Job.attempts_base,
+            Job.lease_losses,
+            Job.request_json,
+        )
         .execution_options(synchronize_session=False)
     ).all()
     claimed: list[ClaimedJob] = []
+    give_up: list[tuple[ClaimedJob, str, datetime | None, str | None, str | None]] = []
     for row in rows:
-        job = ClaimedJob(row.id, row.tenant_id, row.batch_id, row.attempts, row.request, row.attempts_base)
-        if job.attempt - job.attempts_base > max_attempts:
-            _set_status(
-                session,
-                [
-                    (
-                        job,
-                        "failed",
-                        None,
-                        "attempts_exhausted",
-                        f"gave up after {max_attempts} attempts that did not complete",
-                    )
-                ],
-                now,
-            )
+        job = ClaimedJob(
+            row.id,
+            row.tenant_id,
+            row.batch_id,
+            row.attempts,
+            row.request_json,
+            row.attempts_base,
+            row.lease_losses,
+        )
+        cap = crash_cap(max_attempts)
+        if job.lease_losses >= cap:
+            reason = f"its worker died during each of its last {cap} runs (it may be what kills workers)"
+            give_up.append((job, "failed", None, "attempts_exhausted", f"gave up: {reason}"))
+        elif job.tries > max_attempts:
+            reason = f"gave up after {max_attempts} attempts that did not complete"
+            give_up.append((job, "failed", None, "attempts_exhausted", reason))
         else:
             claimed.append(job)
-    return claimed
+    _set_status(session, give_up, now)
+    return Claimed(claimed, deferred)
 
 
 def claim(
@@ -161,14 +230,16 @@ def renew_leases(
     return int(res.rowcount)  # type: ignore[attr-defined]
 
 
-def release(session: Session, job_ids: list[str], *, now: datetime) -> int:
-    """Expire the leases of jobs this worker gives up (shutting down): due for a sweep now."""
-    if not job_ids:
+def release(session: Session, claims: list[tuple[str, int]], *, now: datetime) -> int:
+    """Hand back the jobs of (job id, attempt) claims this worker gives up as it shuts down:
+    ``queued`` and unsent, so the next sweep sends them at once. Not a lease loss: the worker
+    did not die, so the job is not a suspect; its call (if it was made) counts as an attempt."""
+    if not claims:
         return 0
     res = session.execute(
         update(Job)
-        .where(Job.id.in_(job_ids), Job.status == "running")
-        .values(lease_until=now, enqueued_at=None)
+        .where(tuple_(Job.id, Job.attempts).in_(claims), Job.status == "running")
+        .values(status="queued", lease_until=None, next_attempt_at=None, enqueued_at=None, updated_at=now)
         .execution_options(synchronize_session=False)
     )
     return int(res.rowcount)  # type: ignore[attr-defined]
@@ -265,8 +336,9 @@ def store_outcomes(session: Session, items: list[Settled], *, max_attempts: int)
         elif i.retry_at is not None and not i.job.exhausted(max_attempts):
             changes.append((i.job, "queued", i.retry_at, i.code, i.error))
         elif i.retry_at is not None:
-            attempts = i.job.attempt - i.job.attempts_base
-            changes.append((i.job, "failed", None, i.code, f"{i.error} (gave up after {attempts} attempts)"))
+            changes.append(
+                (i.job, "failed", None, i.code, f"{i.error} (gave up after {i.job.tries} attempts)")
+            )
         else:
             changes.append((i.job, "failed", None, i.code, i.error))
     _set_status(session, changes, now)

@@ -71,6 +71,9 @@ class Job(Base):
     # Attempts made before the last manual retry: the cap counts attempts since then, while
     # attempt numbers keep growing so every call ever made keeps its own row.
     attempts_base: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    # Claims since the last manual retry that died with their worker (their lease expired):
+    # counted apart from attempts, so a job that merely shared a dying worker keeps its budget.
+    lease_losses: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
     lease_until: Mapped[datetime | None] = mapped_column(UTCDateTime(), default=None)
     next_attempt_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), default=None)
     enqueued_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), default=None)

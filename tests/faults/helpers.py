@@ -369,6 +369,7 @@ class JobRow:
     content: str
     lease_until: datetime | None
     enqueued_at: datetime | None
+    lease_losses: int = 0
 
 
 @dataclass
