@@ -61,8 +61,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         lifespan=lifespan,
     )
     errors.install(app)
+    openapi.install(app)
     for module in (jobs, batches, citations, health):
         app.include_router(module.router)
+    app.add_middleware(errors.RejectNul)
     app.add_middleware(
         errors.BodyLimit,
         default_limit=settings.max_request_bytes,

@@ -6,15 +6,14 @@ it, and nothing is stored.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterator
-from typing import Any
 
 from pydantic import ValidationError
 
 from api.schemas import BatchCreate, BatchLine, check_webhook_url
 from pcq.jobs.errors import InvalidInput, TooLarge
 from pcq.jobs.intake import NewJob
+from pcq.verbatim import Member, NotJson, decode_utf8, items, members
 from pcq.wire import KNOWN_MODELS
 
 JSONL_TYPES = ("application/x-ndjson", "application/jsonl", "application/x-jsonlines")
@@ -24,11 +23,9 @@ def media_type(content_type: str) -> str:
     return content_type.split(";")[0].strip().lower()
 
 
-def check_model(request: dict[str, Any], where: str = "request") -> None:
-    if request["model"] not in KNOWN_MODELS:
-        raise InvalidInput(
-            f"{where}.model: unknown model {request['model']!r}; use one of {', '.join(KNOWN_MODELS)}"
-        )
+def check_model(model: str, where: str = "request") -> None:
+    if model not in KNOWN_MODELS:
+        raise InvalidInput(f"{where}.model: unknown model {model!r}; use one of {', '.join(KNOWN_MODELS)}")
 
 
 def describe(exc: ValidationError, where: str) -> str:
@@ -37,14 +34,43 @@ def describe(exc: ValidationError, where: str) -> str:
     return f"{where}: {loc}: {first['msg']}" if loc else f"{where}: {first['msg']}"
 
 
-def line_to_job(obj: Any, where: str) -> NewJob:
+def read_object(text: str, where: str) -> dict[str, Member]:
+    """The members of one submitted JSON object, each with its exact text."""
     try:
-        line = BatchLine.model_validate(obj)
+        return members(text)
+    except NotJson as exc:
+        raise InvalidInput(f"{where}: {exc}") from None
+
+
+def read_body(raw: bytes, where: str = "body") -> dict[str, Member]:
+    try:
+        text = decode_utf8(raw)
+    except NotJson as exc:
+        raise InvalidInput(f"{where}: {exc}") from None
+    return read_object(text, where)
+
+
+def text_of(found: dict[str, Member], key: str) -> str | None:
+    """The submitted text of a member; None when it is absent or null."""
+    member = found.get(key)
+    return None if member is None or member.value is None else member.text
+
+
+def line_to_job(text: str, where: str) -> NewJob:
+    """One batch line (or JSON batch item): validated, its body and metadata kept verbatim."""
+    found = read_object(text, where)
+    try:
+        line = BatchLine.model_validate({k: m.value for k, m in found.items()})
     except ValidationError as exc:
         raise InvalidInput(describe(exc, where)) from None
-    request = line.body.model_dump(mode="json", exclude_none=True)
-    check_model(request, f"{where}: body")
-    return NewJob(request=request, custom_id=line.custom_id, metadata=line.metadata)
+    check_model(line.body.model, f"{where}: body")
+    return NewJob(
+        request_json=found["body"].text,
+        model=line.body.model,
+        stream=bool(line.body.stream),
+        custom_id=line.custom_id,
+        metadata_json=text_of(found, "metadata"),
+    )
 
 
 class UniqueIds:
@@ -102,29 +128,29 @@ class JsonlReader:
         if self.count >= self.max_lines:
             raise TooLarge(f"a batch holds at most {self.max_lines} lines")
         try:
-            obj = json.loads(raw)
-        except UnicodeDecodeError:
-            raise InvalidInput(f"{label}: not valid UTF-8") from None
-        except ValueError:
-            raise InvalidInput(f"{label}: not valid JSON") from None
-        job = line_to_job(obj, label)
+            text = decode_utf8(raw)
+        except NotJson as exc:
+            raise InvalidInput(f"{label}: {exc}") from None
+        job = line_to_job(text, label)
         self._ids.check(job, label)
         self.count += 1
         return job
 
 
-def parse_json_batch(raw: bytes, max_lines: int) -> tuple[list[NewJob], dict[str, Any] | None, str | None]:
-    """``{"requests": [...], "metadata"?, "webhook_url"?}``, read at once (bounded by the body limit)."""
+def parse_json_batch(raw: bytes, max_lines: int) -> tuple[list[NewJob], str | None, str | None]:
+    """``{"requests": [...], "metadata"?, "webhook_url"?}``, read at once (bounded by the body
+    limit); returns the jobs, the batch's metadata text and its webhook URL."""
+    found = read_body(raw)
     try:
-        body = BatchCreate.model_validate_json(raw)
+        body = BatchCreate.model_validate({k: m.value for k, m in found.items()})
     except ValidationError as exc:
         raise InvalidInput(describe(exc, "body")) from None
     if len(body.requests) > max_lines:
         raise TooLarge(f"a batch holds at most {max_lines} requests")
     ids = UniqueIds()
-    items = []
-    for i, obj in enumerate(body.requests):
-        item = line_to_job(obj, f"requests[{i}]")
+    jobs = []
+    for i, text in enumerate(items(found["requests"].text)):
+        item = line_to_job(text, f"requests[{i}]")
         ids.check(item, f"requests[{i}]")
-        items.append(item)
-    return items, body.metadata, check_webhook_url(body.webhook_url)
+        jobs.append(item)
+    return jobs, text_of(found, "metadata"), check_webhook_url(body.webhook_url)

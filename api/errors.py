@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 import logging
+from urllib.parse import parse_qsl
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from sqlalchemy.exc import DBAPIError
+from sqlalchemy.exc import DataError, DBAPIError, IntegrityError, InterfaceError, OperationalError
+from sqlalchemy.exc import TimeoutError as PoolTimeout
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from api.schemas import ErrorOut
 from pcq.jobs.errors import PcqError
 
 log = logging.getLogger(__name__)
@@ -29,6 +31,18 @@ def error_body(code: str, detail: str) -> dict[str, str]:
     return {"error": code, "detail": detail}
 
 
+def _unavailable() -> JSONResponse:
+    return JSONResponse(
+        error_body(
+            "unavailable",
+            "the database is unavailable; retry shortly (with the same Idempotency-Key "
+            "for submissions, so a request that did land is not duplicated)",
+        ),
+        status_code=503,
+        headers={"Retry-After": "5"},
+    )
+
+
 def install(app: FastAPI) -> None:
     @app.exception_handler(PcqError)
     async def _domain(_: Request, exc: PcqError) -> JSONResponse:
@@ -37,18 +51,35 @@ def install(app: FastAPI) -> None:
 
     @app.exception_handler(DBAPIError)
     async def _database(_: Request, exc: DBAPIError) -> JSONResponse:
+        name = type(exc.orig).__name__ if exc.orig else type(exc).__name__
+        if isinstance(exc, DataError):
+            # A value the database cannot hold that validation let through: bad input, and
+            # retrying will not help, so never a 503. Nothing was stored (the transaction
+            # rolled back).
+            log.warning("database refused a value: %s", name)
+            return JSONResponse(
+                error_body("invalid_request", "a value cannot be stored (for example a NUL character)"),
+                status_code=422,
+            )
+        if isinstance(exc, IntegrityError):
+            log.warning("constraint violation: %s", name)
+            return JSONResponse(
+                error_body("conflict", "the request conflicts with stored data; nothing was stored"),
+                status_code=409,
+            )
+        if not isinstance(exc, OperationalError | InterfaceError) and not exc.connection_invalidated:
+            # A programming error is a bug, not an outage: say so rather than "retry".
+            log.error("database error: %s", name, exc_info=exc)
+            return JSONResponse(error_body("internal_error", "an internal error occurred"), status_code=500)
         # The database is down or restarting. A failure during commit is ambiguous (the
         # write may have landed), so the advice is to retry with the same Idempotency-Key.
-        log.warning("database error: %s", type(exc.orig).__name__ if exc.orig else type(exc).__name__)
-        return JSONResponse(
-            error_body(
-                "unavailable",
-                "the database is unavailable; retry shortly (with the same Idempotency-Key "
-                "for submissions, so a request that did land is not duplicated)",
-            ),
-            status_code=503,
-            headers={"Retry-After": "5"},
-        )
+        log.warning("database unavailable: %s", name)
+        return _unavailable()
+
+    @app.exception_handler(PoolTimeout)
+    async def _pool_exhausted(_: Request, exc: PoolTimeout) -> JSONResponse:  # noqa: ARG001
+        log.warning("database pool exhausted: no connection within the pool timeout")
+        return _unavailable()
 
     @app.exception_handler(RequestValidationError)
     async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:
@@ -122,6 +153,41 @@ class BodyLimit:
         body = JSONResponse(error_body("too_large", f"request body exceeds {limit} bytes"), status_code=413)
         await send({"type": "http.response.start", "status": 413, "headers": body.raw_headers})
         await send({"type": "http.response.body", "body": body.body})
+
+
+class RejectNul:
+    """Answer 422 for a NUL character in the path or a query parameter, naming where it is.
+
+    No identifier or filter of this API can contain one, and PostgreSQL cannot even compare
+    with one: without this, such a lookup would fail in the database instead of as bad input.
+    """
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["path"].startswith("/v1"):  # the others read no input
+            where = self._where(scope)
+            if where is not None:
+                body = JSONResponse(
+                    error_body("invalid_request", f"{where}: must not contain a NUL (\\u0000) character"),
+                    status_code=422,
+                )
+                await body(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+    @staticmethod
+    def _where(scope: Scope) -> str | None:
+        if "\x00" in scope["path"]:
+            return "path"
+        query: bytes = scope.get("query_string", b"")
+        if b"%00" in query or b"\x00" in query:
+            for name, value in parse_qsl(query.decode("latin-1"), keep_blank_values=True):
+                if "\x00" in name or "\x00" in value:
+                    return f"query parameter {name.replace(chr(0), '')!r}"
+            return "query"
+        return None
 
 
 class _TooLarge(Exception):

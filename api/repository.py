@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import base64
+import json
 from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 from sqlalchemy import and_, func, select
 from sqlalchemy.orm import Session
@@ -15,6 +16,11 @@ from api.schemas import BasisOut, CitationOut, CitationRow, JobOut, ResultOut, U
 from pcq.jobs.errors import InvalidInput, NotFound
 from pcq.models import JOB_STATUSES, BasisField, Batch, Citation, Job, Result
 from pcq.models import Usage as UsageRow
+
+
+def parse_metadata(text: str | None) -> dict[str, Any] | None:
+    """Stored metadata text as the user gave it (json keeps key order and big integers)."""
+    return None if text is None else cast(dict[str, Any], json.loads(text))
 
 
 def encode_cursor(value: str | int) -> str:
@@ -143,7 +149,7 @@ def job_out(job: Job, result: ResultOut | None = None) -> JobOut:
         status=job.status,
         custom_id=job.custom_id,
         batch_id=job.batch_id,
-        metadata=job.meta,
+        metadata=parse_metadata(job.metadata_json),
         model=job.model,
         attempts=job.attempts,
         webhook_url=job.webhook_url,

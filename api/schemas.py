@@ -3,19 +3,81 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from datetime import datetime
-from typing import Any
+from typing import Annotated, Any, Literal, get_args
 
-from pydantic import AnyHttpUrl, BaseModel, ConfigDict, Field, field_validator
+from fastapi import Header
+from pydantic import AfterValidator, AnyHttpUrl, BaseModel, ConfigDict, Field, field_validator
+from pydantic.config import JsonDict, JsonValue
 
-from pcq.wire import ChatCompletionRequest
+from pcq.jobs.errors import InvalidInput
+from pcq.models import JOB_STATUSES
+from pcq.wire import KNOWN_MODELS, ChatCompletionRequest
 
 MAX_METADATA_BYTES = 16 * 1024
 MAX_URL_LENGTH = 2048
+NO_NUL = r"^[^\x00]*$"  # a JSON Schema pattern: no NUL character
+
+# Declared as enums in OpenAPI; the stored values stay plain strings.
+Model = Literal["speed", "lite", "base", "core"]
+JobStatus = Literal["queued", "running", "succeeded", "failed", "cancelled"]
+BatchStatus = Literal["queued", "running", "completed"]
+assert get_args(Model) == KNOWN_MODELS
+assert get_args(JobStatus) == JOB_STATUSES
+
+
+def storable(value: str) -> str:
+    """Refuse what no database column can hold: NUL characters and unpaired surrogates.
+
+    Used for the fields stored as strings (``custom_id``); ``request`` and ``metadata`` are
+    stored as the submitted JSON text, where ``\\u0000`` and ``\\ud800`` stay escapes and are
+    forwarded faithfully.
+    """
+    if "\x00" in value:
+        raise ValueError("must not contain a NUL (\\u0000) character")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValueError("must not contain an unpaired surrogate (\\ud800-\\udfff)") from None
+    return value
+
+
+CustomId = Annotated[
+    str,
+    Field(
+        min_length=1,
+        max_length=255,
+        description="Your id for the job; no NUL characters",
+        json_schema_extra={"pattern": NO_NUL},  # documents storable's NUL rule
+    ),
+    AfterValidator(storable),
+]
+
+
+# Printable ASCII (what an HTTP header can carry unambiguously), stored per tenant.
+IdempotencyKeyHeader = Annotated[
+    str | None,
+    Header(
+        min_length=1,
+        max_length=255,
+        pattern=r"^[\x20-\x7e]+$",
+        description="Makes a retry of this POST return the first answer (printable ASCII, at most 255); "
+        "the same key with a different body answers 422 (idempotency_key_reused)",
+    ),
+]
 
 
 def check_metadata(value: dict[str, Any] | None) -> dict[str, Any] | None:
-    if value is not None and len(json.dumps(value)) > MAX_METADATA_BYTES:
+    """At most MAX_METADATA_BYTES; NUL characters are kept (stored as the submitted text), but
+    an unpaired surrogate is refused, because no JSON answer could give it back."""
+    if value is None:
+        return None
+    try:
+        size = len(json.dumps(value, ensure_ascii=False).encode())
+    except UnicodeEncodeError:
+        raise ValueError("must not contain an unpaired surrogate (\\ud800-\\udfff)") from None
+    if size > MAX_METADATA_BYTES:
         raise ValueError(f"metadata must be at most {MAX_METADATA_BYTES} bytes of JSON")
     return value
 
@@ -35,10 +97,13 @@ class JobCreate(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     request: ChatCompletionRequest
-    custom_id: str | None = Field(default=None, min_length=1, max_length=255)
+    custom_id: CustomId | None = None
     metadata: dict[str, Any] | None = None
     webhook_url: AnyHttpUrl | None = Field(
-        default=None, description="http(s) URL told when the job ends (delivery: coming)."
+        default=None,
+        description="http(s) URL told when the job ends (delivery: coming); at most "
+        f"{MAX_URL_LENGTH} characters once normalized (a bare host gains a trailing /).",
+        json_schema_extra=WEBHOOK_URL_DOC,
     )
 
     _meta = field_validator("metadata")(check_metadata)
@@ -49,10 +114,13 @@ class BatchLine(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    custom_id: str = Field(min_length=1, max_length=255)
+    custom_id: CustomId
     body: ChatCompletionRequest
-    method: str | None = None
-    url: str | None = None
+    method: str | None = Field(default=None, json_schema_extra=string_doc(pattern="^[Pp][Oo][Ss][Tt]$"))
+    url: str | None = Field(
+        default=None,
+        json_schema_extra=string_doc(enum=["/v1beta/chat/completions", "/v1/chat/completions"]),
+    )
     metadata: dict[str, Any] | None = None
 
     _meta = field_validator("metadata")(check_metadata)

@@ -11,7 +11,15 @@ from sqlalchemy import update
 from starlette.concurrency import run_in_threadpool
 
 from api import repository
-from api.batch_input import JSONL_TYPES, JsonlReader, check_model, media_type, parse_json_batch
+from api.batch_input import (
+    JSONL_TYPES,
+    JsonlReader,
+    check_model,
+    media_type,
+    parse_json_batch,
+    read_body,
+    text_of,
+)
 from api.schemas import JobCreate, check_webhook_url
 from pcq.db import SessionFactory, unit_of_work
 from pcq.jobs import control
@@ -37,13 +45,16 @@ class Submitter:
     max_batch_lines: int
     max_line_bytes: int
 
-    def submit_job(self, tenant_id: str, body: JobCreate, idempotency_key: str | None) -> Job:
-        request = body.request.model_dump(mode="json", exclude_none=True)
-        check_model(request)
+    def submit_job(self, tenant_id: str, body: JobCreate, raw: bytes, idempotency_key: str | None) -> Job:
+        """``body`` is ``raw`` validated; the request and metadata are stored as ``raw`` has them."""
+        check_model(body.request.model)
+        found = read_body(raw)
         item = NewJob(
-            request=request,
+            request_json=found["request"].text,
+            model=body.request.model,
+            stream=bool(body.request.stream),
             custom_id=body.custom_id,
-            metadata=body.metadata,
+            metadata_json=text_of(found, "metadata"),
             webhook_url=check_webhook_url(body.webhook_url),
         )
         with unit_of_work(self.sessions) as session:
@@ -81,7 +92,7 @@ class Submitter:
                         open_batch,
                         session,
                         tenant_id,
-                        metadata=None,
+                        metadata_json=None,
                         webhook_url=None,
                         idempotency_key=idempotency_key,
                     )
@@ -117,14 +128,14 @@ class Submitter:
         return batch, True
 
     def _submit_json(self, tenant_id: str, raw: bytes, idempotency_key: str | None) -> tuple[Batch, bool]:
-        items, metadata, webhook_url = parse_json_batch(raw, self.max_batch_lines)
+        items, metadata_json, webhook_url = parse_json_batch(raw, self.max_batch_lines)
         fingerprint = hashlib.sha256(raw).hexdigest()
         with unit_of_work(self.sessions) as session:
             batch, job_ids, created = create_batch(
                 session,
                 tenant_id,
                 items,
-                metadata=metadata,
+                metadata_json=metadata_json,
                 webhook_url=webhook_url,
                 idempotency_key=idempotency_key,
                 fingerprint=fingerprint,

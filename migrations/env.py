@@ -5,6 +5,7 @@ from __future__ import annotations
 from alembic import context
 from sqlalchemy import Connection
 
+from migrations import compare_type
 from pcq.db import make_engine
 from pcq.models import Base
 from pcq.settings import get_settings
@@ -17,7 +18,7 @@ def _run(connection: Connection) -> None:
     context.configure(
         connection=connection,
         target_metadata=target_metadata,
-        compare_type=True,
+        compare_type=compare_type,
         render_as_batch=connection.dialect.name == "sqlite",  # ALTER on SQLite needs batch mode
     )
     with context.begin_transaction():

@@ -6,6 +6,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
+import sqlalchemy.exc
 from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -69,9 +70,13 @@ def copy_rows(
     assert isinstance(dbapi, psycopg.Connection)
     json_at = [i for i, c in enumerate(columns) if c in json_columns]
     sql = f"COPY {table} ({', '.join(columns)}) FROM STDIN"
-    with dbapi.cursor() as cur, cur.copy(sql) as copy:
-        for row in rows:
-            for i in json_at:
-                if row[i] is not None:
-                    row[i] = Jsonb(row[i])
-            copy.write_row(row)
+    try:
+        with dbapi.cursor() as cur, cur.copy(sql) as copy:
+            for row in rows:
+                for i in json_at:
+                    if row[i] is not None:
+                        row[i] = Jsonb(row[i])
+                copy.write_row(row)
+    except psycopg.DataError as exc:
+        # As SQLAlchemy reports it for statements it runs, so callers handle one error type.
+        raise sqlalchemy.exc.DataError(sql, None, exc) from exc

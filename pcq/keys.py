@@ -36,6 +36,8 @@ def split_prefix(presented: str) -> str | None:
     parts = presented.split("_", 2)
     if len(parts) != 3 or parts[0] != KEY_SCHEME or len(parts[1]) != 12:
         return None
+    if parts[1].strip("0123456789abcdef"):  # minted prefixes are hex; anything else is no key
+        return None
     return parts[1]
 
 

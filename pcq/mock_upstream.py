@@ -103,6 +103,9 @@ class _State:
     windows: dict[str, deque[float]] = field(default_factory=dict)
     # Per key digest: requests, calls open now and at most, 429s from the enforcer.
     by_key: dict[str, Counter[str]] = field(default_factory=dict)
+    # The exact bodies of requests carrying [[mock:record]] (the last 100): what a client
+    # really sent, byte for byte, for tests that check nothing was re-serialised on the way.
+    recorded: deque[str] = field(default_factory=lambda: deque(maxlen=100))
 
     def new_id(self, prefix: str) -> str:
         return f"{prefix}{self.rng.getrandbits(96):024x}"
@@ -113,12 +116,14 @@ class _State:
         for counter in (self.by_status, self.faults, self.by_content_hash, self.times_seen):
             counter.clear()
         self.windows.clear()
+        self.recorded.clear()
         for c in self.by_key.values():
             c["requests"] = c["rate_limited"] = 0
             c["max_in_flight"] = c["in_flight"]
 
 
 STATE_KEY = web.AppKey("pcq_mock_state", _State)
+RECORD_DIRECTIVE = b"[[mock:record]]"
 
 
 def _digest(text: str) -> str:
@@ -165,6 +170,8 @@ def _apply_block(d: _Directives, items: dict[str, str]) -> None:
             d.status = int(value)
         elif key in ("hang", "truncate", "malformed", "null_usage"):
             setattr(d, key, True)
+        elif key == "record":
+            pass  # _read_payload kept the raw body already
         elif key == "latency_ms":
             d.latency_ms = float(value)
         elif key == "retry_after":
@@ -531,8 +538,11 @@ def _enforce_rpm(st: _State, key: str, rid: str) -> web.Response | None:
 
 async def _read_payload(request: web.Request, rid: str) -> JSON | web.Response:
     """The validated request body, or the 422/403 answer the upstream would give."""
+    raw = await request.read()
+    if RECORD_DIRECTIVE in raw:
+        request.app[STATE_KEY].recorded.append(raw.decode("utf-8", errors="replace"))
     try:
-        payload = json.loads(await request.read())
+        payload = json.loads(raw)
     except ValueError as exc:
         pos = getattr(exc, "pos", 0)
         detail = [{"loc": ["body", pos], "msg": "JSON decode error", "type": "json_invalid"}]
@@ -676,6 +686,11 @@ async def _stats(request: web.Request) -> web.Response:
     )
 
 
+async def _recorded(request: web.Request) -> web.Response:
+    """``{"bodies": [...]}``: the raw bodies of requests that carried ``[[mock:record]]``."""
+    return web.json_response({"bodies": list(request.app[STATE_KEY].recorded)})
+
+
 async def _reset(request: web.Request) -> web.Response:
     request.app[STATE_KEY].reset()
     return web.json_response({"reset": True})
@@ -690,6 +705,7 @@ def create_app(config: MockConfig) -> web.Application:
     app[STATE_KEY] = _State(config=config, rng=random.Random(config.seed))
     app.router.add_post(COMPLETIONS_PATH, _completions)
     app.router.add_get("/mock/stats", _stats)
+    app.router.add_get("/mock/recorded", _recorded)
     app.router.add_post("/mock/reset", _reset)
     app.router.add_get("/healthz", _healthz)
     return app

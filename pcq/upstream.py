@@ -116,6 +116,15 @@ def summarize_error(status: int, body: str) -> str:
     return text
 
 
+def response_format(request_json: str) -> dict[str, Any] | None:
+    """The request's ``response_format``: how to read the answer's content (JSON or text)."""
+    try:
+        fmt = json.loads(request_json).get("response_format")
+    except (ValueError, AttributeError):
+        return None
+    return fmt if isinstance(fmt, dict) else None
+
+
 class BodyTooLarge(Exception):
     pass
 
@@ -157,11 +166,13 @@ class UpstreamClient:
             raise_for_status=False,
         )
 
-    async def call(self, request: dict[str, Any], key_index: int = 0) -> Outcome:
+    async def call(self, request_json: str, key_index: int = 0) -> Outcome:
+        """Send ``request_json`` (the submitted text, byte for byte) with the pool's key
+        ``key_index``."""
         started = datetime.now(UTC)
         try:
             async with asyncio.timeout(self._total_timeout):
-                return await self._call(request, started, self._headers[key_index])
+                return await self._call(request_json, started, self._headers[key_index])
         except aiohttp.ConnectionTimeoutError:  # a TimeoutError too: test it first
             return self._fail("retryable", started, "timeout", "upstream connect timed out")
         except aiohttp.ServerTimeoutError:
@@ -200,14 +211,14 @@ class UpstreamClient:
             chunks.append(chunk)
         return b"".join(chunks).decode("utf-8", errors="replace")
 
-    async def _call(self, request: dict[str, Any], started: datetime, headers: dict[str, str]) -> Outcome:
-        payload = json.dumps(request).encode()
+    async def _call(self, request_json: str, started: datetime, headers: dict[str, str]) -> Outcome:
+        payload = request_json.encode()
         async with self._client.post(self._url, data=payload, headers=headers, allow_redirects=False) as resp:
             request_id = resp.headers.get("x-request-id")
             body = await self._read(resp)
         status = resp.status
-        fmt = request.get("response_format")
         if status == 200:
+            fmt = response_format(request_json)
             try:
                 if "text/event-stream" in resp.headers.get("content-type", ""):
                     completion = self._assemble_stream(body, fmt)

@@ -9,6 +9,7 @@ tolerantly: unknown keys, null ``usage``, ``message`` vs ``delta`` are all legal
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass, field
 from typing import Any, Literal
 from urllib.parse import urlsplit
@@ -16,6 +17,25 @@ from urllib.parse import urlsplit
 from pydantic import BaseModel, ConfigDict, Field
 
 KNOWN_MODELS = ("speed", "lite", "base", "core")
+
+
+_UNSTORABLE = re.compile("[\x00\ud800-\udfff]")
+
+
+def storable(value: Any) -> Any:
+    """``value`` with every NUL and unpaired surrogate replaced by U+FFFD, at any depth.
+
+    What the upstream answers is stored in text and JSON columns, and PostgreSQL holds neither
+    character (a JSON escape ``\\u0000`` decodes to one). Such an answer must still be stored,
+    not retried for ever, so the parsed copies are cleaned; the raw body keeps its escapes.
+    """
+    if isinstance(value, str):
+        return _UNSTORABLE.sub("\ufffd", value) if _UNSTORABLE.search(value) else value
+    if isinstance(value, dict):
+        return {storable(k): storable(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [storable(v) for v in value]
+    return value
 
 
 class ChatMessage(BaseModel):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from datetime import timedelta
 
 import pytest
@@ -28,7 +29,7 @@ def sessions(db_url: str):
 def _new_job(sessions) -> str:
     with unit_of_work(sessions) as s:
         tenant, _ = create_key(s, "t", "")
-        job, _ = create_job(s, tenant.id, NewJob(request=REQ), None)
+        job, _ = create_job(s, tenant.id, NewJob(request_json=json.dumps(REQ), model="lite"), None)
         return job.id
 
 
@@ -100,6 +101,38 @@ def test_success_stores_result_usage_basis_and_one_row_per_citation(sessions) ->
         assert s.get(Job, job_id).status == "succeeded"
         assert s.get(Result, job_id).raw_body == '{"raw": true}'
         assert {c.domain for c in s.scalars(select(Citation))} == {"example.com"}
+
+
+def test_an_answer_with_nul_and_lone_surrogates_is_stored_not_retried_for_ever(sessions) -> None:
+    """PostgreSQL holds neither character; the parsed copies get U+FFFD, the raw body its escapes."""
+    job_id = _new_job(sessions)
+    job = _claim(sessions, job_id)
+    bad = "a\x00b\ud800c"
+    raw = json.dumps({"choices": [{"message": {"content": bad}}]})
+    cite = CitationData(url="https://example.com/\x00", title=bad, excerpts=[bad])
+    completion = ParsedCompletion(
+        raw_body=raw + "\x00",
+        content=bad,
+        parsed={bad: [bad]},
+        model="lite",
+        finish_reason="stop",
+        upstream_id=bad,
+        usage={"prompt_tokens": 1, "detail": bad},
+        basis=[BasisData(bad, bad, bad, [cite])],
+    )
+    with unit_of_work(sessions) as s:
+        assert lifecycle.store_success(s, job, _record(1), completion)
+    clean = "a\ufffdb\ufffdc"
+    with sessions() as s:
+        result = s.get(Result, job_id)
+        assert result.content == clean
+        assert result.parsed == {clean: [clean]}
+        assert result.raw_body == raw + "\ufffd"  # the escapes in the JSON text are kept
+        assert "\\u0000" in result.raw_body
+        assert "\\ud800" in result.raw_body
+        citation = s.scalars(select(Citation)).one()
+        assert (citation.title, citation.excerpts) == (clean, [clean])
+        assert s.scalars(select(BasisField.field)).one() == clean
 
 
 def test_a_superseded_attempt_records_its_call_but_stores_no_result(sessions) -> None:

@@ -36,7 +36,7 @@ def call(
                 "messages": [{"role": "user", "content": content}],
                 **req,
             }
-            return await client.call(body)
+            return await client.call(json.dumps(body))
         finally:
             await http.close()
 

@@ -326,7 +326,7 @@ class Engine:
             held = await self._admit(job)
             if held is None:
                 return
-            outcome = await self._upstream.call(job.request, held[0])
+            outcome = await self._upstream.call(job.request_json, held[0])
             if outcome.status_code == 429:
                 # Every worker pauses this key (Retry-After, else backoff) and then sends to
                 # it more slowly; its rate climbs back while no 429 comes.

@@ -48,7 +48,7 @@ def batch_out(session: SessionDep, batch: Batch) -> BatchOut:
         total=batch.total,
         counts=counts,
         done=done,
-        metadata=batch.meta,
+        metadata=repository.parse_metadata(batch.metadata_json),
         webhook_url=batch.webhook_url,
         created_at=batch.created_at,
     )

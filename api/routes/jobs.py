@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, Header, Query
+from fastapi import APIRouter, Query, Request
 from starlette.concurrency import run_in_threadpool
 
 from api import repository
@@ -16,15 +16,17 @@ router = APIRouter(prefix="/v1/jobs", tags=["jobs"], responses=ERROR_RESPONSES)
 MAX_PAGE = 1000
 
 
-@router.post("", status_code=202, response_model=JobOut)
+@router.post("", status_code=202, response_model=JobOut, responses=error_responses(401, 409, 413, 422, 503))
 async def submit_job(
     body: JobCreate,
+    request: Request,
     res: ResourcesDep,
     tenant: TenantDep,
-    idempotency_key: Annotated[str | None, Header(max_length=255)] = None,
+    idempotency_key: IdempotencyKeyHeader = None,
 ) -> JobOut:
     """Queue one chat-completion request; answers once the job is stored durably."""
-    job = await run_in_threadpool(res.submitter.submit_job, tenant, body, idempotency_key)
+    raw = await request.body()  # already read (and cached) to build ``body``
+    job = await run_in_threadpool(res.submitter.submit_job, tenant, body, raw, idempotency_key)
     return repository.job_out(job)
 
 

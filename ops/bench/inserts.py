@@ -169,7 +169,7 @@ def main() -> None:
                             "id": i,
                             "tenant_id": "ten_bench",
                             "batch_id": "bat_bench",
-                            "request": {"model": "lite"},
+                            "request_json": '{"model": "lite"}',
                             "model": "lite",
                             "status": "running",
                             "created_at": now,

@@ -18,18 +18,23 @@ from pcq.models import Batch, Job, new_id, utcnow
 
 @dataclass(frozen=True)
 class NewJob:
-    """One validated job, before it has an id."""
+    """One validated job, before it has an id.
 
-    request: dict[str, Any]
+    ``request_json`` and ``metadata_json`` are the JSON texts the user submitted, kept verbatim
+    (pcq/verbatim.py); ``model`` and ``stream`` were read from the validated request.
+    """
+
+    request_json: str
+    model: str
+    stream: bool = False
     custom_id: str | None = None
-    metadata: dict[str, Any] | None = None
+    metadata_json: str | None = None
     webhook_url: str | None = None
 
-
-def request_hash(payload: Any) -> str:
-    """A stable fingerprint of a request body, to tell a replay from a reuse of the key."""
-    canonical = json.dumps(payload, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
-    return hashlib.sha256(canonical.encode()).hexdigest()
+    def fingerprint(self) -> str:
+        """Tells a replay from a reuse of an idempotency key: the same texts, the same job."""
+        parts = (self.request_json, self.custom_id, self.metadata_json, self.webhook_url)
+        return hashlib.sha256(json.dumps(parts, ensure_ascii=False).encode()).hexdigest()
 
 
 def _job_row(tenant_id: str, item: NewJob, batch_id: str | None, now: Any) -> dict[str, Any]:
@@ -38,10 +43,10 @@ def _job_row(tenant_id: str, item: NewJob, batch_id: str | None, now: Any) -> di
         "tenant_id": tenant_id,
         "batch_id": batch_id,
         "custom_id": item.custom_id,
-        "request": item.request,
-        "model": item.request["model"],
-        "stream": bool(item.request.get("stream")),
-        "meta": item.metadata,
+        "request_json": item.request_json,
+        "model": item.model,
+        "stream": item.stream,
+        "metadata_json": item.metadata_json,
         "webhook_url": item.webhook_url,
         "status": "queued",
         "attempts": 0,
@@ -55,14 +60,7 @@ def create_job(
     session: Session, tenant_id: str, item: NewJob, idempotency_key: str | None
 ) -> tuple[Job, bool]:
     """Insert one job; with an idempotency key a replay returns the first job (created=False)."""
-    fingerprint = request_hash(
-        {
-            "request": item.request,
-            "custom_id": item.custom_id,
-            "metadata": item.metadata,
-            "webhook_url": item.webhook_url,
-        }
-    )
+    fingerprint = item.fingerprint()
     if idempotency_key is not None:
         existing = _job_by_key(session, tenant_id, idempotency_key)
         if existing is not None:
@@ -114,7 +112,7 @@ def open_batch(
     session: Session,
     tenant_id: str,
     *,
-    metadata: dict[str, Any] | None,
+    metadata_json: str | None,
     webhook_url: str | None,
     idempotency_key: str | None,
 ) -> Batch | None:
@@ -123,7 +121,7 @@ def open_batch(
         id=new_id("bat"),
         tenant_id=tenant_id,
         total=0,
-        meta=metadata,
+        metadata_json=metadata_json,
         webhook_url=webhook_url,
         idempotency_key=idempotency_key,
         created_at=utcnow(),
@@ -156,10 +154,10 @@ _COPY_COLUMNS = {  # column -> key in _job_row
     "tenant_id": "tenant_id",
     "batch_id": "batch_id",
     "custom_id": "custom_id",
-    "request": "request",
+    "request": "request_json",
     "model": "model",
     "stream": "stream",
-    "metadata": "meta",
+    "metadata": "metadata_json",
     "webhook_url": "webhook_url",
     "status": "status",
     "attempts": "attempts",
@@ -178,7 +176,7 @@ def _copy_jobs(session: Session, rows: list[dict[str, Any]]) -> None:
         "jobs",
         list(_COPY_COLUMNS),
         [[row[key] for key in _COPY_COLUMNS.values()] for row in rows],
-        {"request", "metadata"},
+        set(),
     )
 
 
@@ -193,7 +191,7 @@ def create_batch(
     tenant_id: str,
     items: list[NewJob],
     *,
-    metadata: dict[str, Any] | None,
+    metadata_json: str | None,
     webhook_url: str | None,
     idempotency_key: str | None,
     fingerprint: str,
@@ -202,7 +200,11 @@ def create_batch(
     existing = find_batch(session, tenant_id, idempotency_key) if idempotency_key else None
     if existing is None:
         batch = open_batch(
-            session, tenant_id, metadata=metadata, webhook_url=webhook_url, idempotency_key=idempotency_key
+            session,
+            tenant_id,
+            metadata_json=metadata_json,
+            webhook_url=webhook_url,
+            idempotency_key=idempotency_key,
         )
         if batch is not None:
             ids = add_jobs(session, batch, items)

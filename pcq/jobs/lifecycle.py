@@ -32,7 +32,22 @@ from sqlalchemy.orm import Session
 
 from pcq.db import copy_rows
 from pcq.models import Attempt, BasisField, Citation, Job, Result, Usage
-from pcq.wire import ParsedCompletion
+from pcq.wire import ParsedCompletion, storable
+
+# Worker deaths (lease losses) are counted apart from attempts. A job whose worker died under it
+# this many times is a *suspect*: it may be what kills workers, so each worker runs at most
+# SUSPECT_LANE suspects at once. The first death is not enough: a worker that dies (OOM, a lost
+# host) takes all its calls with it, and those overwhelmingly innocent jobs should re-run at
+# full speed. A job that merely shared a worker with a poison job therefore dies with it at most
+# twice, and after that never runs beside it again (both are suspects, one per worker).
+SUSPECT_AFTER_LOSSES = 2
+SUSPECT_LANE = 1
+
+
+def crash_cap(max_attempts: int) -> int:
+    """Worker deaths after which a job is failed: PCQ_MAX_ATTEMPTS, but never so few that an
+    innocent job (at most SUSPECT_AFTER_LOSSES deaths beside a poison job) could reach it."""
+    return max(max_attempts, SUSPECT_AFTER_LOSSES + 1)
 
 
 @dataclass(frozen=True)
@@ -93,7 +108,7 @@ class AttemptRecord:
             "status_code": self.status_code,
             "upstream_request_id": self.upstream_request_id,
             "retry_after_seconds": self.retry_after_seconds,
-            "error_detail": self.error_detail,
+            "error_detail": storable(self.error_detail),
             "upstream_key_id": self.upstream_key_id,
         }
 
@@ -208,7 +223,7 @@ def claim(
 ) -> ClaimedJob | None:
     """Take one job for one attempt, or None if it is not ours to run."""
     jobs = claim_many(session, [job_id], now=now, lease_seconds=lease_seconds, max_attempts=max_attempts)
-    return jobs[0] if jobs else None
+    return jobs.jobs[0] if jobs.jobs else None
 
 
 def renew_leases(
@@ -294,7 +309,7 @@ def _set_status(
                     "b_status": status,
                     "b_next": nxt,
                     "b_code": code,
-                    "b_error": error,
+                    "b_error": storable(error),
                     "b_now": now,
                     "b_finished": None if status == "queued" else now,
                 }
@@ -420,9 +435,10 @@ def _store_completions(session: Session, items: list[Settled]) -> None:
                 for cpos, cite in enumerate(basis.citations)
             )
     postgres = session.get_bind().dialect.name == "postgresql"
-    for model, rows in ((Result, results), (Usage, usage), (BasisField, fields), (Citation, cites)):
-        if not rows:
+    for model, unclean in ((Result, results), (Usage, usage), (BasisField, fields), (Citation, cites)):
+        if not unclean:
             continue
+        rows: list[dict[str, Any]] = [storable(r) for r in unclean]
         if postgres:
             # COPY: the answer rows are most of a worker's writing (13 rows per job here).
             columns = list(rows[0])

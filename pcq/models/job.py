@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Any
 
 from sqlalchemy import (
     Boolean,
@@ -17,7 +16,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.orm import Mapped, mapped_column
 
-from pcq.models.base import Base, BigIntPK, JSONType, UTCDateTime, utcnow
+from pcq.models.base import Base, BigIntPK, UTCDateTime, utcnow
 
 JOB_STATUSES = ("queued", "running", "succeeded", "failed", "cancelled")
 TERMINAL_STATUSES = ("succeeded", "failed", "cancelled")
@@ -30,7 +29,8 @@ class Batch(Base):
     id: Mapped[str] = mapped_column(String(40), primary_key=True)
     tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id", ondelete="CASCADE"), index=True)
     total: Mapped[int] = mapped_column(Integer)
-    meta: Mapped[dict[str, Any] | None] = mapped_column("metadata", JSONType, default=None)
+    # The submitted JSON text, verbatim (key order, numbers, escapes), never re-serialised.
+    metadata_json: Mapped[str | None] = mapped_column("metadata", Text, default=None)
     webhook_url: Mapped[str | None] = mapped_column(Text, default=None)
     idempotency_key: Mapped[str | None] = mapped_column(String(255), default=None)
     request_hash: Mapped[str | None] = mapped_column(String(64), default=None)
@@ -60,10 +60,12 @@ class Job(Base):
     custom_id: Mapped[str | None] = mapped_column(String(255), default=None)
     idempotency_key: Mapped[str | None] = mapped_column(String(255), default=None)
     request_hash: Mapped[str | None] = mapped_column(String(64), default=None)
-    request: Mapped[dict[str, Any]] = mapped_column(JSONType)
+    # The request and metadata exactly as submitted (JSON text): what goes upstream is what
+    # came in, byte for byte (jsonb would re-order keys; see pcq/verbatim.py).
+    request_json: Mapped[str] = mapped_column("request", Text)
     model: Mapped[str] = mapped_column(String(64))
     stream: Mapped[bool] = mapped_column(Boolean, default=False)
-    meta: Mapped[dict[str, Any] | None] = mapped_column("metadata", JSONType, default=None)
+    metadata_json: Mapped[str | None] = mapped_column("metadata", Text, default=None)
     webhook_url: Mapped[str | None] = mapped_column(Text, default=None)
 
     status: Mapped[str] = mapped_column(String(16), default="queued")

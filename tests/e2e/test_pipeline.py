@@ -8,14 +8,12 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 
-from pcq.testing import Stack, audit, mint_key, stack_env
+from pcq.testing import Stack, audit, mint_key
 
 pytestmark = [pytest.mark.e2e]
 
@@ -60,27 +58,6 @@ def run_batch(stack: Stack, key: str, body: str, timeout: float = 120) -> dict[s
             return state
         time.sleep(0.3)
     raise AssertionError(f"batch not done in {timeout} s: {state}\n{stack.logs()}")
-
-
-@pytest.fixture(params=["postgres+redis", "sqlite+embedded"])
-def stack(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[tuple[Stack, str]]:
-    if request.param == "postgres+redis":
-        db = request.getfixturevalue("pg_url")
-        env = stack_env(db, request.getfixturevalue("redis_url"))
-    else:
-        db = f"sqlite:///{tmp_path / 'pcq.sqlite3'}"
-        env = stack_env(db, None)
-        from pcq.migrate import upgrade_to_head
-
-        upgrade_to_head(db)
-    s = Stack(env, tmp_path)
-    try:
-        s.start_mock()
-        s.start_api()
-        s.start_worker()
-        yield s, db
-    finally:
-        s.stop_all()
 
 
 def test_a_batch_flows_through_and_every_citation_becomes_a_row(stack: tuple[Stack, str]) -> None:

@@ -431,9 +431,10 @@ class Db:
                     j.attempts,
                     j.error_code,
                     j.error,
-                    j.request["messages"][-1]["content"],
+                    json.loads(j.request_json)["messages"][-1]["content"],
                     j.lease_until,
                     j.enqueued_at,
+                    j.lease_losses,
                 )
                 for j in s.scalars(select(Job).where(Job.id.in_(ids)))
             }

@@ -1,0 +1,154 @@
+"""Reading JSON while keeping the exact text of each member, so what is forwarded is what came in.
+
+A request is validated as parsed objects (pydantic), but it is *stored and sent upstream as the
+text the user submitted*: re-serialising parsed objects changes key order (PostgreSQL ``jsonb``
+sorts keys; a pydantic dump puts declared fields first and drops nulls) and can change numbers.
+Key order is meaningful here: models write structured output in ``json_schema`` property order,
+and Parallel's ``basis`` follows the fields.
+
+``members`` walks one JSON object with the standard library's own scanner and returns, for
+every key, the decoded value and the exact slice of text it was decoded from. The text is
+valid JSON by construction, and it is what the upstream receives byte for byte. Non-standard
+constants (``NaN``, ``Infinity``) are refused: the upstream would refuse them too.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from typing import Any
+
+_WS = re.compile(r"[ \t\n\r]*")
+MAX_DEPTH = 64  # nesting levels allowed in any submitted value (the upstream needs a handful)
+
+
+class NotJson(ValueError):
+    """The text is not the JSON expected; the message says where."""
+
+
+def _no_constants(name: str) -> Any:
+    raise NotJson(f"{name} is not valid JSON (use null or a number)")
+
+
+_decoder = json.JSONDecoder(parse_constant=_no_constants)
+
+
+@dataclass(frozen=True)
+class Member:
+    value: Any  # as json.loads gives it
+    text: str  # the exact JSON text it was read from
+
+
+def _skip(text: str, i: int) -> int:
+    match = _WS.match(text, i)
+    assert match is not None  # the pattern matches the empty string
+    return match.end()
+
+
+_STRING = re.compile(r'"(?:[^"\\]+|\\.)*"', re.S)
+_BRACKET = re.compile(r"[\[\]{}]")
+
+
+def _depth_ok(text: str) -> bool:
+    """Whether brackets nest at most MAX_DEPTH deep outside strings: a cheap pre-check, so a
+    hostile value cannot make the parser recurse until Python gives up."""
+    if text.count("[") + text.count("{") <= MAX_DEPTH:
+        return True
+    depth = 0
+    for match in _BRACKET.finditer(_STRING.sub("", text)):
+        if match.group() in "[{":
+            depth += 1
+            if depth > MAX_DEPTH:
+                return False
+        else:
+            depth -= 1
+    return True
+
+
+def members(text: str) -> dict[str, Member]:
+    """The members of the JSON object that is the whole of ``text`` (surrounding whitespace
+    allowed). A key given twice keeps its last value, as ``json.loads`` does."""
+    if not _depth_ok(text):
+        raise NotJson(f"nested more than {MAX_DEPTH} levels deep")
+    try:
+        return _members(text)
+    except json.JSONDecodeError as exc:
+        raise NotJson(f"not valid JSON ({exc.msg} at character {exc.pos})") from None
+    except RecursionError:  # belt and braces: _depth_ok should have refused it
+        raise NotJson(f"nested more than {MAX_DEPTH} levels deep") from None
+
+
+def _members(text: str) -> dict[str, Member]:
+    i = _skip(text, 0)
+    if text[i : i + 1] != "{":
+        raise NotJson("not a JSON object")
+    out: dict[str, Member] = {}
+    i = _skip(text, i + 1)
+    if text[i : i + 1] == "}":
+        i += 1
+    else:
+        while True:
+            if text[i : i + 1] != '"':
+                raise NotJson(f"not valid JSON (expected a key at character {i})")
+            key, i = json.decoder.scanstring(text, i + 1)  # type: ignore[attr-defined]
+            i = _skip(text, i)
+            if text[i : i + 1] != ":":
+                raise NotJson(f"not valid JSON (expected ':' at character {i})")
+            i = _skip(text, i + 1)
+            value, end = _decoder.raw_decode(text, i)
+            out.pop(key, None)  # a repeated key moves to its last place, as in json.loads
+            out[key] = Member(value, text[i:end])
+            i = _skip(text, end)
+            sep = text[i : i + 1]
+            i = _skip(text, i + 1)
+            if sep == "}":
+                break
+            if sep != ",":
+                raise NotJson(f"not valid JSON (expected ',' or '}}' at character {i - 1})")
+    if _skip(text, i) != len(text):
+        raise NotJson(f"not valid JSON (extra data at character {i})")
+    return out
+
+
+def items(text: str) -> list[str]:
+    """The exact texts of the items of the JSON array that is the whole of ``text``."""
+    if not _depth_ok(text):
+        raise NotJson(f"nested more than {MAX_DEPTH} levels deep")
+    try:
+        return _items(text)
+    except json.JSONDecodeError as exc:
+        raise NotJson(f"not valid JSON ({exc.msg} at character {exc.pos})") from None
+    except RecursionError:
+        raise NotJson(f"nested more than {MAX_DEPTH} levels deep") from None
+
+
+def _items(text: str) -> list[str]:
+    i = _skip(text, 0)
+    if text[i : i + 1] != "[":
+        raise NotJson("not a JSON array")
+    out: list[str] = []
+    i = _skip(text, i + 1)
+    if text[i : i + 1] == "]":
+        i += 1
+    else:
+        while True:
+            _, end = _decoder.raw_decode(text, i)
+            out.append(text[i:end])
+            i = _skip(text, end)
+            sep = text[i : i + 1]
+            i = _skip(text, i + 1)
+            if sep == "]":
+                break
+            if sep != ",":
+                raise NotJson(f"not valid JSON (expected ',' or ']' at character {i - 1})")
+    if _skip(text, i) != len(text):
+        raise NotJson(f"not valid JSON (extra data at character {i})")
+    return out
+
+
+def decode_utf8(raw: bytes) -> str:
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise NotJson("not valid UTF-8") from None
