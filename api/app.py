@@ -8,7 +8,7 @@ from typing import Any
 
 from fastapi import FastAPI
 
-from api import errors
+from api import errors, openapi
 from api.deps import Resources
 from api.routes import batches, citations, health, jobs
 from api.service import Submitter

@@ -6,13 +6,14 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Annotated, Any
 
-from fastapi import Depends, Header, Request
+from fastapi import Depends, Query, Request, Security
+from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy import Engine
 from sqlalchemy.orm import Session
 
 from api.service import Submitter
 from pcq.db import SessionFactory
-from pcq.jobs.errors import Unauthorized
+from pcq.jobs.errors import InvalidInput, Unauthorized
 from pcq.models import utcnow
 from pcq.settings import Settings
 from pcq.tenants import authenticate
@@ -49,18 +50,21 @@ def read_session(res: ResourcesDep) -> Iterator[Session]:
 SessionDep = Annotated[Session, Depends(read_session)]
 
 
+# Declared as security schemes (either one will do), so OpenAPI clients know how to send a key.
+bearer_key = HTTPBearer(auto_error=False, description="`Authorization: Bearer <key>`")
+header_key = APIKeyHeader(name="x-api-key", auto_error=False, description="`x-api-key: <key>`")
+
+
 def tenant_id(
     res: ResourcesDep,
     session: SessionDep,
-    authorization: Annotated[str | None, Header()] = None,
-    x_api_key: Annotated[str | None, Header()] = None,
+    bearer: Annotated[HTTPAuthorizationCredentials | None, Security(bearer_key)],
+    x_api_key: Annotated[str | None, Security(header_key)],
 ) -> str:
     """Authenticate ``Authorization: Bearer <key>`` or ``x-api-key: <key>``."""
     presented = x_api_key
-    if authorization is not None:
-        scheme, _, value = authorization.partition(" ")
-        if scheme.lower() == "bearer" and value.strip():
-            presented = value.strip()
+    if bearer is not None and bearer.credentials.strip():
+        presented = bearer.credentials.strip()
     if not presented:
         raise Unauthorized("send your key as 'Authorization: Bearer <key>' or 'x-api-key: <key>'")
     tenant = authenticate(session, presented, res.settings.key_pepper.get_secret_value(), utcnow())
@@ -70,3 +74,24 @@ def tenant_id(
 
 
 TenantDep = Annotated[str, Depends(tenant_id)]
+
+
+def single_valued_query(request: Request, _tenant: TenantDep) -> None:
+    """Refuse a repeated query parameter: each takes one value, and reading only one would hide
+    the others (a filter the caller believes applied). After authentication, like the checks of
+    the parameters themselves."""
+    seen: set[str] = set()
+    for name, _ in request.query_params.multi_items():
+        if name in seen:
+            raise InvalidInput(f"query parameter {name!r} given more than once; it takes one value")
+        seen.add(name)
+
+
+SINGLE_VALUED_QUERY = [Depends(single_valued_query)]
+
+# A filter or cursor in a query: an empty one names nothing, so it is refused (422), not ignored.
+QueryText = Annotated[str | None, Query(min_length=1)]
+Cursor = Annotated[
+    str | None,
+    Query(min_length=1, description="next_cursor of the previous page; any other value answers 422"),
+]

@@ -18,13 +18,34 @@ from pcq.jobs.errors import PcqError
 
 log = logging.getLogger(__name__)
 
-ERROR_RESPONSES: dict[int | str, dict[str, object]] = {
-    401: {"model": ErrorOut, "description": "Missing or invalid API key"},
-    404: {"model": ErrorOut, "description": "No such object for this tenant"},
-    409: {"model": ErrorOut, "description": "The object is not in a state that allows this"},
-    422: {"model": ErrorOut, "description": "Invalid input; nothing was stored"},
-    503: {"model": ErrorOut, "description": "The database is unavailable; retry"},
+ERROR_DESCRIPTIONS: dict[int, str] = {
+    401: "Missing or invalid API key",
+    404: "No such object for this tenant",
+    409: "The object is not in a state that allows this",
+    413: "The body (or one batch line) is too large; nothing was stored",
+    422: "Invalid input; nothing was stored",
+    503: "The database is unavailable; retry",
 }
+_ERROR_HEADERS: dict[int, dict[str, object]] = {
+    401: {"WWW-Authenticate": {"description": "Bearer", "schema": {"type": "string"}}},
+    503: {"Retry-After": {"description": "Seconds to wait before retrying", "schema": {"type": "string"}}},
+}
+
+
+def error_responses(*codes: int) -> dict[int | str, dict[str, object]]:
+    """OpenAPI ``responses`` for the error statuses a route can answer, each an ErrorOut.
+
+    Always ``application/json``, whatever the route's own media type (api.openapi adds ErrorOut
+    to the document's components).
+    """
+    content = {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorOut"}}}
+    out: dict[int | str, dict[str, object]] = {}
+    for code in codes:
+        doc: dict[str, object] = {"description": ERROR_DESCRIPTIONS[code], "content": content}
+        if code in _ERROR_HEADERS:
+            doc["headers"] = _ERROR_HEADERS[code]
+        out[code] = doc
+    return out
 
 
 def error_body(code: str, detail: str) -> dict[str, str]:
@@ -91,9 +112,30 @@ def install(app: FastAPI) -> None:
         return JSONResponse(error_body("invalid_request", "; ".join(parts)), status_code=422)
 
     @app.exception_handler(StarletteHTTPException)
-    async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+    async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        if exc.status_code == 400:
+            # FastAPI's answer to a body it cannot decode (not UTF-8): bad input, like invalid JSON.
+            return JSONResponse(error_body("invalid_request", f"body: {exc.detail}"), status_code=422)
         code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
-        return JSONResponse(error_body(code, str(exc.detail)), status_code=exc.status_code)
+        headers = exc.headers
+        if exc.status_code == 405:
+            # RFC 9110: a 405 lists every method of the resource. Starlette's names only those of
+            # the first route whose path matched, and GET and POST of a path are two routes here.
+            headers = {**(headers or {}), "Allow": allowed_methods(request)}
+        return JSONResponse(error_body(code, str(exc.detail)), status_code=exc.status_code, headers=headers)
+
+
+_METHODS = ("DELETE", "GET", "HEAD", "OPTIONS", "PATCH", "POST", "PUT")
+
+
+def allowed_methods(request: Request) -> str:
+    """The methods some route answers for this path (asked of the router, however it nests)."""
+    routes = request.app.router.routes
+    return ", ".join(
+        method
+        for method in _METHODS
+        if any(route.matches({**request.scope, "method": method})[0] == Match.FULL for route in routes)
+    )
 
 
 class BodyLimit:

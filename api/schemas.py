@@ -82,12 +82,31 @@ def check_metadata(value: dict[str, Any] | None) -> dict[str, Any] | None:
     return value
 
 
+def string_doc(**keywords: JsonValue) -> Callable[[JsonDict], None]:
+    """``json_schema_extra`` adding JSON Schema keywords to the string branch of an optional field
+    (documentation only: the validators above and below are what check)."""
+
+    def extra(schema: JsonDict) -> None:
+        branches = schema.get("anyOf")
+        for branch in branches if isinstance(branches, list) else [schema]:
+            if isinstance(branch, dict) and branch.get("type") == "string":
+                branch.update(keywords)
+
+    return extra
+
+
+# AnyHttpUrl alone documents any URI. The length is checked once normalized (a bare host gains
+# a trailing "/"), as stored.
+WEBHOOK_URL_DOC = string_doc(pattern="^[Hh][Tt][Tt][Pp][Ss]?://", maxLength=MAX_URL_LENGTH)
+
+
 def check_webhook_url(value: AnyHttpUrl | None) -> str | None:
+    """The URL as stored. Called on a validated body (not as a validator), hence InvalidInput."""
     if value is None:
         return None
     text = str(value)
     if len(text) > MAX_URL_LENGTH:
-        raise ValueError(f"webhook_url must be at most {MAX_URL_LENGTH} characters")
+        raise InvalidInput(f"webhook_url: must be at most {MAX_URL_LENGTH} characters once normalized")
     return text
 
 
@@ -145,9 +164,14 @@ class BatchCreate(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    requests: list[dict[str, Any]] = Field(min_length=1)
+    # Each item is read as a BatchLine (so a bad one is named by its index); documented as one.
+    requests: list[dict[str, Any]] = Field(
+        min_length=1,
+        json_schema_extra={"items": {"$ref": "#/components/schemas/BatchLine"}},
+        description="The batch's requests; custom_id must be unique within it",
+    )
     metadata: dict[str, Any] | None = None
-    webhook_url: AnyHttpUrl | None = None
+    webhook_url: AnyHttpUrl | None = Field(default=None, json_schema_extra=WEBHOOK_URL_DOC)
 
     _meta = field_validator("metadata")(check_metadata)
 
@@ -183,11 +207,11 @@ class ResultOut(BaseModel):
 class JobOut(BaseModel):
     id: str
     object: str = "job"
-    status: str = Field(description="queued | running | succeeded | failed | cancelled")
+    status: JobStatus
     custom_id: str | None
     batch_id: str | None
     metadata: dict[str, Any] | None
-    model: str
+    model: Model
     attempts: int
     webhook_url: str | None
     created_at: datetime
@@ -203,7 +227,7 @@ class JobOut(BaseModel):
 class BatchOut(BaseModel):
     id: str
     object: str = "batch"
-    status: str = Field(description="queued | running | completed")
+    status: BatchStatus = Field(description="completed once every job ended; queued while all are queued")
     total: int
     counts: dict[str, int]
     done: bool
@@ -241,3 +265,23 @@ class CitationPage(BaseModel):
 class ErrorOut(BaseModel):
     error: str
     detail: str
+
+
+class ExportLine(BaseModel):
+    """One line of ``GET /v1/batches/{batch_id}/results`` (JSONL)."""
+
+    custom_id: str | None
+    job_id: str
+    status: JobStatus
+    result: ResultOut | None = Field(default=None, description="Only when the job succeeded")
+    error: str | None = Field(default=None, description="Only when the job did not succeed")
+    error_code: str | None = None
+
+
+class Health(BaseModel):
+    status: Literal["ok"]
+
+
+class Readiness(BaseModel):
+    status: Literal["ok", "unavailable"]
+    checks: dict[str, str] = Field(description='Per dependency: "ok" or "unreachable: <why>"')

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 from urllib.parse import urlsplit
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, StrictBool
 
 KNOWN_MODELS = ("speed", "lite", "base", "core")
 
@@ -58,9 +58,11 @@ class ChatCompletionRequest(BaseModel):
 
     model_config = ConfigDict(extra="allow")
 
-    model: str = Field(min_length=1, max_length=64)
+    # An enum in OpenAPI; checked against KNOWN_MODELS where a request is accepted, so the
+    # answer to an unknown one can name the models (and the wire type stays a plain string).
+    model: str = Field(min_length=1, max_length=64, json_schema_extra={"enum": list(KNOWN_MODELS)})
     messages: list[ChatMessage] = Field(min_length=1, max_length=1000)
-    stream: bool | None = None
+    stream: StrictBool | None = None  # not "true" or 1: the request is forwarded as sent
     response_format: ResponseFormat | None = None
 
 

@@ -4,33 +4,64 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator
-from typing import Annotated
+from typing import Any
 
-from fastapi import APIRouter, Header, Request
+from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
 from api import repository
+from api.batch_input import JSONL_TYPES
 from api.deps import ResourcesDep, SessionDep, TenantDep
-from api.errors import ERROR_RESPONSES
-from api.schemas import BatchOut
+from api.errors import error_responses
+from api.schemas import BatchOut, IdempotencyKeyHeader
 from pcq.models import TERMINAL_STATUSES, Batch
 
-router = APIRouter(prefix="/v1/batches", tags=["batches"], responses=ERROR_RESPONSES)
+router = APIRouter(prefix="/v1/batches", tags=["batches"])
 
+# JSONL bodies are documented as an array whose items are the lines, in order (OpenAPI 3.1 has
+# no schema for a sequence of JSON texts). BatchCreate, BatchLine and ExportLine are added to
+# the document's components by api.openapi.
+_JSONL_BATCH = {
+    "schema": {
+        "type": "array",
+        "minItems": 1,
+        "items": {"$ref": "#/components/schemas/BatchLine"},
+        "description": "JSONL: one BatchLine (a JSON object) per line, each item here being one line",
+    },
+    "example": [
+        {
+            "custom_id": "a",
+            "body": {"model": "lite", "messages": [{"role": "user", "content": "Who founded Parallel?"}]},
+        }
+    ],
+}
 BATCH_BODY_DOC = {
     "requestBody": {
         "required": True,
+        "description": "JSONL, one BatchLine per line, read as it streams in (a bad line rejects "
+        "the whole batch, naming it), or JSON: a BatchCreate. custom_id must be unique within a batch.",
         "content": {
-            "application/x-ndjson": {
-                "schema": {"type": "string"},
-                "example": '{"custom_id": "a", "body": {"model": "lite", "messages": '
-                '[{"role": "user", "content": "Who founded Parallel?"}]}}\n',
-            },
+            **{media: _JSONL_BATCH for media in JSONL_TYPES},
             "application/json": {"schema": {"$ref": "#/components/schemas/BatchCreate"}},
         },
     }
 }
+RESULTS_DOC: dict[int | str, dict[str, Any]] = {
+    200: {
+        "description": "JSONL, one ExportLine per job in submission order (each item here being one line)",
+        "content": {
+            "application/x-ndjson": {
+                "schema": {"type": "array", "items": {"$ref": "#/components/schemas/ExportLine"}}
+            }
+        },
+    },
+    **error_responses(401, 404, 503),
+}
+
+
+class JsonlResponse(StreamingResponse):
+    media_type = "application/x-ndjson"
 
 
 def batch_out(session: SessionDep, batch: Batch) -> BatchOut:
@@ -54,13 +85,19 @@ def batch_out(session: SessionDep, batch: Batch) -> BatchOut:
     )
 
 
-@router.post("", status_code=202, response_model=BatchOut, openapi_extra=BATCH_BODY_DOC)
+@router.post(
+    "",
+    status_code=202,
+    response_model=BatchOut,
+    responses=error_responses(401, 409, 413, 422, 503),
+    openapi_extra=BATCH_BODY_DOC,
+)
 async def submit_batch(
     request: Request,
     res: ResourcesDep,
     session: SessionDep,
     tenant: TenantDep,
-    idempotency_key: Annotated[str | None, Header(max_length=255)] = None,
+    idempotency_key: IdempotencyKeyHeader = None,
 ) -> BatchOut:
     """Queue a batch: JSONL lines ``{"custom_id", "body"}`` or JSON ``{"requests": [...]}``."""
     batch, _ = await res.submitter.submit_batch(
@@ -69,13 +106,18 @@ async def submit_batch(
     return await run_in_threadpool(batch_out, session, batch)
 
 
-@router.get("/{batch_id}", response_model=BatchOut)
+@router.get("/{batch_id}", response_model=BatchOut, responses=error_responses(401, 404, 503))
 def get_batch(batch_id: str, session: SessionDep, tenant: TenantDep) -> BatchOut:
     """Progress of a batch: counts per status and whether every job has ended."""
     return batch_out(session, repository.get_batch(session, tenant, batch_id))
 
 
-@router.post("/{batch_id}/retry-failed", status_code=202, response_model=BatchOut)
+@router.post(
+    "/{batch_id}/retry-failed",
+    status_code=202,
+    response_model=BatchOut,
+    responses=error_responses(401, 404, 503),
+)
 async def retry_failed(batch_id: str, res: ResourcesDep, session: SessionDep, tenant: TenantDep) -> BatchOut:
     """Run the failed jobs of a batch again (only those); ``retried`` says how many."""
     batch, retried = await run_in_threadpool(res.submitter.retry_failed, tenant, batch_id)
@@ -84,7 +126,7 @@ async def retry_failed(batch_id: str, res: ResourcesDep, session: SessionDep, te
     return out
 
 
-@router.get("/{batch_id}/results", response_class=StreamingResponse)
+@router.get("/{batch_id}/results", response_class=JsonlResponse, responses=RESULTS_DOC)
 def batch_results(
     batch_id: str, res: ResourcesDep, session: SessionDep, tenant: TenantDep
 ) -> StreamingResponse:
@@ -97,4 +139,4 @@ def batch_results(
             for row in repository.export_rows(export_session, batch_id):
                 yield (json.dumps(row, ensure_ascii=False) + "\n").encode()
 
-    return StreamingResponse(lines(), media_type="application/x-ndjson")
+    return JsonlResponse(lines())

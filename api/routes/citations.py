@@ -7,23 +7,28 @@ from typing import Annotated
 from fastapi import APIRouter, Query
 
 from api import repository
-from api.deps import SessionDep, TenantDep
-from api.errors import ERROR_RESPONSES
+from api.deps import SINGLE_VALUED_QUERY, Cursor, QueryText, SessionDep, TenantDep
+from api.errors import error_responses
 from api.routes.jobs import MAX_PAGE
 from api.schemas import CitationPage
 
-router = APIRouter(prefix="/v1/citations", tags=["citations"], responses=ERROR_RESPONSES)
+router = APIRouter(prefix="/v1/citations", tags=["citations"])
 
 
-@router.get("", response_model=CitationPage)
+@router.get(
+    "",
+    response_model=CitationPage,
+    responses=error_responses(401, 404, 422, 503),
+    dependencies=SINGLE_VALUED_QUERY,
+)
 def list_citations(
     session: SessionDep,
     tenant: TenantDep,
-    job_id: str | None = None,
-    batch_id: str | None = None,
-    domain: str | None = None,
-    url: str | None = None,
-    cursor: str | None = None,
+    job_id: QueryText = None,
+    batch_id: QueryText = None,
+    domain: QueryText = None,
+    url: QueryText = None,
+    cursor: Cursor = None,
     limit: Annotated[int, Query(ge=1, le=MAX_PAGE)] = 50,
 ) -> CitationPage:
     """One row per citation, oldest first, with its job, field, reasoning and confidence."""

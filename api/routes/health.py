@@ -7,17 +7,22 @@ from fastapi.responses import JSONResponse
 from sqlalchemy import text
 
 from api.deps import ResourcesDep
+from api.schemas import Health, Readiness
 
 router = APIRouter(tags=["health"])
 
 
-@router.get("/healthz")
-def healthz() -> dict[str, str]:
+@router.get("/healthz", response_model=Health)
+def healthz() -> Health:
     """The process is up."""
-    return {"status": "ok"}
+    return Health(status="ok")
 
 
-@router.get("/readyz")
+@router.get(
+    "/readyz",
+    response_model=Readiness,
+    responses={503: {"model": Readiness, "description": "The database or Redis does not answer"}},
+)
 def readyz(res: ResourcesDep) -> JSONResponse:
     """The database and Redis (when configured) answer."""
     checks: dict[str, str] = {}

@@ -8,11 +8,11 @@ from fastapi import APIRouter, Query, Request
 from starlette.concurrency import run_in_threadpool
 
 from api import repository
-from api.deps import ResourcesDep, SessionDep, TenantDep
-from api.errors import ERROR_RESPONSES
-from api.schemas import JobCreate, JobOut, JobPage
+from api.deps import SINGLE_VALUED_QUERY, Cursor, QueryText, ResourcesDep, SessionDep, TenantDep
+from api.errors import error_responses
+from api.schemas import IdempotencyKeyHeader, JobCreate, JobOut, JobPage, JobStatus
 
-router = APIRouter(prefix="/v1/jobs", tags=["jobs"], responses=ERROR_RESPONSES)
+router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
 MAX_PAGE = 1000
 
 
@@ -30,32 +30,39 @@ async def submit_job(
     return repository.job_out(job)
 
 
-@router.get("/{job_id}", response_model=JobOut)
+@router.get("/{job_id}", response_model=JobOut, responses=error_responses(401, 404, 503))
 def get_job(job_id: str, session: SessionDep, tenant: TenantDep) -> JobOut:
     """A job with, once it succeeded, its answer, usage and basis with citations."""
     return repository.job_with_result(session, repository.get_job(session, tenant, job_id))
 
 
-@router.post("/{job_id}/cancel", response_model=JobOut)
+@router.post("/{job_id}/cancel", response_model=JobOut, responses=error_responses(401, 404, 409, 503))
 async def cancel_job(job_id: str, res: ResourcesDep, tenant: TenantDep) -> JobOut:
     """Cancel a queued or running job; a running call's answer is then discarded, not stored."""
     return repository.job_out(await run_in_threadpool(res.submitter.cancel_job, tenant, job_id))
 
 
-@router.post("/{job_id}/retry", status_code=202, response_model=JobOut)
+@router.post(
+    "/{job_id}/retry", status_code=202, response_model=JobOut, responses=error_responses(401, 404, 409, 503)
+)
 async def retry_job(job_id: str, res: ResourcesDep, tenant: TenantDep) -> JobOut:
     """Run a failed (or cancelled) job again, with a fresh attempt budget."""
     return repository.job_out(await run_in_threadpool(res.submitter.retry_job, tenant, job_id))
 
 
-@router.get("", response_model=JobPage)
+@router.get(
+    "",
+    response_model=JobPage,
+    responses=error_responses(401, 422, 503),
+    dependencies=SINGLE_VALUED_QUERY,
+)
 def list_jobs(
     session: SessionDep,
     tenant: TenantDep,
-    status: str | None = None,
-    batch_id: str | None = None,
-    custom_id: str | None = None,
-    cursor: str | None = None,
+    status: JobStatus | None = None,
+    batch_id: QueryText = None,
+    custom_id: QueryText = None,
+    cursor: Cursor = None,
     limit: Annotated[int, Query(ge=1, le=MAX_PAGE)] = 50,
 ) -> JobPage:
     """Jobs, newest first; pass ``cursor=<next_cursor>`` for the next page."""
