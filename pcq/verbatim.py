@@ -16,10 +16,12 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 _WS = re.compile(r"[ \t\n\r]*")
+T = TypeVar("T")
 MAX_DEPTH = 64  # nesting levels allowed in any submitted value (the upstream needs a handful)
 
 
@@ -69,10 +71,20 @@ def _depth_ok(text: str) -> bool:
 def members(text: str) -> dict[str, Member]:
     """The members of the JSON object that is the whole of ``text`` (surrounding whitespace
     allowed). A key given twice keeps its last value, as ``json.loads`` does."""
+    return _scan(_members, text)
+
+
+def items(text: str) -> list[str]:
+    """The exact texts of the items of the JSON array that is the whole of ``text``."""
+    return _scan(_items, text)
+
+
+def _scan(scanner: Callable[[str], T], text: str) -> T:
+    """Run a scanner with the depth pre-check, its failures all told as NotJson."""
     if not _depth_ok(text):
         raise NotJson(f"nested more than {MAX_DEPTH} levels deep")
     try:
-        return _members(text)
+        return scanner(text)
     except json.JSONDecodeError as exc:
         raise NotJson(f"not valid JSON ({exc.msg} at character {exc.pos})") from None
     except RecursionError:  # belt and braces: _depth_ok should have refused it
@@ -109,18 +121,6 @@ def _members(text: str) -> dict[str, Member]:
     if _skip(text, i) != len(text):
         raise NotJson(f"not valid JSON (extra data at character {i})")
     return out
-
-
-def items(text: str) -> list[str]:
-    """The exact texts of the items of the JSON array that is the whole of ``text``."""
-    if not _depth_ok(text):
-        raise NotJson(f"nested more than {MAX_DEPTH} levels deep")
-    try:
-        return _items(text)
-    except json.JSONDecodeError as exc:
-        raise NotJson(f"not valid JSON ({exc.msg} at character {exc.pos})") from None
-    except RecursionError:
-        raise NotJson(f"nested more than {MAX_DEPTH} levels deep") from None
 
 
 def _items(text: str) -> list[str]:

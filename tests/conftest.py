@@ -8,6 +8,7 @@ import os
 import threading
 import uuid
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -45,10 +46,10 @@ def require_redis(url: str = REDIS_TEST_URL) -> None:
         _unavailable(f"Redis not reachable at {url}: {exc!r}")
 
 
-@pytest.fixture(scope="session")
-def pg_url() -> Iterator[str]:
-    """A fresh PostgreSQL database for this test session, migrated to head, dropped at the end."""
-    name = f"pcq_test_{uuid.uuid4().hex[:10]}"
+@contextmanager
+def empty_pg_database(prefix: str = "pcq_test") -> Iterator[str]:
+    """A new, empty PostgreSQL database (its SQLAlchemy URL), dropped afterwards."""
+    name = f"{prefix}_{uuid.uuid4().hex[:10]}"
     try:
         admin = psycopg.connect(PG_ADMIN_DSN, autocommit=True, connect_timeout=3)
     except psycopg.Error as exc:
@@ -56,11 +57,19 @@ def pg_url() -> Iterator[str]:
         raise
     with admin:
         admin.execute(f'CREATE DATABASE "{name}"')
-    url = PG_ADMIN_DSN.rsplit("/", 1)[0].replace("postgresql://", "postgresql+psycopg://") + f"/{name}"
-    upgrade_to_head(url)
-    yield url
-    with psycopg.connect(PG_ADMIN_DSN, autocommit=True) as admin:
-        admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    try:
+        yield PG_ADMIN_DSN.rsplit("/", 1)[0].replace("postgresql://", "postgresql+psycopg://") + f"/{name}"
+    finally:
+        with psycopg.connect(PG_ADMIN_DSN, autocommit=True) as admin:
+            admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture(scope="session")
+def pg_url() -> Iterator[str]:
+    """A fresh PostgreSQL database for this test session, migrated to head, dropped at the end."""
+    with empty_pg_database() as url:
+        upgrade_to_head(url)
+        yield url
 
 
 def truncate_all(engine: Engine) -> None:

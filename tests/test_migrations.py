@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import json
-import uuid
 
-import psycopg
 from alembic import command
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
@@ -15,7 +13,7 @@ from migrations import compare_type
 from pcq.db import make_engine
 from pcq.migrate import alembic_config
 from pcq.models import Base
-from tests.conftest import PG_ADMIN_DSN, _unavailable
+from tests.conftest import empty_pg_database
 
 
 def test_migrations_and_models_agree(db_url: str) -> None:
@@ -34,17 +32,8 @@ def test_migrations_and_models_agree(db_url: str) -> None:
 
 def test_0003_keeps_existing_requests_and_metadata_as_json_text() -> None:
     """Rows written as jsonb before revision 0003 read back as the same JSON, now as text."""
-    name = f"pcq_test_mig_{uuid.uuid4().hex[:8]}"
-    try:
-        admin = psycopg.connect(PG_ADMIN_DSN, autocommit=True, connect_timeout=3)
-    except psycopg.Error as exc:
-        _unavailable(f"PostgreSQL not reachable: {exc}")
-        raise
-    with admin:
-        admin.execute(f'CREATE DATABASE "{name}"')
-    url = PG_ADMIN_DSN.rsplit("/", 1)[0].replace("postgresql://", "postgresql+psycopg://") + f"/{name}"
     request = {"model": "lite", "messages": [{"role": "user", "content": "é \u0001"}], "n": 10**20}
-    try:
+    with empty_pg_database("pcq_test_mig") as url:
         cfg = alembic_config(url)
         command.upgrade(cfg, "0002")
         engine = make_engine(url)
@@ -66,6 +55,3 @@ def test_0003_keeps_existing_requests_and_metadata_as_json_text() -> None:
         assert json.loads(row.metadata) == {"k": [1, 2]}
         assert row.lease_losses == 0
         command.downgrade(cfg, "0002")  # and back: text that is JSON becomes jsonb again
-    finally:
-        with psycopg.connect(PG_ADMIN_DSN, autocommit=True) as admin:
-            admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
