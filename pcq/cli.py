@@ -8,6 +8,7 @@ import json
 import logging
 import os
 import sys
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +44,51 @@ def cmd_keys_create(args: argparse.Namespace) -> int:
         engine.dispose()
     print(f"created a key for tenant {tenant.name!r} ({tenant.id}); it is shown only once:")  # noqa: T201
     print(key)  # noqa: T201
+    return 0
+
+
+def _when(value: datetime | None) -> str:
+    return value.strftime("%Y-%m-%dT%H:%M:%SZ") if value is not None else "-"
+
+
+def cmd_keys_list(_: argparse.Namespace) -> int:
+    """Every API key: id, tenant, ``pcq_<prefix>_…``, created, revoked. Never a secret or hash."""
+    from pcq.db import make_engine, make_session_factory
+    from pcq.tenants import list_keys
+
+    engine = make_engine(_settings().database_url)
+    try:
+        with make_session_factory(engine)() as session:
+            keys = list_keys(session)
+    finally:
+        engine.dispose()
+    rows = [("id", "tenant", "key", "created", "revoked")]
+    rows += [(k.id, k.tenant_name, k.shown, _when(k.created_at), _when(k.revoked_at)) for k in keys]
+    widths = [max(len(r[i]) for r in rows) for i in range(4)]
+    for r in rows:
+        print("  ".join([*(c.ljust(w) for c, w in zip(r, widths, strict=False)), r[4]]))  # noqa: T201
+    return 0
+
+
+def cmd_keys_revoke(args: argparse.Namespace) -> int:
+    """Revoke an API key by id (see ``pcq keys list``); revoking it again changes nothing."""
+    from pcq.db import make_engine, make_session_factory, unit_of_work
+    from pcq.models import utcnow
+    from pcq.tenants import UnknownKey, revoke_key
+
+    engine = make_engine(_settings().database_url)
+    try:
+        with unit_of_work(make_session_factory(engine)) as session:
+            key, revoked_now = revoke_key(session, args.key_id, utcnow())
+    except UnknownKey:
+        raise SystemExit(f"pcq: no API key has the id {args.key_id!r} (see `pcq keys list`)") from None
+    finally:
+        engine.dispose()
+    which = f"{key.id} ({key.shown}, tenant {key.tenant_name!r})"
+    if revoked_now:
+        print(f"revoked {which} at {_when(key.revoked_at)}")  # noqa: T201
+    else:
+        print(f"{which} was already revoked at {_when(key.revoked_at)}")  # noqa: T201
     return 0
 
 
@@ -126,17 +172,44 @@ def cmd_standalone(args: argparse.Namespace) -> int:
     return run_standalone(_settings(), port=args.port, demo=args.demo)
 
 
+def _api_key(args: argparse.Namespace, settings: Settings) -> str:
+    """The key for the API: ``PCQ_API_KEY``, else a prompt when stdin is a terminal.
+    ``--api-key`` still works, with a warning: a key on the command line shows in the process
+    list and in shell history."""
+    if args.api_key:
+        print(  # noqa: T201
+            "pcq: warning: --api-key puts the key in the process list and your shell history; "
+            "set PCQ_API_KEY instead (or leave both out to be prompted)",
+            file=sys.stderr,
+        )
+        key: str = args.api_key
+        return key
+    if settings.api_key is not None and settings.api_key.get_secret_value():
+        return settings.api_key.get_secret_value()
+    if sys.stdin.isatty():
+        import getpass
+
+        try:
+            key = getpass.getpass("pcq API key: ").strip()
+        except (EOFError, KeyboardInterrupt):
+            key = ""
+        if key:
+            return key
+    raise SystemExit(
+        "pcq: no API key: set PCQ_API_KEY (or type it when prompted at a terminal; see `pcq keys create`)"
+    )
+
+
 def _client(args: argparse.Namespace) -> Any:
     from pcq.client import PcqClient
 
     settings = _settings()
-    key = args.api_key or (settings.api_key.get_secret_value() if settings.api_key else None)
-    if not key:
-        raise SystemExit("pcq: no API key: pass --api-key or set PCQ_API_KEY (see `pcq keys create`)")
-    return PcqClient(args.api_url or settings.api_url, key)
+    return PcqClient(args.api_url or settings.api_url, _api_key(args, settings))
 
 
 def cmd_submit(args: argparse.Namespace) -> int:
+    import httpx
+
     from pcq.client import ApiError
     from pcq.progress import wait_with_bar
 
@@ -158,6 +231,8 @@ def cmd_submit(args: argparse.Namespace) -> int:
         return 0
     except ApiError as exc:
         raise SystemExit(f"pcq: {exc}") from None
+    except httpx.HTTPError as exc:  # the API is not there (refused, timed out, reset)
+        raise SystemExit(f"pcq: cannot reach the API (PCQ_API_URL): {type(exc).__name__}") from None
     finally:
         client.close()
 
@@ -179,11 +254,27 @@ CSV_COLUMNS = [
 ]
 
 
+# A cell starting with one of these is a formula to a spreadsheet (`=HYPERLINK(...)` as a
+# custom_id would be a live link); OWASP's advice is to prefix such a cell with a quote.
+FORMULA_TRIGGERS = ("=", "+", "-", "@", "\t", "\r")
+
+
+def csv_safe(value: Any) -> Any:
+    """A cell as a spreadsheet will show it, never run it: text starting with ``=``, ``+``,
+    ``-``, ``@``, tab or carriage return gains a leading ``'``. Numbers and empty cells are
+    left as they are (a number is never a formula)."""
+    if value is None or (isinstance(value, int | float) and not isinstance(value, bool)):
+        return value
+    text = str(value)
+    return "'" + text if text.startswith(FORMULA_TRIGGERS) else text
+
+
 def _csv_row(row: dict[str, Any]) -> dict[str, Any]:
+    """One CSV row: every text cell passes through ``csv_safe``."""
     result = row.get("result") or {}
     usage = result.get("usage") or {}
     urls = [c["url"] for b in result.get("basis") or [] for c in b["citations"]]
-    return {
+    cells = {
         "custom_id": row.get("custom_id"),
         "job_id": row.get("job_id"),
         "status": row.get("status"),
@@ -198,9 +289,12 @@ def _csv_row(row: dict[str, Any]) -> dict[str, Any]:
         "error_code": row.get("error_code"),
         "error": row.get("error"),
     }
+    return {k: csv_safe(v) for k, v in cells.items()}
 
 
 def cmd_export(args: argparse.Namespace) -> int:
+    import httpx
+
     from pcq.client import ApiError
 
     client = _client(args)
@@ -219,6 +313,8 @@ def cmd_export(args: argparse.Namespace) -> int:
         return 0
     except ApiError as exc:
         raise SystemExit(f"pcq: {exc}") from None
+    except httpx.HTTPError as exc:  # the API is not there (refused, timed out, reset)
+        raise SystemExit(f"pcq: cannot reach the API (PCQ_API_URL): {type(exc).__name__}") from None
     finally:
         client.close()
         if out is not sys.stdout:
@@ -237,6 +333,12 @@ def build_parser() -> argparse.ArgumentParser:
     kc = keys.add_parser("create", help="mint a key for a tenant (created if new); prints it once, last")
     kc.add_argument("--tenant", required=True)
     kc.set_defaults(fn=cmd_keys_create)
+    keys.add_parser(
+        "list", help="list the API keys: id, tenant, pcq_<prefix>_…, created, revoked (never a secret)"
+    ).set_defaults(fn=cmd_keys_list)
+    kr = keys.add_parser("revoke", help="revoke an API key by id (from `pcq keys list`); effective at once")
+    kr.add_argument("key_id")
+    kr.set_defaults(fn=cmd_keys_revoke)
     ku = keys.add_parser(
         "upstream",
         help="list the upstream keys (ids as in attempts.upstream_key_id, last 4 characters, limits)",
@@ -297,7 +399,11 @@ def build_parser() -> argparse.ArgumentParser:
             c.add_argument("--format", choices=["jsonl", "csv"], default="jsonl")
             c.add_argument("-o", "--output", default=None, help="file to write (default: stdout)")
         c.add_argument("--api-url", default=None, help="default: PCQ_API_URL")
-        c.add_argument("--api-key", default=None, help="default: PCQ_API_KEY")
+        c.add_argument(
+            "--api-key",
+            default=None,
+            help="avoid: shows in `ps` and shell history; default: PCQ_API_KEY, else a prompt at a terminal",
+        )
         c.set_defaults(fn=fn)
     return p
 

@@ -31,6 +31,7 @@ from pcq.wire import (
 CHAT_PATH = "/v1beta/chat/completions"
 RETRYABLE_STATUS = {408, 409, 429, 500, 502, 503, 504}
 MAX_RETRY_AFTER_SECONDS = 3600.0
+RAW_ERROR_CHARS = 4000  # an upstream error body is kept (redacted) up to this many characters
 _SECRETISH = re.compile(r"(?i)(bearer\s+|x-api-key[\"':\s]+)?\b(sk|pcq|key)[-_][A-Za-z0-9_\-]{8,}")
 
 
@@ -84,15 +85,34 @@ def backoff_seconds(attempt: int, base: float, cap: float, retry_after: float | 
     return float(raw * (1 - 0.25 * random.random()))
 
 
-def redact(text: str, secrets: list[str]) -> str:
+def redact(text: str, secrets: Sequence[str]) -> str:
     for s in secrets:
         if s:
             text = text.replace(s, "[redacted]")
     return _SECRETISH.sub("[redacted]", text)
 
 
-def summarize_error(status: int, body: str) -> str:
-    """A short, safe description of an upstream error body, whatever its shape."""
+def redact_cut(text: str, secrets: Sequence[str], limit: int) -> str:
+    """``redact(text, secrets)`` cut to at most ``limit`` characters.
+
+    Redaction runs before the cut: cutting first would leave the start of a key that straddles
+    the cut, too short to be recognised. Only a window of ``2 * limit + margin`` characters is
+    redacted (a body may be megabytes, and this runs on the worker's event loop); as the
+    window's own edge may split a key, its last ``margin`` characters (more than any key's
+    unrecognised start) are never kept when the text went on past it. (Each redaction shortens
+    the window, so a text dense with keys may come back shorter than ``limit``.)
+    """
+    margin = max([64, *(len(s) for s in secrets)])
+    window_chars = 2 * limit + margin
+    if len(text) <= window_chars:
+        return redact(text, secrets)[:limit]
+    window = redact(text[:window_chars], secrets)
+    return window[: max(0, min(limit, len(window) - margin))]
+
+
+def summarize_error(status: int, body: str, secrets: Sequence[str] = ()) -> str:
+    """A short, safe description of an upstream error body, whatever its shape; ``secrets``
+    (and anything shaped like a key) are redacted before the message is cut to 200 characters."""
     message: str | None = None
     try:
         data: Any = json.loads(body)
@@ -112,7 +132,7 @@ def summarize_error(status: int, body: str) -> str:
             message = detail
     text = f"upstream answered {status}"
     if message:
-        text += f": {str(message)[:200]}"
+        text += f": {redact_cut(str(message), secrets, 200)}"
     return text
 
 
@@ -232,7 +252,7 @@ class UpstreamClient:
                     cls,
                     f"upstream answer unusable: {exc}",
                     status_code=200,
-                    raw_error=redact(body[:4000], self._secrets),
+                    raw_error=redact_cut(body, self._secrets, RAW_ERROR_CHARS),
                     upstream_request_id=request_id,
                 )
             return Outcome(
@@ -249,9 +269,9 @@ class UpstreamClient:
             "retryable" if retryable else "fatal",
             started,
             cls,
-            redact(summarize_error(status, body), self._secrets),
+            summarize_error(status, body, self._secrets),
             status_code=status,
-            raw_error=redact(body[:4000], self._secrets),
+            raw_error=redact_cut(body, self._secrets, RAW_ERROR_CHARS),
             retry_after=parse_retry_after(resp.headers) if retryable else None,
             upstream_request_id=request_id,
         )

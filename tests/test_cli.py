@@ -6,6 +6,7 @@ import csv
 import io
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -30,6 +31,7 @@ def pcq(*args: str, env: dict[str, str] | None = None, cwd: Path | None = None, 
         [sys.executable, "-m", "pcq.cli", *args],
         env={**base, **(env or {})},
         cwd=cwd,
+        stdin=subprocess.DEVNULL,  # never a terminal: the CLI must not prompt for a key here
         capture_output=True,
         text=True,
         timeout=timeout,
@@ -48,6 +50,54 @@ def test_keys_create_prints_the_key_last_and_stores_only_a_hash(sqlite_url: str)
     assert len(rows) == 1
     assert key not in (rows[0].key_hash, rows[0].prefix)
     assert rows[0].prefix in key
+
+
+def test_keys_list_shows_ids_tenants_and_prefixes_never_a_secret_or_hash(sqlite_url: str) -> None:
+    env = {"DATABASE_URL": sqlite_url}
+    keys = [pcq("keys", "create", "--tenant", t, env=env).stdout.splitlines()[-1] for t in ("acme", "globex")]
+    engine = make_engine(sqlite_url)
+    with make_session_factory(engine)() as s:
+        rows = list(s.scalars(select(ApiKey).order_by(ApiKey.created_at, ApiKey.id)))
+    engine.dispose()
+    assert pcq("keys", "revoke", rows[1].id, env=env).returncode == 0
+    out = pcq("keys", "list", env=env)
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.splitlines()
+    assert lines[0].split() == ["id", "tenant", "key", "created", "revoked"]
+    assert len(lines) == 3
+    first, second = (line.split() for line in lines[1:])
+    assert first[:3] == [rows[0].id, "acme", f"pcq_{rows[0].prefix}_…"]
+    assert first[4] == "-"
+    assert second[:3] == [rows[1].id, "globex", f"pcq_{rows[1].prefix}_…"]
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ", second[4])
+    for key, row in zip(keys, rows, strict=True):
+        assert key.split("_", 2)[2] not in out.stdout  # the secret part
+        assert row.key_hash not in out.stdout
+
+
+def test_keys_revoke_sets_revoked_at_once_and_refuses_an_unknown_id(sqlite_url: str) -> None:
+    env = {"DATABASE_URL": sqlite_url}
+    pcq("keys", "create", "--tenant", "acme", env=env)
+    engine = make_engine(sqlite_url)
+    factory = make_session_factory(engine)
+    with factory() as s:
+        key_id = s.scalars(select(ApiKey.id)).one()
+    first = pcq("keys", "revoke", key_id, env=env)
+    assert first.returncode == 0, first.stderr
+    assert first.stdout.startswith(f"revoked {key_id}")
+    with factory() as s:
+        revoked_at = s.scalars(select(ApiKey.revoked_at)).one()
+    assert revoked_at is not None
+    again = pcq("keys", "revoke", key_id, env=env)
+    assert again.returncode == 0, again.stderr
+    assert "already revoked" in again.stdout
+    with factory() as s:
+        assert s.scalars(select(ApiKey.revoked_at)).one() == revoked_at  # kept, not moved
+    engine.dispose()
+    unknown = pcq("keys", "revoke", "key_nope", env=env)
+    assert unknown.returncode == 1
+    assert "key_nope" in unknown.stderr
+    assert "Traceback" not in unknown.stderr
 
 
 def test_an_unknown_pcq_setting_fails_with_a_clear_message(sqlite_url: str) -> None:

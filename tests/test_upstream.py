@@ -8,13 +8,16 @@ from typing import Any
 
 import httpx
 import pytest
+from aiohttp import web
 
 from pcq.upstream import (
+    RAW_ERROR_CHARS,
     Outcome,
     UpstreamClient,
     backoff_seconds,
     parse_retry_after,
     redact,
+    redact_cut,
     summarize_error,
 )
 from tests.conftest import MockServer
@@ -163,3 +166,91 @@ def test_backoff_grows_is_capped_and_honours_retry_after() -> None:
     assert all(d <= 8.0 for d in delays)
     assert delays[4] >= 6.0
     assert 2.0 <= backoff_seconds(1, 1.0, 8.0, 2.0) <= 2.2
+
+
+# An upstream key that looks like nothing (no `sk-`): only the pool's list of keys can find it.
+OPAQUE = "Zq81opaqueUPSTREAMkey4a7Bc9dE"
+
+
+def leaked_prefixes(text: str, key: str) -> list[str]:
+    """Every start of ``key`` of 6 characters or more that ``text`` holds."""
+    return [key[:n] for n in range(6, len(key) + 1) if key[:n] in text]
+
+
+def answer(status: int, body: str, content_type: str, key: str) -> Outcome:
+    """One call through the real client to a server that answers ``status`` with ``body``."""
+
+    async def go() -> Outcome:
+        async def handler(_: web.Request) -> web.Response:
+            return web.Response(status=status, text=body, content_type=content_type)
+
+        app = web.Application()
+        app.router.add_post("/v1beta/chat/completions", handler)
+        runner = web.AppRunner(app)
+        await runner.setup()
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        port = runner.addresses[0][1]
+        http = UpstreamClient.make_http_client(2.0, 2.0, 10)
+        client = UpstreamClient(
+            http,
+            base_url=f"http://127.0.0.1:{port}",
+            api_key=["sk-other-pool-key-000000", key],
+            total_timeout=5.0,
+            max_response_bytes=1_000_000,
+        )
+        try:
+            return await client.call(json.dumps({"model": "lite", "messages": []}), key_index=1)
+        finally:
+            await http.close()
+            await runner.cleanup()
+
+    return asyncio.run(go())
+
+
+@pytest.mark.parametrize("key", [KEY, OPAQUE])
+@pytest.mark.parametrize("at", [190, 195, 199])
+def test_a_key_across_the_summarys_cut_leaves_nothing_of_itself(key: str, at: int) -> None:
+    """The message is cut to 200 characters after redaction: a key that straddles the cut is
+    redacted whole, not cut to a stub the redaction no longer recognises."""
+    message = "m" * at + key + " was refused"
+    out = answer(401, json.dumps({"error": {"message": message}}), "application/json", key)
+    assert out.kind == "fatal"
+    assert out.summary is not None
+    assert out.summary.startswith("upstream answered 401: " + "m" * at)
+    assert leaked_prefixes(out.summary, key) == []
+    assert out.raw_error is not None
+    assert leaked_prefixes(out.raw_error, key) == []
+
+
+@pytest.mark.parametrize("key", [KEY, OPAQUE])
+@pytest.mark.parametrize("status", [401, 503, 200])
+@pytest.mark.parametrize("tail", [100, 50_000])
+def test_a_key_across_the_raw_errors_cut_leaves_nothing_of_itself(key: str, status: int, tail: int) -> None:
+    """The raw body (an error, or a 200 that is no completion) is kept to 4000 characters after
+    redaction, whatever its length."""
+    body = "b" * (RAW_ERROR_CHARS - 7) + key + "c" * tail
+    out = answer(status, body, "text/plain", key)
+    assert out.kind in ("fatal", "retryable")
+    assert out.raw_error is not None
+    assert len(out.raw_error) <= RAW_ERROR_CHARS
+    assert out.raw_error.startswith("b" * (RAW_ERROR_CHARS - 7) + "[redac")
+    assert leaked_prefixes(out.raw_error, key) == []
+    assert out.summary is not None
+    assert leaked_prefixes(out.summary, key) == []
+
+
+def test_redact_cut_never_keeps_the_start_of_a_key_wherever_the_key_falls() -> None:
+    """Every position of a key around the cut and around the edge of the redacted window, with
+    or without redactions before it (each one shortens the text), key listed or only key-shaped."""
+    shaped = "sk-live-abcdefghijklmnop"  # in no list: the pattern finds it
+    for key, secrets in ((OPAQUE, [OPAQUE]), (KEY, [KEY]), (shaped, [])):
+        for limit in (10, 200, 4000):
+            for before in (0, 3, 30):
+                lead = (" " + key) * before
+                for at in [*range(max(0, limit - 40), limit + 40), *range(2 * limit, 2 * limit + 140)]:
+                    text = lead + " " * max(at - len(lead), 1) + key + " " + "t" * 500
+                    out = redact_cut(text, secrets, limit)
+                    assert len(out) <= limit
+                    assert leaked_prefixes(out, key) == [], (key, limit, before, at)
+                    assert redact(text, secrets).startswith(out)
