@@ -12,13 +12,22 @@ from api import errors, openapi
 from api.deps import Resources
 from api.routes import batches, citations, health, jobs
 from api.service import Submitter
+from api.tenant_limits import QueueCap, build_rate_limiter
+from api.uploads import UploadSlots
 from pcq.db import make_engine, make_session_factory
 from pcq.queue import Enqueuer, make_celery
 from pcq.settings import Settings, get_settings
 
+# How long a request waits for a pooled database connection before it answers 503 with
+# Retry-After (SQLAlchemy's default is 30 s): a saturated pool says so at once.
+POOL_TIMEOUT_SECONDS = 3.0
+
 
 def build_resources(settings: Settings) -> Resources:
-    db_engine = make_engine(settings.database_url)
+    sqlite = settings.database_url.startswith("sqlite")
+    db_engine = make_engine(
+        settings.database_url, **({} if sqlite else {"pool_timeout": POOL_TIMEOUT_SECONDS})
+    )
     sessions = make_session_factory(db_engine)
     celery = make_celery(settings, publisher=True)
     redis_client: Any | None = None
@@ -35,8 +44,11 @@ def build_resources(settings: Settings) -> Resources:
             Enqueuer(celery, settings.queue_name),
             max_batch_lines=settings.max_batch_lines,
             max_line_bytes=settings.max_request_bytes,
+            queue_cap=QueueCap.from_settings(settings),
+            uploads=UploadSlots(settings.max_uploads_per_tenant, settings.max_uploads),
         ),
         redis=redis_client,
+        rate_limiter=build_rate_limiter(settings, redis_client),
     )
 
 
@@ -69,5 +81,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         errors.BodyLimit,
         default_limit=settings.max_request_bytes,
         batch_limit=settings.max_batch_bytes,
+        upload_timeout=settings.upload_timeout_seconds,
     )
     return app

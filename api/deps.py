@@ -12,6 +12,7 @@ from sqlalchemy import Engine
 from sqlalchemy.orm import Session
 
 from api.service import Submitter
+from api.tenant_limits import TenantRateLimiter
 from pcq.db import SessionFactory
 from pcq.jobs.errors import InvalidInput, Unauthorized
 from pcq.models import utcnow
@@ -28,6 +29,7 @@ class Resources:
     sessions: SessionFactory
     submitter: Submitter
     redis: Any | None  # a redis.Redis for readiness checks, when REDIS_URL is set
+    rate_limiter: TenantRateLimiter | None = None  # PCQ_API_RATE_LIMIT_PER_MINUTE; None = off
 
 
 def resources(request: Request) -> Resources:
@@ -57,23 +59,35 @@ header_key = APIKeyHeader(name="x-api-key", auto_error=False, description="`x-ap
 
 def tenant_id(
     res: ResourcesDep,
-    session: SessionDep,
     bearer: Annotated[HTTPAuthorizationCredentials | None, Security(bearer_key)],
     x_api_key: Annotated[str | None, Security(header_key)],
 ) -> str:
-    """Authenticate ``Authorization: Bearer <key>`` or ``x-api-key: <key>``."""
+    """Authenticate ``Authorization: Bearer <key>`` or ``x-api-key: <key>``.
+
+    In a session of its own, closed before the route runs: the route's read session (if any)
+    takes a connection only when it queries, so a request that then waits, for an upload's
+    body above all, holds no database connection meanwhile."""
     presented = x_api_key
     if bearer is not None and bearer.credentials.strip():
         presented = bearer.credentials.strip()
     if not presented:
         raise Unauthorized("send your key as 'Authorization: Bearer <key>' or 'x-api-key: <key>'")
-    tenant = authenticate(session, presented, res.settings.key_pepper.get_secret_value(), utcnow())
+    with res.sessions() as session:
+        tenant = authenticate(session, presented, res.settings.key_pepper.get_secret_value(), utcnow())
     if tenant is None:
         raise Unauthorized("invalid or revoked API key")
     return tenant
 
 
-TenantDep = Annotated[str, Depends(tenant_id)]
+def rate_limited_tenant(res: ResourcesDep, tenant: Annotated[str, Depends(tenant_id)]) -> str:
+    """The authenticated tenant, this request counted against its rate limit (429 beyond it;
+    api.tenant_limits). FastAPI caches a dependency per request, so a request counts once."""
+    if res.rate_limiter is not None:
+        res.rate_limiter.check(tenant)
+    return tenant
+
+
+TenantDep = Annotated[str, Depends(rate_limited_tenant)]
 
 
 def single_valued_query(request: Request, _tenant: TenantDep) -> None:

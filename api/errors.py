@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from urllib.parse import parse_qsl
 
@@ -14,20 +15,26 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from pcq.jobs.errors import PcqError
+from pcq.jobs.errors import PcqError, TooManyRequests
 
 log = logging.getLogger(__name__)
 
 ERROR_DESCRIPTIONS: dict[int, str] = {
     401: "Missing or invalid API key",
     404: "No such object for this tenant",
+    408: "The request body did not arrive within PCQ_UPLOAD_TIMEOUT_SECONDS; nothing was stored, and "
+    "the connection is closed",
     409: "The object is not in a state that allows this",
     413: "The body (or one batch line) is too large; nothing was stored",
     422: "Invalid input; nothing was stored",
+    429: "Too many requests for this tenant (`rate_limited`), or a submission or retry would take its "
+    "queued and running jobs over their cap (`too_many_queued`), or too many batch uploads are in "
+    "progress (`too_many_uploads`); nothing was stored. Retry after `Retry-After` seconds",
     503: "The database is unavailable; retry",
 }
 _ERROR_HEADERS: dict[int, dict[str, object]] = {
     401: {"WWW-Authenticate": {"description": "Bearer", "schema": {"type": "string"}}},
+    429: {"Retry-After": {"description": "Seconds to wait before retrying", "schema": {"type": "string"}}},
     503: {"Retry-After": {"description": "Seconds to wait before retrying", "schema": {"type": "string"}}},
 }
 
@@ -68,6 +75,8 @@ def install(app: FastAPI) -> None:
     @app.exception_handler(PcqError)
     async def _domain(_: Request, exc: PcqError) -> JSONResponse:
         headers = {"WWW-Authenticate": "Bearer"} if exc.http_status == 401 else None
+        if isinstance(exc, TooManyRequests):
+            headers = {"Retry-After": str(exc.retry_after)}
         return JSONResponse(error_body(exc.code, exc.detail), status_code=exc.http_status, headers=headers)
 
     @app.exception_handler(DBAPIError)
@@ -139,22 +148,31 @@ def allowed_methods(request: Request) -> str:
 
 
 class BodyLimit:
-    """Refuse bodies over a size with 413 before they are read into memory.
+    """Refuse bodies over a size with 413 before they are read into memory, and bodies that do
+    not arrive in time with 408.
 
     Starlette has no body limit of its own; this checks Content-Length up front and counts
-    the bytes of chunked uploads as they arrive.
+    the bytes of chunked uploads as they arrive. With ``upload_timeout`` (PCQ_UPLOAD_TIMEOUT_SECONDS)
+    the whole body must arrive within that many seconds of the app's first read of it: a client
+    that stalls gets 408 and its connection is closed, so it holds nothing any longer. Reads
+    after the body's end (a streaming response listening for a disconnect) have no deadline.
     """
 
-    def __init__(self, app: ASGIApp, *, default_limit: int, batch_limit: int) -> None:
+    def __init__(
+        self, app: ASGIApp, *, default_limit: int, batch_limit: int, upload_timeout: float | None = None
+    ) -> None:
         self.app = app
         self.default_limit = default_limit
         self.batch_limit = batch_limit
+        self.upload_timeout = upload_timeout
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        limit = self.batch_limit if scope["path"].startswith("/v1/batches") else self.default_limit
+        batch = scope["path"].startswith("/v1/batches")
+        limit = self.batch_limit if batch else self.default_limit
+        setting = "PCQ_MAX_BATCH_BYTES" if batch else "PCQ_MAX_REQUEST_BYTES"
         for name, value in scope.get("headers", []):
             if name == b"content-length":
                 try:
@@ -162,39 +180,77 @@ class BodyLimit:
                 except ValueError:
                     too_big = False
                 if too_big:
-                    await self._reject(send, limit)
+                    await self._too_large(send, limit, setting)
                     return
         received = 0
-        rejected = False
+        rejected: int | None = None  # the status that replaces whatever the app answers
+        deadline: float | None = None
+        body_done = False
+        started = False
 
-        async def counting_receive() -> Message:
-            nonlocal received, rejected
-            message = await receive()
+        async def guarded_receive() -> Message:
+            nonlocal received, rejected, deadline, body_done
+            if body_done or self.upload_timeout is None:
+                message = await receive()
+            else:
+                if deadline is None:
+                    deadline = asyncio.get_running_loop().time() + self.upload_timeout
+                try:
+                    async with asyncio.timeout_at(deadline):
+                        message = await receive()
+                except TimeoutError:
+                    rejected = 408
+                    raise _Rejected from None
+            if message["type"] != "http.request" or not message.get("more_body", False):
+                body_done = True
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
                 if received > limit:
-                    rejected = True
-                    raise _TooLarge
+                    rejected = 413
+                    raise _Rejected
             return message
 
         async def guarded_send(message: Message) -> None:
-            # Once the body overflowed, whatever the app answers (frameworks turn a failed
-            # body read into their own error) is replaced by the 413.
-            if not rejected:
+            # Once the body overflowed or stalled, whatever the app answers (frameworks turn a
+            # failed body read into their own error) is replaced by the 413 or 408.
+            nonlocal started
+            if rejected is None:
+                started = started or message["type"] == "http.response.start"
                 await send(message)
 
         try:
-            await self.app(scope, counting_receive, guarded_send)
-        except _TooLarge:
+            await self.app(scope, guarded_receive, guarded_send)
+        except _Rejected:
             pass
-        if rejected:
-            await self._reject(send, limit)
+        if started:  # too late for another answer (a body sent beside a streamed response)
+            return
+        if rejected == 413:
+            await self._too_large(send, limit, setting)
+        elif rejected == 408:
+            await self._timed_out(send)
 
     @staticmethod
-    async def _reject(send: Send, limit: int) -> None:
-        body = JSONResponse(error_body("too_large", f"request body exceeds {limit} bytes"), status_code=413)
-        await send({"type": "http.response.start", "status": 413, "headers": body.raw_headers})
-        await send({"type": "http.response.body", "body": body.body})
+    async def _too_large(send: Send, limit: int, setting: str) -> None:
+        detail = f"request body exceeds {limit} bytes ({setting})"
+        await _send_error(send, JSONResponse(error_body("too_large", detail), status_code=413))
+
+    async def _timed_out(self, send: Send) -> None:
+        detail = (
+            f"the request body did not arrive within {self.upload_timeout:g} s "
+            "(PCQ_UPLOAD_TIMEOUT_SECONDS); nothing was stored. Send it faster or in smaller batches"
+        )
+        # Connection: close makes the server drop the connection once the answer is sent.
+        response = JSONResponse(
+            error_body("request_timeout", detail), status_code=408, headers={"Connection": "close"}
+        )
+        await _send_error(send, response)
+
+
+async def _send_error(send: Send, response: JSONResponse) -> None:
+    await send(
+        {"type": "http.response.start", "status": response.status_code, "headers": response.raw_headers}
+    )
+    await send({"type": "http.response.body", "body": response.body})
 
 
 class RejectNul:
@@ -232,5 +288,5 @@ class RejectNul:
         return None
 
 
-class _TooLarge(Exception):
-    pass
+class _Rejected(Exception):
+    """Raised into the app from its receive: its body is too large or arrived too late."""

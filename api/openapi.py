@@ -9,6 +9,10 @@
   route can answer it, so FastAPI's are removed.
 - api.errors.RejectNul answers ``422`` for a NUL character in any path or query parameter: each
   such string parameter gets a pattern saying so, and its operation a ``422``.
+- Every authenticated operation counts against its tenant's rate limit (api.tenant_limits,
+  applied by the dependency that authenticates), so each operation with ``security`` gets a
+  ``429`` with ``Retry-After``; the submission and retry routes can answer it for the queued-jobs
+  cap as well.
 - An optional parameter is absent, never null (a query string has no null): FastAPI's
   ``anyOf: [..., {"type": "null"}]`` for ``str | None`` becomes the schema of its value.
 """
@@ -67,6 +71,8 @@ def complete(doc: dict[str, Any]) -> dict[str, Any]:
             nul_checked = [_refuse_nul(p["schema"]) for p in parameters]
             if any(nul_checked) and "422" not in responses:
                 responses["422"] = error_responses(422)[422]
+            if operation.get("security") and "429" not in responses:
+                responses["429"] = error_responses(429)[429]
     schemas.pop("HTTPValidationError", None)
     schemas.pop("ValidationError", None)
     _, extra = models_json_schema(list(EXTRA_SCHEMAS), ref_template=REF_TEMPLATE)

@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-import hashlib
-from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass, field
 from functools import partial
 
 from sqlalchemy import update
@@ -13,14 +12,17 @@ from starlette.concurrency import run_in_threadpool
 from api import repository
 from api.batch_input import (
     JSONL_TYPES,
-    JsonlReader,
+    BatchBody,
+    JsonBatch,
+    JsonlBatch,
     check_model,
     media_type,
-    parse_json_batch,
     read_body,
     text_of,
 )
 from api.schemas import JobCreate, check_webhook_url
+from api.tenant_limits import QueueCap
+from api.uploads import Spooled, UploadSlots, spool
 from pcq.db import SessionFactory, unit_of_work
 from pcq.jobs import control
 from pcq.jobs.errors import InvalidInput
@@ -29,7 +31,6 @@ from pcq.jobs.intake import (
     add_jobs,
     check_replay,
     close_batch,
-    create_batch,
     create_job,
     find_batch,
     open_batch,
@@ -44,6 +45,9 @@ class Submitter:
     enqueuer: Enqueuer
     max_batch_lines: int
     max_line_bytes: int
+    queue_cap: QueueCap = QueueCap()  # PCQ_TENANT_MAX_QUEUED, checked before each commit that queues jobs
+    # PCQ_MAX_UPLOADS_PER_TENANT, PCQ_MAX_UPLOADS: batch bodies received or stored at once
+    uploads: UploadSlots = field(default_factory=partial(UploadSlots, 4, 32))
 
     def submit_job(self, tenant_id: str, body: JobCreate, raw: bytes, idempotency_key: str | None) -> Job:
         """``body`` is ``raw`` validated; the request and metadata are stored as ``raw`` has them."""
@@ -59,6 +63,7 @@ class Submitter:
         )
         with unit_of_work(self.sessions) as session:
             job, created = create_job(session, tenant_id, item, idempotency_key)
+            self.queue_cap.check(session, tenant_id, int(created))
         if created:
             self._send([job.id])
         return job
@@ -66,83 +71,78 @@ class Submitter:
     async def submit_batch(
         self, tenant_id: str, chunks: AsyncIterator[bytes], content_type: str, idempotency_key: str | None
     ) -> tuple[Batch, bool]:
-        """A batch from a request body as it streams in (JSONL) or whole (JSON)."""
+        """A batch from a request body, JSONL or JSON (api.uploads): in one of the tenant's upload
+        slots, the body is received whole (hashed, spooled to a temporary file) before any
+        database work; then it is parsed and stored in a thread, request by request."""
         ctype = media_type(content_type)
-        if ctype in JSONL_TYPES:
-            return await self._submit_jsonl(tenant_id, chunks, idempotency_key)
-        if ctype != "application/json":
+        if ctype not in JSONL_TYPES and ctype != "application/json":
             raise InvalidInput("Content-Type must be application/x-ndjson (JSONL) or application/json")
-        raw = b"".join([chunk async for chunk in chunks])
-        return await run_in_threadpool(self._submit_json, tenant_id, raw, idempotency_key)
-
-    async def _submit_jsonl(
-        self, tenant_id: str, chunks: AsyncIterator[bytes], idempotency_key: str | None
-    ) -> tuple[Batch, bool]:
-        """Validate and insert line by line inside one transaction; commit only if all were good."""
-        hasher = hashlib.sha256()
-        session = self.sessions()
-        try:
-            existing = None
-            if idempotency_key:
-                existing = await run_in_threadpool(find_batch, session, tenant_id, idempotency_key)
-            batch = None
-            if existing is None:
-                batch = await run_in_threadpool(
-                    partial(
-                        open_batch,
-                        session,
-                        tenant_id,
-                        metadata_json=None,
-                        webhook_url=None,
-                        idempotency_key=idempotency_key,
-                    )
-                )
-            if batch is None:  # a replay, or a racing request took the key: compare bodies
-                assert idempotency_key is not None
-                async for chunk in chunks:
-                    hasher.update(chunk)
-                existing = existing or await run_in_threadpool(
-                    find_batch, session, tenant_id, idempotency_key
-                )
-                assert existing is not None
-                return check_replay(existing, hasher.hexdigest()), False
-            reader = JsonlReader(self.max_batch_lines, self.max_line_bytes)
-            ids: list[str] = []
-            pending: list[NewJob] = []
-            async for chunk in chunks:
-                hasher.update(chunk)
-                pending.extend(reader.feed(chunk))
-                if len(pending) >= 2000:
-                    ids += await run_in_threadpool(add_jobs, session, batch, pending)
-                    pending = []
-            pending.extend(reader.finish())
-            ids += await run_in_threadpool(add_jobs, session, batch, pending)
-            await run_in_threadpool(close_batch, session, batch, len(ids), hasher.hexdigest())
-            await run_in_threadpool(session.commit)
-        except BaseException:
-            await run_in_threadpool(session.rollback)
-            raise
-        finally:
-            await run_in_threadpool(session.close)
-        await run_in_threadpool(self._send, ids)
-        return batch, True
-
-    def _submit_json(self, tenant_id: str, raw: bytes, idempotency_key: str | None) -> tuple[Batch, bool]:
-        items, metadata_json, webhook_url = parse_json_batch(raw, self.max_batch_lines)
-        fingerprint = hashlib.sha256(raw).hexdigest()
-        with unit_of_work(self.sessions) as session:
-            batch, job_ids, created = create_batch(
-                session,
-                tenant_id,
-                items,
-                metadata_json=metadata_json,
-                webhook_url=webhook_url,
-                idempotency_key=idempotency_key,
-                fingerprint=fingerprint,
+        with self.uploads.hold(tenant_id):
+            body = await spool(chunks)
+            return await run_in_threadpool(
+                self._store_batch, tenant_id, body, ctype in JSONL_TYPES, idempotency_key
             )
-        if created:
-            self._send(job_ids)
-        return batch, created
+
+    def _store_batch(
+        self, tenant_id: str, body: Spooled, jsonl: bool, idempotency_key: str | None
+    ) -> tuple[Batch, bool]:
+        """Validate and insert the spooled body inside one transaction; commit only if every
+        request was good. The transaction begins with the first rows to insert, so a body that
+        is refused early never takes a database connection."""
+        with body.file:
+            if idempotency_key is not None:
+                with self.sessions() as session:
+                    existing = find_batch(session, tenant_id, idempotency_key)
+                if existing is not None:  # a replay: the very body the key was first used with
+                    return check_replay(existing, body.sha256), False
+            reader: BatchBody = (
+                JsonlBatch(body.file, self.max_batch_lines, self.max_line_bytes)
+                if jsonl
+                else JsonBatch(body.file, self.max_batch_lines, self.max_line_bytes)
+            )
+            session = self.sessions()
+            try:
+                batch: Batch | None = None
+                total = 0
+                sent: list[str] = []  # the ids to send, a string per chunk (a list of str costs 3x)
+                for chunk in _in_chunks(reader.jobs()):
+                    if batch is None:
+                        batch = open_batch(
+                            session,
+                            tenant_id,
+                            metadata_json=None,
+                            webhook_url=None,
+                            idempotency_key=idempotency_key,
+                        )
+                        if batch is None:  # a racing request took the key: compare bodies
+                            assert idempotency_key is not None
+                            winner = find_batch(session, tenant_id, idempotency_key)
+                            assert winner is not None
+                            return check_replay(winner, body.sha256), False
+                    ids = add_jobs(session, batch, chunk)
+                    total += len(ids)
+                    sent.append(" ".join(ids))
+                if batch is None:  # the readers refuse an empty batch; belt and braces
+                    raise InvalidInput("the batch has no requests")
+                # A JSON batch's own members may follow its requests: known only now.
+                batch.metadata_json, batch.webhook_url = reader.metadata_json, reader.webhook_url
+                close_batch(session, batch, total, body.sha256)
+                self.queue_cap.check(session, tenant_id, total)
+                session.commit()
+            except BaseException:
+                session.rollback()
+                raise
+            finally:
+                session.close()
+        ids = []
+        for text in sent:
+            ids += text.split(" ")
+            if len(ids) >= CHUNK_JOBS:
+                self._send(ids)
+                ids = []
+        if ids:
+            self._send(ids)
+        return batch, True
 
     def cancel_job(self, tenant_id: str, job_id: str) -> Job:
         with unit_of_work(self.sessions) as session:
@@ -151,6 +151,7 @@ class Submitter:
     def retry_job(self, tenant_id: str, job_id: str) -> Job:
         with unit_of_work(self.sessions) as session:
             job = control.retry(session, repository.get_job(session, tenant_id, job_id))
+            self.queue_cap.check(session, tenant_id, 1)
         self._send([job.id])
         return job
 
@@ -158,6 +159,7 @@ class Submitter:
         with unit_of_work(self.sessions) as session:
             batch = repository.get_batch(session, tenant_id, batch_id)
             requeued = control.requeue(session, control.failed_job_ids(session, batch_id))
+            self.queue_cap.check(session, tenant_id, len(requeued))
         self._send(requeued)
         return batch, len(requeued)
 
@@ -175,3 +177,22 @@ class Submitter:
                         .values(enqueued_at=None)
                         .execution_options(synchronize_session=False)
                     )
+
+
+# Jobs are inserted in chunks of at most this many, or this many bytes of request and metadata
+# text: what a batch holds in memory at once, beside the line being read.
+CHUNK_JOBS = 2000
+CHUNK_BYTES = 1 * 1024 * 1024
+
+
+def _in_chunks(jobs: Iterator[NewJob]) -> Iterator[list[NewJob]]:
+    chunk: list[NewJob] = []
+    size = 0
+    for job in jobs:
+        chunk.append(job)
+        size += len(job.request_json) + len(job.metadata_json or "")
+        if len(chunk) >= CHUNK_JOBS or size >= CHUNK_BYTES:
+            yield chunk
+            chunk, size = [], 0
+    if chunk:
+        yield chunk

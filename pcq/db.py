@@ -7,7 +7,7 @@ from contextlib import contextmanager
 from typing import Any
 
 import sqlalchemy.exc
-from sqlalchemy import Engine, create_engine, event
+from sqlalchemy import Engine, create_engine, event, make_url
 from sqlalchemy.orm import Session, sessionmaker
 
 SessionFactory = sessionmaker[Session]
@@ -34,7 +34,26 @@ def make_engine(url: str, **kwargs: Any) -> Engine:
     if "poolclass" not in kwargs:
         kwargs.setdefault("pool_size", 10)
         kwargs.setdefault("max_overflow", 20)
+    kwargs["connect_args"] = _with_idle_timeout(url, dict(kwargs.get("connect_args") or {}))
     return create_engine(url, **kwargs)
+
+
+# PostgreSQL ends a session left idle inside a transaction this long (a stuck request, a bug):
+# its locks and its connection come back instead of being held until someone notices. No pcq
+# transaction waits on anything but the database and its own CPU for anywhere near this long.
+IDLE_IN_TRANSACTION_TIMEOUT_MS = 60_000
+
+
+def _with_idle_timeout(url: str, connect_args: dict[str, Any]) -> dict[str, Any]:
+    """``connect_args`` with ``-c idle_in_transaction_session_timeout=…`` added to the libpq
+    ``options`` (after any given in the URL or the arguments, which keep theirs)."""
+    setting = f"-c idle_in_transaction_session_timeout={IDLE_IN_TRANSACTION_TIMEOUT_MS}"
+    given = connect_args.get("options") or make_url(url).query.get("options") or ""
+    if isinstance(given, tuple):  # a parameter repeated in the URL
+        given = " ".join(given)
+    if "idle_in_transaction_session_timeout" not in given:
+        connect_args["options"] = f"{setting} {given}".strip()
+    return connect_args
 
 
 def make_session_factory(engine: Engine) -> SessionFactory:

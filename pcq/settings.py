@@ -172,6 +172,26 @@ class Settings(BaseSettings):
     max_request_bytes: int = Field(default=1024 * 1024, ge=1024, validation_alias="PCQ_MAX_REQUEST_BYTES")
     max_batch_bytes: int = Field(default=256 * 1024 * 1024, ge=1024, validation_alias="PCQ_MAX_BATCH_BYTES")
     max_batch_lines: int = Field(default=100_000, ge=1, validation_alias="PCQ_MAX_BATCH_LINES")
+    # Uploads (batch bodies) cannot hold the API's resources: see api/uploads.py.
+    upload_timeout_seconds: float = Field(
+        default=60.0,
+        gt=0,
+        validation_alias="PCQ_UPLOAD_TIMEOUT_SECONDS",
+        description="A request body must arrive whole within this long of the first read; "
+        "otherwise 408 and the connection is closed.",
+    )
+    max_uploads_per_tenant: int = Field(
+        default=4,
+        ge=1,
+        validation_alias="PCQ_MAX_UPLOADS_PER_TENANT",
+        description="Batch uploads one tenant may have in progress at once, per API process; 429 beyond.",
+    )
+    max_uploads: int = Field(
+        default=32,
+        ge=1,
+        validation_alias="PCQ_MAX_UPLOADS",
+        description="Batch uploads in progress at once, all tenants, per API process; 429 beyond.",
+    )
     key_pepper: SecretStr = Field(
         default=SecretStr(""),
         validation_alias="PCQ_KEY_PEPPER",
@@ -186,6 +206,22 @@ class Settings(BaseSettings):
         default=None, validation_alias="PCQ_API_KEY", description="Key for `pcq submit`/`export`."
     )
     log_level: str = Field(default="INFO", validation_alias="PCQ_LOG_LEVEL")
+
+    # Per-tenant limits of the API (api/tenant_limits.py); 0 = off.
+    api_rate_limit_per_minute: int = Field(
+        default=0,
+        ge=0,
+        validation_alias="PCQ_API_RATE_LIMIT_PER_MINUTE",
+        description="Authenticated /v1 requests per minute per tenant, shared by every API "
+        "process (a burst of one minute's worth, then this rate); beyond it 429. 0 = off.",
+    )
+    tenant_max_queued: int = Field(
+        default=0,
+        ge=0,
+        validation_alias="PCQ_TENANT_MAX_QUEUED",
+        description="Queued + running jobs a tenant may have; a submission or retry that "
+        "would exceed it answers 429 and stores nothing. 0 = off.",
+    )
 
     @field_validator("upstream_keys", mode="before")
     @classmethod

@@ -80,15 +80,45 @@ def items(text: str) -> list[str]:
 
 
 def _scan(scanner: Callable[[str], T], text: str) -> T:
-    """Run a scanner with the depth pre-check, its failures all told as NotJson."""
+    """Run a scanner with the depth pre-check, its failures all told as NotJson. An object
+    that nests too deep is told by the key of its member that does."""
     if not _depth_ok(text):
-        raise NotJson(f"nested more than {MAX_DEPTH} levels deep")
+        raise NotJson(_too_deep(text) if scanner is _members else f"nested more than {MAX_DEPTH} levels deep")
     try:
         return scanner(text)
     except json.JSONDecodeError as exc:
         raise NotJson(f"not valid JSON ({exc.msg} at character {exc.pos})") from None
     except RecursionError:  # belt and braces: _depth_ok should have refused it
         raise NotJson(f"nested more than {MAX_DEPTH} levels deep") from None
+
+
+_TOKEN = re.compile(r'"(?:[^"\\]+|\\.)*"|[\[\]{}]', re.S)
+
+
+def _too_deep(text: str) -> str:
+    """What to say of an object that nests too deep: which of its members does, by key."""
+    depth = 0
+    last_key = key = None
+    for match in _TOKEN.finditer(text):
+        found = match.group()
+        if found[0] == '"':
+            if depth == 1:  # at the object's top level, the last string before a bracket is its key
+                last_key = found
+        elif found in "[{":
+            depth += 1
+            if depth == 2:
+                key = last_key
+            if depth > MAX_DEPTH:
+                break
+        else:
+            depth -= 1
+    try:
+        name = json.loads(key) if key is not None else None
+    except ValueError:
+        name = None
+    shown = name[:100].encode("utf-8", "backslashreplace").decode() if isinstance(name, str) else ""
+    where = f"{shown}: " if shown else ""
+    return f"{where}nested more than {MAX_DEPTH} levels deep"
 
 
 def _members(text: str) -> dict[str, Member]:

@@ -14,9 +14,16 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 from urllib.parse import urlsplit
 
-from pydantic import BaseModel, ConfigDict, Field, StrictBool
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, field_validator
 
 KNOWN_MODELS = ("speed", "lite", "base", "core")
+
+# What one request may hold. Far above what a chat model's context takes (1,000,000 characters
+# are ~250,000 tokens), so no request the upstream would accept is refused, and a request that
+# is large to store and to send is refused here, not after it was queued and billed.
+MAX_MESSAGES = 1000
+MAX_MESSAGE_CHARS = 200_000  # characters of one message's content
+MAX_CONTENT_CHARS = 1_000_000  # characters of content of all the messages of one request
 
 
 _UNSTORABLE = re.compile("[\x00\ud800-\udfff]")
@@ -42,7 +49,7 @@ class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="allow")
 
     role: Literal["system", "user", "assistant"]
-    content: str = Field(max_length=200_000)
+    content: str = Field(max_length=MAX_MESSAGE_CHARS)
     name: str | None = None
 
 
@@ -61,9 +68,24 @@ class ChatCompletionRequest(BaseModel):
     # An enum in OpenAPI; checked against KNOWN_MODELS where a request is accepted, so the
     # answer to an unknown one can name the models (and the wire type stays a plain string).
     model: str = Field(min_length=1, max_length=64, json_schema_extra={"enum": list(KNOWN_MODELS)})
-    messages: list[ChatMessage] = Field(min_length=1, max_length=1000)
+    messages: list[ChatMessage] = Field(
+        min_length=1,
+        max_length=MAX_MESSAGES,
+        description=f"At most {MAX_MESSAGES:,} messages, with at most {MAX_CONTENT_CHARS:,} characters "
+        f"of content in all (and {MAX_MESSAGE_CHARS:,} in one)",
+    )
     stream: StrictBool | None = None  # not "true" or 1: the request is forwarded as sent
     response_format: ResponseFormat | None = None
+
+    @field_validator("messages")
+    @classmethod
+    def _total_content(cls, messages: list[ChatMessage]) -> list[ChatMessage]:
+        total = sum(len(m.content) for m in messages)
+        if total > MAX_CONTENT_CHARS:
+            raise ValueError(
+                f"at most {MAX_CONTENT_CHARS} characters of message content in one request, not {total}"
+            )
+        return messages
 
 
 @dataclass

@@ -39,8 +39,9 @@ _JSONL_BATCH = {
 BATCH_BODY_DOC = {
     "requestBody": {
         "required": True,
-        "description": "JSONL, one BatchLine per line, read as it streams in (a bad line rejects "
-        "the whole batch, naming it), or JSON: a BatchCreate. custom_id must be unique within a batch.",
+        "description": "JSONL, one BatchLine per line, or JSON: a BatchCreate. Received whole (within "
+        "PCQ_UPLOAD_TIMEOUT_SECONDS), then read request by request; a bad one rejects the whole batch, "
+        "naming it. custom_id must be unique within a batch.",
         "content": {
             **{media: _JSONL_BATCH for media in JSONL_TYPES},
             "application/json": {"schema": {"$ref": "#/components/schemas/BatchCreate"}},
@@ -89,7 +90,7 @@ def batch_out(session: SessionDep, batch: Batch) -> BatchOut:
     "",
     status_code=202,
     response_model=BatchOut,
-    responses=error_responses(401, 409, 413, 422, 503),
+    responses=error_responses(401, 408, 409, 413, 422, 503),
     openapi_extra=BATCH_BODY_DOC,
 )
 async def submit_batch(

@@ -16,7 +16,9 @@ router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
 MAX_PAGE = 1000
 
 
-@router.post("", status_code=202, response_model=JobOut, responses=error_responses(401, 409, 413, 422, 503))
+@router.post(
+    "", status_code=202, response_model=JobOut, responses=error_responses(401, 408, 409, 413, 422, 503)
+)
 async def submit_job(
     body: JobCreate,
     request: Request,

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 
 class PcqError(Exception):
     code = "error"
@@ -45,3 +47,28 @@ class Unauthorized(PcqError):
 class Unavailable(PcqError):
     code = "unavailable"
     http_status = 503
+
+
+class TooManyRequests(PcqError):
+    """429: the tenant must slow down; ``retry_after`` (whole seconds, >= 1) is sent as Retry-After."""
+
+    code = "too_many_requests"
+    http_status = 429
+
+    def __init__(self, detail: str, retry_after: float) -> None:
+        super().__init__(detail)
+        self.retry_after = max(1, math.ceil(retry_after))
+
+
+class RateLimited(TooManyRequests):
+    code = "rate_limited"
+
+
+class TooManyQueued(TooManyRequests):
+    code = "too_many_queued"
+
+
+class TooManyUploads(TooManyRequests):
+    """429: too many batch uploads in progress (PCQ_MAX_UPLOADS_PER_TENANT, PCQ_MAX_UPLOADS)."""
+
+    code = "too_many_uploads"

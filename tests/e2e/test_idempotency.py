@@ -30,7 +30,9 @@ def _count(url: str, *where: object) -> int:
 def test_twenty_racing_requests_with_one_key_make_one_job_and_one_batch(
     pg_url: str, redis_url: str, tmp_path: Path
 ) -> None:
-    stack = Stack(stack_env(pg_url, redis_url), tmp_path)
+    env = stack_env(pg_url, redis_url)
+    env["PCQ_MAX_UPLOADS_PER_TENANT"] = "32"  # 20 racing batch uploads of one tenant, all admitted
+    stack = Stack(env, tmp_path)
     try:
         stack.start_api()
         key = mint_key(pg_url, "race")
