@@ -10,6 +10,7 @@ was sent).
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Iterator
 from typing import Any
 from urllib.parse import quote
@@ -109,10 +110,10 @@ class Probe:
             batches = s.scalar(select(func.count()).select_from(Batch)) or 0
         return jobs, batches
 
-    def post(self, path: str, body: bytes, ctype: str = "application/json") -> Any:
+    def post(self, path: str, body: bytes | Iterator[bytes], ctype: str = "application/json") -> Any:
         before = self.counts()
         r = self.client.post(path, content=body, headers={"x-api-key": self.key, "Content-Type": ctype})
-        assert r.status_code < 500, (r.status_code, r.text, body[:500])
+        assert r.status_code < 500, (r.status_code, r.text, body[:500] if isinstance(body, bytes) else "")
         if r.status_code >= 400:
             assert self.counts() == before, f"a {r.status_code} stored something"
             assert set(r.json()) == {"error", "detail"}
@@ -123,12 +124,22 @@ class Probe:
 
 @pytest.fixture(scope="module")
 def probe(pg_url: str) -> Iterator[Probe]:
-    settings_ = make_settings(DATABASE_URL=pg_url, PCQ_BROKER_URL="memory://", PCQ_MAX_REQUEST_BYTES=65536)
+    settings_ = make_settings(
+        DATABASE_URL=pg_url,
+        PCQ_BROKER_URL="memory://",
+        PCQ_MAX_REQUEST_BYTES=65536,
+        PCQ_MAX_BATCH_BYTES=BATCH_LIMIT,
+        PCQ_MAX_BATCH_LINES=200,
+        PCQ_UPLOAD_TIMEOUT_SECONDS=2,
+    )
     with TestClient(create_app(settings_)) as client:
         p = Probe(client, mint_key(pg_url, "props"), pg_url)
         yield p
         truncate_all(p.engine)  # leave the shared database empty for the next module
         p.engine.dispose()
+
+
+BATCH_LIMIT = 1024 * 1024
 
 
 @pytest.fixture(autouse=True)
@@ -213,6 +224,8 @@ REQ = {"model": "lite", "messages": [{"role": "user", "content": "hi"}]}
         ({"request": REQ, "metadata": {"k": "\udfff"}}, "metadata"),
         ({"request": {**REQ, "messages": [{"role": "user", "content": "\ud800"}]}}, "content"),
         ({"request": REQ, "metadata": {"k": 1.5e400}}, "not valid JSON"),  # Infinity
+        ({"request": REQ, "webhook_url": "https://e.com/" + "x" * 2100}, "webhook_url"),
+        ({"request": REQ, "metadata": json.loads('{"a":' * 900 + "1" + "}" * 900)}, "nested"),
     ],
 )
 def test_what_no_column_can_hold_is_a_422_naming_the_field(probe: Probe, body: Any, named: str) -> None:
@@ -240,3 +253,46 @@ def test_a_nul_in_a_path_or_query_is_a_422_naming_it(probe: Probe, path: str) ->
     r = probe.client.get(path, headers={"x-api-key": probe.key})
     assert r.status_code == 422, r.text
     assert "NUL" in r.json()["detail"]
+
+
+LINE = json.dumps({"custom_id": "x", "body": REQ}).encode()
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=list(HealthCheck))
+@given(
+    route=st.sampled_from(["jsonl", "json", "job"]),
+    size=st.integers(0, 2 * BATCH_LIMIT)
+    | st.sampled_from([60_000, 65_536, 70_000, BATCH_LIMIT - 500, BATCH_LIMIT + 500, 2 * BATCH_LIMIT]),
+    chunk=st.integers(512, 256 * 1024),
+    pause=st.sampled_from([0.0, 0.0, 0.002]),
+    blank=st.integers(0, 3),
+)
+def test_slow_and_large_bodies_never_5xx_and_a_4xx_stores_nothing(
+    probe: Probe, route: str, size: int, chunk: int, pause: float, blank: int
+) -> None:
+    """Bodies around and over every size limit, sent in odd chunks, some slowly (chunked, no
+    Content-Length, so only the streaming limits can stop them)."""
+    lines = [LINE.replace(b'"x"', f'"c{i}"'.encode(), 1) for i in range(max(1, size // (len(LINE) + 8)))]
+    if route == "jsonl":
+        body, ctype, path = (
+            b"\n".join(x + b"\n" * blank for x in lines),
+            "application/x-ndjson",
+            "/v1/batches",
+        )
+    elif route == "json":
+        body, ctype, path = b'{"requests": [' + b", ".join(lines) + b"]}", "application/json", "/v1/batches"
+    else:
+        message = {"role": "user", "content": "y" * size}
+        body, ctype, path = dump({"request": {**REQ, "messages": [message]}}), "application/json", "/v1/jobs"
+
+    slow = pause and len(body) // chunk <= 1500  # at most ~3 s of pauses: past the 2 s deadline
+
+    def chunks() -> Iterator[bytes]:
+        for start in range(0, len(body), chunk):
+            if slow:
+                time.sleep(pause)
+            yield body[start : start + chunk]
+
+    r = probe.post(path, chunks(), ctype)
+    if r.status_code == 202:
+        assert len(body) <= (BATCH_LIMIT if path == "/v1/batches" else 65536)
