@@ -15,9 +15,9 @@ from typing import IO, Protocol
 from pydantic import ValidationError
 
 from api.schemas import BatchCreate, BatchLine, check_webhook_url
+from api.verbatim import Member, NotJson, decode_utf8, members
 from pcq.jobs.errors import InvalidInput, TooLarge
 from pcq.jobs.intake import NewJob
-from pcq.verbatim import Member, NotJson, decode_utf8, members
 from pcq.wire import KNOWN_MODELS
 
 JSONL_TYPES = ("application/x-ndjson", "application/jsonl", "application/x-jsonlines")

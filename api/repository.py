@@ -14,7 +14,7 @@ from sqlalchemy.orm import Session
 
 from api.schemas import BasisOut, CitationOut, CitationRow, JobOut, ResultOut, Usage
 from pcq.jobs.errors import InvalidInput, NotFound
-from pcq.models import JOB_STATUSES, BasisField, Batch, Citation, Job, Result
+from pcq.models import JOB_STATUSES, BasisField, Batch, Citation, Job, JobStatus, Result
 from pcq.models import Usage as UsageRow
 
 
@@ -79,7 +79,7 @@ def list_jobs(
 
 
 def batch_counts(session: Session, batch_id: str) -> dict[str, int]:
-    counts = dict.fromkeys(JOB_STATUSES, 0)
+    counts: dict[str, int] = {s.value: 0 for s in JOB_STATUSES}
     for status, n in session.execute(
         select(Job.status, func.count()).where(Job.batch_id == batch_id).group_by(Job.status)
     ):
@@ -158,14 +158,14 @@ def job_out(job: Job, result: ResultOut | None = None) -> JobOut:
         started_at=job.started_at,
         finished_at=job.finished_at,
         next_attempt_at=job.next_attempt_at,
-        error=job.error if job.status != "succeeded" else None,
-        error_code=job.error_code if job.status != "succeeded" else None,
+        error=job.error if job.status != JobStatus.SUCCEEDED else None,
+        error_code=job.error_code if job.status != JobStatus.SUCCEEDED else None,
         result=result,
     )
 
 
 def job_with_result(session: Session, job: Job) -> JobOut:
-    if job.status != "succeeded":
+    if job.status != JobStatus.SUCCEEDED:
         return job_out(job)
     return job_out(job, _result_out(_load_results(session, [job.id]), job.id))
 
@@ -181,14 +181,14 @@ def export_rows(session: Session, batch_id: str, chunk: int = 500) -> Any:
         )
         if not jobs:
             return
-        loaded = _load_results(session, [j.id for j in jobs if j.status == "succeeded"])
+        loaded = _load_results(session, [j.id for j in jobs if j.status == JobStatus.SUCCEEDED])
         for job in jobs:
             row: dict[str, Any] = {
                 "custom_id": job.custom_id,
                 "job_id": job.id,
                 "status": job.status,
             }
-            if job.status == "succeeded":
+            if job.status == JobStatus.SUCCEEDED:
                 res = _result_out(loaded, job.id)
                 row["result"] = res.model_dump(mode="json") if res else None
             elif job.error is not None:

@@ -12,7 +12,7 @@ from pydantic import AfterValidator, AnyHttpUrl, BaseModel, ConfigDict, Field, f
 from pydantic.config import JsonDict, JsonValue
 
 from pcq.jobs.errors import InvalidInput
-from pcq.models import JOB_STATUSES
+from pcq.models import BatchStatus, JobStatus
 from pcq.wire import KNOWN_MODELS, ChatCompletionRequest
 
 MAX_METADATA_BYTES = 16 * 1024
@@ -21,10 +21,7 @@ NO_NUL = r"^[^\x00]*$"  # a JSON Schema pattern: no NUL character
 
 # Declared as enums in OpenAPI; the stored values stay plain strings.
 Model = Literal["speed", "lite", "base", "core"]
-JobStatus = Literal["queued", "running", "succeeded", "failed", "cancelled"]
-BatchStatus = Literal["queued", "running", "completed"]
 assert get_args(Model) == KNOWN_MODELS
-assert get_args(JobStatus) == JOB_STATUSES
 
 
 def storable(value: str) -> str:

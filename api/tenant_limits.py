@@ -2,7 +2,7 @@
 
 **Request rate** (``PCQ_API_RATE_LIMIT_PER_MINUTE``, 0 = off). Every authenticated ``/v1``
 request counts against its tenant (api.deps applies it right after authentication). One GCRA
-budget per tenant, the same algorithm as pcq.limiter's upstream limiter: one Lua script, run
+budget per tenant, the same algorithm as worker.limiter's upstream limiter: one Lua script, run
 atomically by Redis, with ``redis.call('TIME')`` as the clock, so every API process shares the
 budget and is judged on one clock. A tenant may spend a minute's worth at once (a burst of ``N``)
 and then ``N`` per minute, evenly spaced; the ``N + 1``-st request of a burst answers ``429
@@ -42,7 +42,7 @@ from sqlalchemy import BigInteger, func, literal, select
 from sqlalchemy.orm import Session
 
 from pcq.jobs.errors import RateLimited, TooManyQueued
-from pcq.models import Job
+from pcq.models import ACTIVE_STATUSES, Job
 from pcq.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -142,7 +142,6 @@ def build_rate_limiter(settings: Settings, redis_client: Any | None) -> TenantRa
     return TenantRateLimiter(client, limit_per_minute=settings.api_rate_limit_per_minute)
 
 
-ACTIVE_STATUSES: Final = ("queued", "running")
 _MAX_RETRY_AFTER: Final = 3600
 
 

@@ -1,4 +1,5 @@
-"""Alembic migrations (``pcq migrate``), and the type comparison they and the tests share."""
+"""Alembic migrations (``pcq migrate``, run by ``migrations.migrate``), and the type comparison
+they and the tests share. This package imports the core (``pcq``); the core never imports it."""
 
 from __future__ import annotations
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import email.utils
 import json
-import random
 import re
 import time
 from collections.abc import Mapping, Sequence
@@ -75,14 +74,6 @@ def parse_retry_after(headers: Mapping[str, str], now: float | None = None) -> f
         when = when.replace(tzinfo=UTC)
     delta = when.timestamp() - (time.time() if now is None else now)
     return min(max(delta, 0.0), MAX_RETRY_AFTER_SECONDS)
-
-
-def backoff_seconds(attempt: int, base: float, cap: float, retry_after: float | None) -> float:
-    """Retry-After when the upstream gave one, else capped exponential backoff with jitter."""
-    if retry_after is not None:
-        return retry_after + random.uniform(0, min(1.0, retry_after * 0.1))
-    raw: float = min(base * (2 ** max(attempt - 1, 0)), cap)
-    return float(raw * (1 - 0.25 * random.random()))
 
 
 def redact(text: str, secrets: Sequence[str]) -> str:

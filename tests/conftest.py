@@ -19,9 +19,9 @@ import redis
 from aiohttp import web
 from sqlalchemy import Engine, text
 
+from migrations.migrate import upgrade_to_head
+from mock_upstream import MockConfig, create_app
 from pcq.db import make_engine
-from pcq.migrate import upgrade_to_head
-from pcq.mock_upstream import MockConfig, create_app
 from pcq.models import Base
 from pcq.settings import Settings, load_settings
 

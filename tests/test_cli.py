@@ -28,7 +28,7 @@ def pcq(*args: str, env: dict[str, str] | None = None, cwd: Path | None = None, 
         if not k.startswith("PCQ_") and k not in ("REDIS_URL", "DATABASE_URL", "PARALLEL_API_KEY")
     }
     return subprocess.run(
-        [sys.executable, "-m", "pcq.cli", *args],
+        [sys.executable, "-m", "shell.cli", *args],
         env={**base, **(env or {})},
         cwd=cwd,
         stdin=subprocess.DEVNULL,  # never a terminal: the CLI must not prompt for a key here
@@ -134,14 +134,14 @@ def test_standalone_demo_prints_answers_and_citations(tmp_path: Path) -> None:
 
 
 def _free_port() -> int:
-    from pcq.procs import free_port
+    from shell.procs import free_port
 
     return free_port()
 
 
 @pytest.mark.e2e
 def test_submit_wait_and_export_against_a_running_stack(tmp_path: Path, sqlite_url: str) -> None:
-    from pcq.testing import Stack, stack_env
+    from shell.stack import Stack, stack_env
 
     env = stack_env(sqlite_url, None)
     stack = Stack(env, tmp_path)

@@ -7,7 +7,7 @@ from typing import Any
 
 import yaml
 
-from pcq.cli import build_parser
+from shell.cli import build_parser
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -9,8 +9,8 @@ from collections import Counter
 import pytest
 from fakeredis.commands_mixins import server_mixin
 
-from pcq.limiter import KeyPool, PoolKey, limiter_key, window_safe
 from tests.test_limiter import ManualClock, new_redis, run
+from worker.limiter import KeyPool, PoolKey, limiter_key, window_safe
 
 A, B = limiter_key("sk-key-a"), limiter_key("sk-key-b")
 

@@ -1,4 +1,4 @@
-"""Unit tests for pcq.limiter on fakeredis (in-process, fast).
+"""Unit tests for worker.limiter on fakeredis (in-process, fast).
 
 Most tests drive the *server* clock: fakeredis answers Lua ``redis.call('TIME')`` from
 ``time.time()`` in ``fakeredis.commands_mixins.server_mixin``; we swap that module's ``time`` for a
@@ -18,7 +18,7 @@ import fakeredis
 import pytest
 from fakeredis.commands_mixins import server_mixin
 
-from pcq.limiter import RateLimiter, limiter_key
+from worker.limiter import RateLimiter, limiter_key
 
 KEY = limiter_key("sk-test-upstream-key")
 
@@ -316,7 +316,7 @@ def test_window_safe_settings_never_exceed_the_quota_in_any_60_s(
     clock: ManualClock, limit: int, burst: int
 ) -> None:
     """Three minutes of a greedy caller against the sliding minute an upstream enforces."""
-    from pcq.limiter import window_safe
+    from worker.limiter import window_safe
 
     async def main() -> None:
         rate, safe_burst = window_safe(limit, burst)

@@ -1,4 +1,4 @@
-"""pcq.limiter against a real Redis, shared by several real OS processes.
+"""worker.limiter against a real Redis, shared by several real OS processes.
 
 Each worker is a separate ``python -c`` process with its own event loop and connection, and with a
 deliberately wrong client clock (``time.time`` skewed by up to +-60 s): the limiter must not care,
@@ -24,8 +24,8 @@ from typing import Any
 import pytest
 import redis
 
-from pcq.limiter import limiter_key, window_safe
 from tests import conftest
+from worker.limiter import limiter_key, window_safe
 
 REDIS_URL = "redis://127.0.0.1:6379/15"
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -61,7 +61,7 @@ _real_time = time.time
 time.time = lambda: _real_time() + cfg["skew"]  # wrong client clock on purpose
 
 import redis.asyncio as aioredis
-from pcq.limiter import RateLimiter
+from worker.limiter import RateLimiter
 
 
 async def main():
@@ -279,7 +279,7 @@ import asyncio, json, random, sys
 
 cfg = json.loads(sys.argv[1])
 import redis.asyncio as aioredis
-from pcq.limiter import KeyPool, PoolKey
+from worker.limiter import KeyPool, PoolKey
 
 
 async def main():

@@ -10,8 +10,8 @@ from alembic.migration import MigrationContext
 from sqlalchemy import inspect, text
 
 from migrations import compare_type
+from migrations.migrate import alembic_config
 from pcq.db import make_engine
-from pcq.migrate import alembic_config
 from pcq.models import Base
 from tests.conftest import empty_pg_database
 

@@ -12,7 +12,7 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 
-from pcq.mock_upstream import COMPLETIONS_PATH, MockConfig, create_app
+from mock_upstream import COMPLETIONS_PATH, MockConfig, create_app
 
 KEY = {"x-api-key": "test-key"}
 

@@ -10,11 +10,11 @@ import httpx
 import pytest
 from aiohttp import web
 
+from pcq.jobs.lifecycle import backoff_seconds
 from pcq.upstream import (
     RAW_ERROR_CHARS,
     Outcome,
     UpstreamClient,
-    backoff_seconds,
     parse_retry_after,
     redact,
     redact_cut,

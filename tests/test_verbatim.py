@@ -1,4 +1,4 @@
-"""pcq/verbatim.py: each member's exact text, or a NotJson that says what is wrong."""
+"""api/verbatim.py: each member's exact text, or a NotJson that says what is wrong."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from pcq.verbatim import MAX_DEPTH, NotJson, items, members
+from api.verbatim import MAX_DEPTH, NotJson, items, members
 
 
 def test_members_keep_each_value_and_its_exact_text() -> None:

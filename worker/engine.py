@@ -34,12 +34,12 @@ from sqlalchemy.orm import Session
 from pcq.broker_epoch import BrokerEpoch
 from pcq.db import SessionFactory, unit_of_work
 from pcq.jobs import lifecycle
-from pcq.jobs.lifecycle import AttemptRecord, ClaimedJob, Settled
-from pcq.limiter import KeyPool, PoolKey
+from pcq.jobs.lifecycle import ClaimedJob, Settled
 from pcq.models import utcnow
 from pcq.queue import Enqueuer
 from pcq.settings import Settings
-from pcq.upstream import Outcome, UpstreamClient, backoff_seconds
+from pcq.upstream import UpstreamClient
+from worker.limiter import KeyPool, PoolKey
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -53,36 +53,6 @@ RECOVERY_CHUNKS = 50  # after a broker loss, chunks one sweep sends before the n
 
 def heartbeat_path(settings: Settings) -> Path:
     return Path(tempfile.gettempdir()) / f"pcq-worker-{settings.queue_name}.heartbeat"
-
-
-def settle(job: ClaimedJob, outcome: Outcome, settings: Settings, key_id: str | None = None) -> Settled:
-    """Turn a call's outcome into what the database should record (``key_id``: the upstream
-    key that carried the call)."""
-    record = AttemptRecord(
-        upstream_key_id=key_id,
-        number=job.attempt,
-        started_at=outcome.started_at,
-        finished_at=outcome.finished_at,
-        outcome=outcome.kind,
-        error_class=outcome.error_class,
-        status_code=outcome.status_code,
-        upstream_request_id=outcome.upstream_request_id,
-        retry_after_seconds=outcome.retry_after,
-        error_detail=outcome.raw_error or outcome.summary,
-    )
-    if outcome.kind == "ok" and outcome.completion is not None:
-        return Settled(job, record, completion=outcome.completion)
-    code = outcome.error_class or "error"
-    summary = outcome.summary or "upstream call failed"
-    if outcome.kind == "retryable":
-        delay = backoff_seconds(
-            job.tries,
-            settings.retry_base_seconds,
-            settings.retry_max_seconds,
-            outcome.retry_after,
-        )
-        return Settled(job, record, retry_at=utcnow() + timedelta(seconds=delay), code=code, error=summary)
-    return Settled(job, record, code=code, error=summary)
 
 
 class Engine:
@@ -330,7 +300,7 @@ class Engine:
             if outcome.status_code == 429:
                 # Every worker pauses this key (Retry-After, else backoff) and then sends to
                 # it more slowly; its rate climbs back while no 429 comes.
-                pause = outcome.retry_after or backoff_seconds(
+                pause = outcome.retry_after or lifecycle.backoff_seconds(
                     job.tries, self.settings.retry_base_seconds, self.settings.retry_max_seconds, None
                 )
                 try:
@@ -338,7 +308,7 @@ class Engine:
                 except (RedisError, OSError) as exc:  # the attempt must still be stored
                     log.warning("could not share a 429 cool-down (%s)", type(exc).__name__)
             stored: asyncio.Future[None] = self._loop.create_future()
-            settled = settle(job, outcome, self.settings, self._pool.keys[held[0]].id)
+            settled = lifecycle.settle(job, outcome, self.settings, self._pool.keys[held[0]].id)
             self._outbox.put_nowait((settled, stored))
             self._pool.release(*held)  # the call is over; storing it needs no permit
             held = None

@@ -15,7 +15,7 @@ from api.batch_input import JSONL_TYPES
 from api.deps import ResourcesDep, SessionDep, TenantDep
 from api.errors import error_responses
 from api.schemas import BatchOut, IdempotencyKeyHeader
-from pcq.models import TERMINAL_STATUSES, Batch
+from pcq.models import TERMINAL_STATUSES, Batch, BatchStatus, JobStatus
 
 router = APIRouter(prefix="/v1/batches", tags=["batches"])
 
@@ -69,11 +69,11 @@ def batch_out(session: SessionDep, batch: Batch) -> BatchOut:
     counts = repository.batch_counts(session, batch.id)
     done = sum(counts[s] for s in TERMINAL_STATUSES) >= batch.total
     if done:
-        status = "completed"
-    elif counts["queued"] == batch.total:
-        status = "queued"
+        status = BatchStatus.COMPLETED
+    elif counts[JobStatus.QUEUED] == batch.total:
+        status = BatchStatus.QUEUED
     else:
-        status = "running"
+        status = BatchStatus.RUNNING
     return BatchOut(
         id=batch.id,
         status=status,

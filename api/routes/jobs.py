@@ -10,7 +10,8 @@ from starlette.concurrency import run_in_threadpool
 from api import repository
 from api.deps import SINGLE_VALUED_QUERY, Cursor, QueryText, ResourcesDep, SessionDep, TenantDep
 from api.errors import error_responses
-from api.schemas import IdempotencyKeyHeader, JobCreate, JobOut, JobPage, JobStatus
+from api.schemas import IdempotencyKeyHeader, JobCreate, JobOut, JobPage
+from pcq.models import JobStatus
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
 MAX_PAGE = 1000

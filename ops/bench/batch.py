@@ -19,8 +19,9 @@ from pathlib import Path
 import httpx
 import psycopg
 
-from pcq.migrate import upgrade_to_head
-from pcq.testing import Stack, audit, mint_key, stack_env
+from migrations.migrate import upgrade_to_head
+from shell.stack import Stack, mint_key, stack_env
+from tests.audit import audit
 
 MODELS = ("lite", "base", "core")
 

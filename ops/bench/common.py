@@ -18,7 +18,7 @@ import httpx
 import psycopg
 import redis
 
-from pcq.migrate import upgrade_to_head
+from migrations.migrate import upgrade_to_head
 
 REPO = Path(__file__).resolve().parents[2]
 

@@ -42,7 +42,7 @@ TABLES: list[tuple[str, type[Any]]] = [
 
 def sample_body(citations: int) -> str:
     """One answer as the mock upstream writes it (text format: one basis field)."""
-    from pcq.mock_upstream import MockConfig, _completion, _Directives, _State
+    from mock_upstream.server import MockConfig, _completion, _Directives, _State
 
     st = _State(config=MockConfig(citations_per_field=citations), rng=__import__("random").Random(1))
     payload = {"model": "lite", "messages": [{"role": "user", "content": "bench question 1"}]}

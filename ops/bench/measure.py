@@ -71,7 +71,9 @@ def wait_quiet(threshold_cores: float = 0.3, window_s: float = 2.0, max_wait_s: 
             return round(cores, 2)
 
 
-def code_fingerprint(root: Path, packages: tuple[str, ...] = ("pcq", "api", "worker")) -> str:
+def code_fingerprint(
+    root: Path, packages: tuple[str, ...] = ("pcq", "api", "worker", "shell", "mock_upstream")
+) -> str:
     """Changes when any source file of the service changes (path, size, mtime)."""
     import hashlib
 

@@ -42,7 +42,7 @@ def _package(path: str) -> str:
     p = path.replace("\\", "/")
     if "site-packages/" in p:
         return p.split("site-packages/", 1)[1].split("/", 1)[0]
-    for own in ("pcq/", "worker/", "api/", "ops/"):
+    for own in ("pcq/", "worker/", "api/", "shell/", "mock_upstream/", "ops/"):
         if p.startswith(own) or f"/{own}" in p:
             return own.rstrip("/")
     if "/lib/python3" in p:

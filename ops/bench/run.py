@@ -47,7 +47,7 @@ from ops.bench.measure import PhaseMeter, code_fingerprint, proc_status_kb, sock
 from ops.bench.profile import Profiler
 from ops.bench.systems import batch_body, pcq_env, run_ceiling, run_naive, run_pcq, start_pcq, wait_batch
 from pcq.settings import key_id
-from pcq.testing import Stack, mint_key, stack_env
+from shell.stack import Stack, mint_key, stack_env
 
 PG_ADMIN = "postgresql://postgres@127.0.0.1:5432/postgres"
 PCQ_REDIS = "redis://127.0.0.1:6379/12"
@@ -136,7 +136,7 @@ def throughput(args: argparse.Namespace, outdir: Path) -> dict[str, Any]:
                 r = rnd[system]
                 r["git"] = git_state()
                 if r.get("code_changed_during_run"):
-                    say("  WARNING: pcq/api/worker sources changed during this phase")
+                    say("  WARNING: the service's sources changed during this phase")
                 say(
                     f"  {r['jobs_per_s']} jobs/s, total {r['total_s']} s, p50 {r['p50_s']} s,"
                     f" cpu ms/job {r['cpu_ms_per_job']}, ok={r['ok']}"

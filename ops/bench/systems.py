@@ -33,7 +33,8 @@ from ops.bench.common import (
 from ops.bench.measure import PhaseMeter, code_fingerprint, wait_quiet
 from ops.bench.profile import Profiler
 from ops.bench.tables import request_for
-from pcq.testing import Stack, audit, mint_key, stack_env
+from shell.stack import Stack, mint_key, stack_env
+from tests.audit import audit
 
 # stack_env's test-friendly values, put back to the shipped defaults for a benchmark.
 PRODUCTION_DEFAULTS = ("PCQ_SWEEP_INTERVAL_SECONDS", "PCQ_RETRY_BASE_SECONDS", "PCQ_RETRY_MAX_SECONDS")
@@ -342,7 +343,7 @@ def run_naive(
             env,
             log,
         )
-        from pcq.procs import stop
+        from shell.procs import stop
 
         try:
             wait_for_log(log, "naive worker ready", worker)

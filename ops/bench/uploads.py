@@ -41,7 +41,7 @@ import httpx
 
 from ops.bench.common import REPO, flush_own_redis_db, fresh_database, git_state, machine, query, versions
 from ops.bench.measure import proc_status_kb
-from pcq.testing import Stack, mint_key, stack_env
+from shell.stack import Stack, mint_key, stack_env
 
 PG_ADMIN = "postgresql://postgres@127.0.0.1:5432/postgres"
 REDIS = "redis://127.0.0.1:6379/12"

@@ -6,9 +6,9 @@ from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
 from pcq.jobs.errors import Conflict
-from pcq.models import Job, utcnow
+from pcq.models import ACTIVE_STATUSES, Job, JobStatus, utcnow
 
-RETRYABLE_BY_USER = ("failed", "cancelled")
+RETRYABLE_BY_USER = (JobStatus.FAILED, JobStatus.CANCELLED)
 
 
 def cancel(session: Session, job: Job) -> Job:
@@ -18,14 +18,14 @@ def cancel(session: Session, job: Job) -> Job:
     left to finish, but its outcome is discarded: every worker write is guarded by
     ``status='running'``, which cancel has changed. Cancelling twice is harmless.
     """
-    if job.status == "cancelled":
+    if job.status == JobStatus.CANCELLED:
         return job
     now = utcnow()
     res = session.execute(
         update(Job)
-        .where(Job.id == job.id, Job.status.in_(("queued", "running")))
+        .where(Job.id == job.id, Job.status.in_(ACTIVE_STATUSES))
         .values(
-            status="cancelled",
+            status=JobStatus.CANCELLED,
             lease_until=None,
             next_attempt_at=None,
             finished_at=now,
@@ -36,7 +36,7 @@ def cancel(session: Session, job: Job) -> Job:
         .execution_options(synchronize_session=False)
     )
     session.refresh(job)
-    if res.rowcount != 1 and job.status != "cancelled":  # type: ignore[attr-defined]
+    if res.rowcount != 1 and job.status != JobStatus.CANCELLED:  # type: ignore[attr-defined]
         raise Conflict(f"job {job.id} already {job.status}; only queued or running jobs can be cancelled")
     return job
 
@@ -56,7 +56,7 @@ def requeue(session: Session, job_ids: list[str]) -> list[str]:
             update(Job)
             .where(Job.id.in_(requeued), Job.status.in_(RETRYABLE_BY_USER))
             .values(
-                status="queued",
+                status=JobStatus.QUEUED,
                 attempts_base=Job.attempts,
                 lease_losses=0,
                 error=None,
@@ -81,4 +81,6 @@ def retry(session: Session, job: Job) -> Job:
 
 
 def failed_job_ids(session: Session, batch_id: str) -> list[str]:
-    return list(session.scalars(select(Job.id).where(Job.batch_id == batch_id, Job.status == "failed")))
+    return list(
+        session.scalars(select(Job.id).where(Job.batch_id == batch_id, Job.status == JobStatus.FAILED))
+    )

@@ -13,7 +13,7 @@ from sqlalchemy.orm import Session
 
 from pcq.db import copy_rows
 from pcq.jobs.errors import IdempotencyMismatch
-from pcq.models import Batch, Job, new_id, utcnow
+from pcq.models import Batch, Job, JobStatus, new_id, utcnow
 
 
 @dataclass(frozen=True)
@@ -21,7 +21,7 @@ class NewJob:
     """One validated job, before it has an id.
 
     ``request_json`` and ``metadata_json`` are the JSON texts the user submitted, kept verbatim
-    (pcq/verbatim.py); ``model`` and ``stream`` were read from the validated request.
+    (api/verbatim.py); ``model`` and ``stream`` were read from the validated request.
     """
 
     request_json: str
@@ -48,7 +48,7 @@ def _job_row(tenant_id: str, item: NewJob, batch_id: str | None, now: Any) -> di
         "stream": item.stream,
         "metadata_json": item.metadata_json,
         "webhook_url": item.webhook_url,
-        "status": "queued",
+        "status": JobStatus.QUEUED,
         "attempts": 0,
         "enqueued_at": now,
         "created_at": now,

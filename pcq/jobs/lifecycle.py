@@ -1,4 +1,8 @@
-"""The worker's side of a job: claim with a lease, store the outcome exactly once, sweep.
+"""The rules of a job's life, in one place: which jobs may be claimed (``claimable``, shared
+by the claim and the sweep), how a call's outcome settles its job (``settle``: success, a retry
+after a backoff or exactly Retry-After, failure), when its attempts are exhausted and when a
+worker death makes it a suspect, and how outcomes are stored exactly once. The worker's
+engine asks; this module decides. Statuses are ``pcq.models.JobStatus``.
 
 Every outcome write is guarded by ``status='running' AND attempts=<the claimed attempt>``: a
 second copy of a task, or a run whose lease was taken over, cannot store a result or move
@@ -9,9 +13,10 @@ is a share of a few round trips, not a transaction of its own.
 
 from __future__ import annotations
 
+import random
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, cast
 
 from sqlalchemy import (
     JSON,
@@ -31,8 +36,12 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
 from pcq.db import copy_rows
-from pcq.models import Attempt, BasisField, Citation, Job, Result, Usage
+from pcq.models import ACTIVE_STATUSES, Attempt, BasisField, Citation, Job, JobStatus, Result, Usage, utcnow
 from pcq.wire import ParsedCompletion, storable
+
+if TYPE_CHECKING:  # the API imports this module too, and needs no HTTP client
+    from pcq.settings import Settings
+    from pcq.upstream import Outcome
 
 # Worker deaths (lease losses) are counted apart from attempts. A job whose worker died under it
 # this many times is a *suspect*: it may be what kills workers, so each worker runs at most
@@ -125,16 +134,58 @@ class Settled:
     error: str | None = None
 
 
-def _claimable(now: datetime) -> Any:
+def backoff_seconds(attempt: int, base: float, cap: float, retry_after: float | None) -> float:
+    """Retry-After when the upstream gave one, else capped exponential backoff with jitter."""
+    if retry_after is not None:
+        return retry_after + random.uniform(0, min(1.0, retry_after * 0.1))
+    raw: float = min(base * (2 ** max(attempt - 1, 0)), cap)
+    return float(raw * (1 - 0.25 * random.random()))
+
+
+def settle(job: ClaimedJob, outcome: Outcome, settings: Settings, key_id: str | None = None) -> Settled:
+    """Decide what a call's outcome does to its job: succeeded, queued again at a backoff (or
+    exactly Retry-After), or failed; ``key_id`` is the upstream key that carried the call.
+    Whether a retry is still allowed is decided when it is stored (``store_outcomes``), under
+    the claim, with ``ClaimedJob.exhausted``."""
+    record = AttemptRecord(
+        upstream_key_id=key_id,
+        number=job.attempt,
+        started_at=outcome.started_at,
+        finished_at=outcome.finished_at,
+        outcome=outcome.kind,
+        error_class=outcome.error_class,
+        status_code=outcome.status_code,
+        upstream_request_id=outcome.upstream_request_id,
+        retry_after_seconds=outcome.retry_after,
+        error_detail=outcome.raw_error or outcome.summary,
+    )
+    if outcome.kind == "ok" and outcome.completion is not None:
+        return Settled(job, record, completion=outcome.completion)
+    code = outcome.error_class or "error"
+    summary = outcome.summary or "upstream call failed"
+    if outcome.kind == "retryable":
+        delay = backoff_seconds(
+            job.tries,
+            settings.retry_base_seconds,
+            settings.retry_max_seconds,
+            outcome.retry_after,
+        )
+        return Settled(job, record, retry_at=utcnow() + timedelta(seconds=delay), code=code, error=summary)
+    return Settled(job, record, code=code, error=summary)
+
+
+def claimable(now: datetime) -> Any:
+    """The one definition of a job a worker may take now, shared by the claim and the sweep:
+    queued and due, or running under a lease that expired (its worker died)."""
     return or_(
-        and_(Job.status == "queued", or_(Job.next_attempt_at.is_(None), Job.next_attempt_at <= now)),
-        and_(Job.status == "running", Job.lease_until < now),
+        and_(Job.status == JobStatus.QUEUED, or_(Job.next_attempt_at.is_(None), Job.next_attempt_at <= now)),
+        and_(Job.status == JobStatus.RUNNING, Job.lease_until < now),
     )
 
 
 def _losses_after_claim() -> Any:
     """A ``running`` job being claimed has an expired lease: its last worker died under it."""
-    return Job.lease_losses + case((Job.status == "running", 1), else_=0)
+    return Job.lease_losses + case((Job.status == JobStatus.RUNNING, 1), else_=0)
 
 
 def claim_many(
@@ -161,7 +212,7 @@ def claim_many(
         suspects = list(
             session.scalars(
                 select(Job.id)
-                .where(Job.id.in_(job_ids), _claimable(now), _losses_after_claim() >= SUSPECT_AFTER_LOSSES)
+                .where(Job.id.in_(job_ids), claimable(now), _losses_after_claim() >= SUSPECT_AFTER_LOSSES)
                 .order_by(Job.id)
             )
         )
@@ -171,9 +222,9 @@ def claim_many(
             job_ids = [i for i in job_ids if i not in skip]
     rows = session.execute(
         update(Job)
-        .where(Job.id.in_(job_ids), _claimable(now))
+        .where(Job.id.in_(job_ids), claimable(now))
         .values(
-            status="running",
+            status=JobStatus.RUNNING,
             attempts=Job.attempts + 1,
             lease_losses=_losses_after_claim(),
             lease_until=now + timedelta(seconds=lease_seconds),
@@ -208,10 +259,10 @@ def claim_many(
         cap = crash_cap(max_attempts)
         if job.lease_losses >= cap:
             reason = f"its worker died during each of its last {cap} runs (it may be what kills workers)"
-            give_up.append((job, "failed", None, "attempts_exhausted", f"gave up: {reason}"))
+            give_up.append((job, JobStatus.FAILED, None, "attempts_exhausted", f"gave up: {reason}"))
         elif job.tries > max_attempts:
             reason = f"gave up after {max_attempts} attempts that did not complete"
-            give_up.append((job, "failed", None, "attempts_exhausted", reason))
+            give_up.append((job, JobStatus.FAILED, None, "attempts_exhausted", reason))
         else:
             claimed.append(job)
     _set_status(session, give_up, now)
@@ -238,7 +289,7 @@ def renew_leases(
         return 0
     res = session.execute(
         update(Job)
-        .where(tuple_(Job.id, Job.attempts).in_(claims), Job.status == "running")
+        .where(tuple_(Job.id, Job.attempts).in_(claims), Job.status == JobStatus.RUNNING)
         .values(lease_until=now + timedelta(seconds=lease_seconds))
         .execution_options(synchronize_session=False)
     )
@@ -253,8 +304,10 @@ def release(session: Session, claims: list[tuple[str, int]], *, now: datetime) -
         return 0
     res = session.execute(
         update(Job)
-        .where(tuple_(Job.id, Job.attempts).in_(claims), Job.status == "running")
-        .values(status="queued", lease_until=None, next_attempt_at=None, enqueued_at=None, updated_at=now)
+        .where(tuple_(Job.id, Job.attempts).in_(claims), Job.status == JobStatus.RUNNING)
+        .values(
+            status=JobStatus.QUEUED, lease_until=None, next_attempt_at=None, enqueued_at=None, updated_at=now
+        )
         .execution_options(synchronize_session=False)
     )
     return int(res.rowcount)  # type: ignore[attr-defined]
@@ -264,9 +317,9 @@ def unclaim(session: Session, job: ClaimedJob, *, now: datetime, retry_at: datet
     """Give a claim back unused (no upstream call was made): the attempt does not count."""
     res = session.execute(
         update(Job)
-        .where(Job.id == job.id, Job.status == "running", Job.attempts == job.attempt)
+        .where(Job.id == job.id, Job.status == JobStatus.RUNNING, Job.attempts == job.attempt)
         .values(
-            status="queued",
+            status=JobStatus.QUEUED,
             attempts=Job.attempts - 1,
             lease_until=None,
             enqueued_at=None,
@@ -311,7 +364,7 @@ def _set_status(
                     "b_code": code,
                     "b_error": storable(error),
                     "b_now": now,
-                    "b_finished": None if status == "queued" else now,
+                    "b_finished": None if status == JobStatus.QUEUED else now,
                 }
                 for job, status, nxt, code, error in changes
             ],
@@ -323,7 +376,7 @@ def _owned(session: Session, jobs: list[ClaimedJob]) -> set[str]:
     on SQLite the attempts insert before this has already taken the database's write lock."""
     rows = session.execute(
         select(Job.id, Job.attempts)
-        .where(Job.id.in_([j.id for j in jobs]), Job.status == "running")
+        .where(Job.id.in_([j.id for j in jobs]), Job.status == JobStatus.RUNNING)
         .with_for_update()
     ).all()
     current = {job_id: attempts for job_id, attempts in rows}
@@ -346,16 +399,16 @@ def store_outcomes(session: Session, items: list[Settled], *, max_attempts: int)
     successes: list[Settled] = []
     for i in mine:
         if i.completion is not None:
-            changes.append((i.job, "succeeded", None, None, None))
+            changes.append((i.job, JobStatus.SUCCEEDED, None, None, None))
             successes.append(i)
         elif i.retry_at is not None and not i.job.exhausted(max_attempts):
-            changes.append((i.job, "queued", i.retry_at, i.code, i.error))
+            changes.append((i.job, JobStatus.QUEUED, i.retry_at, i.code, i.error))
         elif i.retry_at is not None:
             changes.append(
-                (i.job, "failed", None, i.code, f"{i.error} (gave up after {i.job.tries} attempts)")
+                (i.job, JobStatus.FAILED, None, i.code, f"{i.error} (gave up after {i.job.tries} attempts)")
             )
         else:
-            changes.append((i.job, "failed", None, i.code, i.error))
+            changes.append((i.job, JobStatus.FAILED, None, i.code, i.error))
     _set_status(session, changes, now)
     _store_completions(session, successes)
     return owned
@@ -477,7 +530,7 @@ def store_retry(
         [Settled(job, record, retry_at=next_attempt_at, code=code, error=error)],
         max_attempts=max_attempts,
     )
-    return "failed" if job.exhausted(max_attempts) else "queued"
+    return JobStatus.FAILED if job.exhausted(max_attempts) else JobStatus.QUEUED
 
 
 def store_failure(session: Session, job: ClaimedJob, record: AttemptRecord, *, code: str, error: str) -> None:
@@ -507,14 +560,7 @@ def due_for_enqueue(
         unsent = or_(unsent, Job.enqueued_at < lost_before)
     if resend_stale:
         unsent = or_(unsent, Job.enqueued_at < now - timedelta(seconds=requeue_after_seconds))
-    due = or_(
-        and_(
-            Job.status == "queued",
-            or_(Job.next_attempt_at.is_(None), Job.next_attempt_at <= now),
-            unsent,
-        ),
-        and_(Job.status == "running", Job.lease_until < now, unsent),
-    )
+    due = and_(claimable(now), unsent)
     ids = list(
         session.scalars(
             select(Job.id).where(due).order_by(Job.id).limit(limit).with_for_update(skip_locked=True)
@@ -535,7 +581,7 @@ def clear_enqueued(session: Session, job_ids: list[str]) -> None:
     if job_ids:
         session.execute(
             update(Job)
-            .where(Job.id.in_(job_ids), Job.status.in_(("queued", "running")))
+            .where(Job.id.in_(job_ids), Job.status.in_(ACTIVE_STATUSES))
             .values(enqueued_at=None)
             .execution_options(synchronize_session=False)
         )

@@ -1,11 +1,21 @@
 """All tables; importing this package registers them on ``Base.metadata``."""
 
 from pcq.models.base import Base, new_id, utcnow
-from pcq.models.job import JOB_STATUSES, TERMINAL_STATUSES, Attempt, Batch, Job
+from pcq.models.job import (
+    ACTIVE_STATUSES,
+    JOB_STATUSES,
+    TERMINAL_STATUSES,
+    Attempt,
+    Batch,
+    BatchStatus,
+    Job,
+    JobStatus,
+)
 from pcq.models.result import BasisField, Citation, Result, Usage
 from pcq.models.tenant import ApiKey, Tenant
 
 __all__ = [
+    "ACTIVE_STATUSES",
     "JOB_STATUSES",
     "TERMINAL_STATUSES",
     "ApiKey",
@@ -13,8 +23,10 @@ __all__ = [
     "Base",
     "BasisField",
     "Batch",
+    "BatchStatus",
     "Citation",
     "Job",
+    "JobStatus",
     "Result",
     "Tenant",
     "Usage",

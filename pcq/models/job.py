@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from datetime import datetime
+from enum import StrEnum
 
 from sqlalchemy import (
     Boolean,
@@ -18,8 +19,28 @@ from sqlalchemy.orm import Mapped, mapped_column
 
 from pcq.models.base import Base, BigIntPK, UTCDateTime, utcnow
 
-JOB_STATUSES = ("queued", "running", "succeeded", "failed", "cancelled")
-TERMINAL_STATUSES = ("succeeded", "failed", "cancelled")
+
+class JobStatus(StrEnum):
+    """Where a job is in its life; the only place these strings are written."""
+
+    QUEUED = "queued"  # waiting for a claim (a first run, or a retry once next_attempt_at is due)
+    RUNNING = "running"  # claimed by a worker under a lease
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+
+class BatchStatus(StrEnum):
+    """A batch's status, derived from its jobs' (never stored)."""
+
+    QUEUED = "queued"  # every job is queued
+    RUNNING = "running"  # some job has started, not all have ended
+    COMPLETED = "completed"  # every job has ended
+
+
+JOB_STATUSES = tuple(JobStatus)
+ACTIVE_STATUSES = (JobStatus.QUEUED, JobStatus.RUNNING)
+TERMINAL_STATUSES = (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELLED)
 
 
 class Batch(Base):
@@ -41,7 +62,7 @@ class Job(Base):
     __tablename__ = "jobs"
     __table_args__ = (
         CheckConstraint(
-            "status IN ('queued', 'running', 'succeeded', 'failed', 'cancelled')",
+            f"status IN ({', '.join(repr(s.value) for s in JobStatus)})",
             name="status",
         ),
         UniqueConstraint("tenant_id", "idempotency_key"),
@@ -61,14 +82,14 @@ class Job(Base):
     idempotency_key: Mapped[str | None] = mapped_column(String(255), default=None)
     request_hash: Mapped[str | None] = mapped_column(String(64), default=None)
     # The request and metadata exactly as submitted (JSON text): what goes upstream is what
-    # came in, byte for byte (jsonb would re-order keys; see pcq/verbatim.py).
+    # came in, byte for byte (jsonb would re-order keys; see api/verbatim.py).
     request_json: Mapped[str] = mapped_column("request", Text)
     model: Mapped[str] = mapped_column(String(64))
     stream: Mapped[bool] = mapped_column(Boolean, default=False)
     metadata_json: Mapped[str | None] = mapped_column("metadata", Text, default=None)
     webhook_url: Mapped[str | None] = mapped_column(Text, default=None)
 
-    status: Mapped[str] = mapped_column(String(16), default="queued")
+    status: Mapped[str] = mapped_column(String(16), default=JobStatus.QUEUED)
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     # Attempts made before the last manual retry: the cap counts attempts since then, while
     # attempt numbers keep growing so every call ever made keeps its own row.

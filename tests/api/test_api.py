@@ -14,7 +14,7 @@ from sqlalchemy import func, select
 from api.app import create_app
 from pcq.db import make_engine, make_session_factory
 from pcq.models import Batch, Job
-from pcq.testing import mint_key
+from shell.stack import mint_key
 from tests.conftest import make_settings
 
 REQ = {"model": "lite", "messages": [{"role": "user", "content": "Who founded Parallel?"}]}

@@ -16,8 +16,8 @@ from pcq.db import make_engine, make_session_factory, unit_of_work
 from pcq.jobs import lifecycle
 from pcq.jobs.lifecycle import AttemptRecord, ClaimedJob
 from pcq.models import Job, Result, utcnow
-from pcq.testing import mint_key
 from pcq.wire import ParsedCompletion
+from shell.stack import mint_key
 from tests.api.test_api import REQ, Api
 from tests.conftest import make_settings
 

@@ -25,7 +25,7 @@ from schemathesis.specs.openapi.definitions import OPENAPI_31_VALIDATOR
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from api.app import create_app
-from pcq.testing import mint_key
+from shell.stack import mint_key
 from tests.conftest import make_settings
 
 pytestmark = pytest.mark.realservices
@@ -102,10 +102,11 @@ def test_enums_are_declared(pg_url: str) -> None:
     assert schemas["ChatCompletionRequest"]["properties"]["model"]["enum"] == models
     assert schemas["JobOut"]["properties"]["model"]["enum"] == models
     statuses = ["queued", "running", "succeeded", "failed", "cancelled"]
-    assert schemas["JobOut"]["properties"]["status"]["enum"] == statuses
-    assert schemas["BatchOut"]["properties"]["status"]["enum"] == ["queued", "running", "completed"]
+    assert _resolve(doc, schemas["JobOut"]["properties"]["status"]["$ref"])["enum"] == statuses
+    batch_status = _resolve(doc, schemas["BatchOut"]["properties"]["status"]["$ref"])
+    assert batch_status["enum"] == ["queued", "running", "completed"]
     (status,) = [p for p in doc["paths"]["/v1/jobs"]["get"]["parameters"] if p["name"] == "status"]
-    assert status["schema"]["enum"] == statuses
+    assert _resolve(doc, status["schema"]["$ref"])["enum"] == statuses
     assert "401" not in doc["paths"]["/healthz"]["get"]["responses"]
     assert "413" not in doc["paths"]["/v1/jobs/{job_id}"]["get"]["responses"]
     assert "503" in doc["paths"]["/readyz"]["get"]["responses"]

@@ -25,7 +25,7 @@ from api.app import create_app
 from api.schemas import BatchLine, JobCreate
 from pcq.db import make_engine, make_session_factory
 from pcq.models import Batch, Job
-from pcq.testing import mint_key
+from shell.stack import mint_key
 from tests.conftest import make_settings, truncate_all
 
 pytestmark = pytest.mark.realservices

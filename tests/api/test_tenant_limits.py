@@ -23,7 +23,7 @@ from api.tenant_limits import TenantRateLimiter
 from pcq.db import make_engine, make_session_factory, unit_of_work
 from pcq.jobs.errors import TooManyQueued
 from pcq.models import Batch, Job, Tenant
-from pcq.testing import mint_key
+from shell.stack import mint_key
 from tests.conftest import make_settings
 
 pytestmark = pytest.mark.realservices

@@ -22,8 +22,8 @@ import pytest
 from fastapi.testclient import TestClient
 
 from api.app import build_resources, create_app
-from pcq.testing import Stack, mint_key, stack_env
-from pcq.verbatim import MAX_DEPTH
+from api.verbatim import MAX_DEPTH
+from shell.stack import Stack, mint_key, stack_env
 from tests.conftest import make_settings
 
 REQ = {"model": "lite", "messages": [{"role": "user", "content": "Who founded Parallel?"}]}

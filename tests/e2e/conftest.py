@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from pcq.testing import Stack, stack_env
+from shell.stack import Stack, stack_env
 
 
 @pytest.fixture(params=["postgres+redis", "sqlite+embedded"])
@@ -18,7 +18,7 @@ def stack(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[tuple[Stac
     else:
         db = f"sqlite:///{tmp_path / 'pcq.sqlite3'}"
         env = stack_env(db, None)
-        from pcq.migrate import upgrade_to_head
+        from migrations.migrate import upgrade_to_head
 
         upgrade_to_head(db)
     s = Stack(env, tmp_path)

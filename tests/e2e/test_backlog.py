@@ -16,7 +16,7 @@ from pcq.db import make_engine, make_session_factory
 from pcq.models import Job, utcnow
 from pcq.queue import Enqueuer, make_celery
 from pcq.settings import load_settings
-from pcq.testing import Stack, mint_key, stack_env
+from shell.stack import Stack, mint_key, stack_env
 
 pytestmark = [pytest.mark.e2e, pytest.mark.realservices]
 

@@ -12,7 +12,7 @@ from sqlalchemy import func, select
 
 from pcq.db import make_engine, make_session_factory
 from pcq.models import Job
-from pcq.testing import Stack, mint_key, stack_env
+from shell.stack import Stack, mint_key, stack_env
 
 pytestmark = [pytest.mark.e2e, pytest.mark.realservices]
 

@@ -14,7 +14,8 @@ import pytest
 from sqlalchemy import create_engine, text
 
 from pcq.settings import key_id, normalize_database_url
-from pcq.testing import Stack, audit, mint_key, stack_env
+from shell.stack import Stack, mint_key, stack_env
+from tests.audit import audit
 from tests.e2e.test_pipeline import batch_lines, run_batch
 
 pytestmark = [pytest.mark.e2e]

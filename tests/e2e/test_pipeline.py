@@ -13,7 +13,8 @@ from typing import Any
 import httpx
 import pytest
 
-from pcq.testing import Stack, audit, mint_key
+from shell.stack import Stack, mint_key
+from tests.audit import audit
 
 pytestmark = [pytest.mark.e2e]
 

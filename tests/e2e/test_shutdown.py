@@ -13,7 +13,8 @@ from sqlalchemy import select
 
 from pcq.db import make_engine, make_session_factory
 from pcq.models import Job
-from pcq.testing import Stack, audit, mint_key, stack_env
+from shell.stack import Stack, mint_key, stack_env
+from tests.audit import audit
 
 pytestmark = [pytest.mark.e2e, pytest.mark.realservices]
 

@@ -15,7 +15,7 @@ from typing import Any
 import httpx
 import pytest
 
-from pcq.testing import Stack, mint_key
+from shell.stack import Stack, mint_key
 
 pytestmark = [pytest.mark.e2e]
 

@@ -30,9 +30,10 @@ from sqlalchemy.pool import NullPool
 
 from pcq.models import Attempt, Citation, Job, Result, Usage
 from pcq.models.job import TERMINAL_STATUSES
-from pcq.procs import free_port
 from pcq.settings import normalize_database_url
-from pcq.testing import Stack, basis_citations_in_raw, mint_key, stack_env
+from shell.procs import free_port
+from shell.stack import Stack, mint_key, stack_env
+from tests.audit import basis_citations_in_raw
 
 T = TypeVar("T")
 IN_CI = os.environ.get("CI", "").strip().lower() == "true"

@@ -25,7 +25,7 @@ import pytest
 from sqlalchemy import text
 
 from pcq.db import make_engine
-from pcq.testing import Stack, mint_key
+from shell.stack import Stack, mint_key
 from tests.faults.helpers import PrivateRedis, fault_env
 
 pytestmark = [pytest.mark.e2e, pytest.mark.realservices]

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from pcq.testing import Stack
+from shell.stack import Stack
 from tests.faults.helpers import (
     Db,
     PrivateRedis,

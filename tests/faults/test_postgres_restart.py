@@ -14,8 +14,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from pcq.migrate import upgrade_to_head
-from pcq.testing import Stack
+from migrations.migrate import upgrade_to_head
+from shell.stack import Stack
 from tests.faults.helpers import (
     Db,
     PrivatePostgres,

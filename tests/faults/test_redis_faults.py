@@ -26,7 +26,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from pcq.models import Job, utcnow
-from pcq.testing import Stack
+from shell.stack import Stack
 from tests.faults.helpers import (
     Db,
     PrivateRedis,

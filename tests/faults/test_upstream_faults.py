@@ -1,7 +1,7 @@
 """The upstream misbehaves: 429 storms with Retry-After, hangs, truncated and malformed answers.
 
 Directives in the last user message make the mock upstream misbehave exactly (see
-pcq/mock_upstream.py); ``times=N`` limits a fault to the first N requests with that content.
+mock_upstream/server.py); ``times=N`` limits a fault to the first N requests with that content.
 """
 
 from __future__ import annotations

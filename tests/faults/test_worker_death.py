@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from pcq.models.job import TERMINAL_STATUSES
-from pcq.testing import Stack
+from shell.stack import Stack
 from tests.faults.helpers import (
     Db,
     PrivateRedis,

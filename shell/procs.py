@@ -27,7 +27,7 @@ def spawn(
     """Run ``pcq <args>`` with this interpreter, in its own process group."""
     out = open(log_path, "ab") if log_path else subprocess.DEVNULL  # noqa: SIM115
     return subprocess.Popen(  # noqa: S603  (our own interpreter and module)
-        [sys.executable, "-m", "pcq.cli", *args],
+        [sys.executable, "-m", "shell.cli", *args],
         env=dict(env),
         stdout=out,
         stderr=subprocess.STDOUT,

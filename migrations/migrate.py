@@ -1,4 +1,8 @@
-"""Run Alembic from code, so `pcq migrate` works from an installed package."""
+"""Run Alembic from code, so `pcq migrate` works from an installed package.
+
+It lives here, beside ``env.py``, so that the import arrow points one way: the migrations
+import the core (``pcq``), and the core never imports the migrations.
+"""
 
 from __future__ import annotations
 
@@ -7,9 +11,7 @@ from pathlib import Path
 from alembic import command
 from alembic.config import Config
 
-import migrations
-
-MIGRATIONS_DIR = Path(migrations.__file__).parent
+MIGRATIONS_DIR = Path(__file__).parent
 
 
 def alembic_config(database_url: str) -> Config:

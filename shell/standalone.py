@@ -18,27 +18,17 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from pcq.client import PcqClient
-from pcq.db import make_engine, make_session_factory, unit_of_work
-from pcq.migrate import upgrade_to_head
-from pcq.procs import free_port, spawn, stop, wait_http
-from pcq.progress import wait_with_bar
+from migrations.migrate import upgrade_to_head
+from pcq.models import JobStatus
 from pcq.settings import Settings
-from pcq.tenants import create_key
+from shell.client import PcqClient
+from shell.procs import free_port, spawn, stop, wait_http
+from shell.progress import wait_with_bar
+from shell.stack import mint_key
 
 
 def _say(text: str) -> None:
     print(text, flush=True)  # noqa: T201
-
-
-def _mint(settings: Settings, tenant: str) -> str:
-    engine = make_engine(settings.database_url)
-    try:
-        with unit_of_work(make_session_factory(engine)) as session:
-            _, key = create_key(session, tenant, settings.key_pepper.get_secret_value())
-    finally:
-        engine.dispose()
-    return key
 
 
 def run_standalone(settings: Settings, *, port: int, demo: bool) -> int:
@@ -66,7 +56,9 @@ def run_standalone(settings: Settings, *, port: int, demo: bool) -> int:
         procs += [worker, api]
         base = f"http://127.0.0.1:{port}"
         wait_http(f"{base}/healthz", proc=api)
-        key = _mint(settings, "demo" if demo else "standalone")
+        key = mint_key(
+            settings.database_url, "demo" if demo else "standalone", settings.key_pepper.get_secret_value()
+        )
         _say(f"pcq is running: API {base} (docs at {base}/docs), upstream: {upstream}")
         _say(f"broker: {settings.effective_broker_url.split('://')[0]}, database: {settings.database_url}")
         _say(f"logs in {logdir}")
@@ -87,7 +79,7 @@ def run_standalone(settings: Settings, *, port: int, demo: bool) -> int:
 def _demo(base: str, key: str) -> int:
     client = PcqClient(base, key)
     try:
-        sample = resources.files("pcq").joinpath("samples/demo.jsonl").read_bytes()
+        sample = resources.files("shell").joinpath("samples/demo.jsonl").read_bytes()
         batch = client.submit_batch_jsonl(sample)
         _say(f"\nsubmitted batch {batch['id']} with {batch['total']} jobs; waiting for answers...")
         state = wait_with_bar(client, batch["id"], batch["total"])
@@ -96,7 +88,7 @@ def _demo(base: str, key: str) -> int:
                 _print_job(client, line)
         counts = state["counts"]
         _say(f"\nbatch {batch['id']}: " + ", ".join(f"{k}={v}" for k, v in counts.items() if v))
-        return 0 if counts["succeeded"] == batch["total"] else 1
+        return 0 if counts[JobStatus.SUCCEEDED] == batch["total"] else 1
     finally:
         client.close()
 

@@ -12,6 +12,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+from pcq.models import JobStatus
 from pcq.settings import Settings, SettingsError, load_settings
 
 
@@ -23,7 +24,7 @@ def _settings() -> Settings:
 
 
 def cmd_migrate(_: argparse.Namespace) -> int:
-    from pcq.migrate import upgrade_to_head
+    from migrations.migrate import upgrade_to_head
 
     settings = _settings()
     upgrade_to_head(settings.database_url)
@@ -144,7 +145,7 @@ def cmd_healthcheck(_: argparse.Namespace) -> int:
 
 
 def cmd_mock_upstream(args: argparse.Namespace) -> int:
-    from pcq.mock_upstream import MockConfig, parse_key_quotas, serve
+    from mock_upstream import MockConfig, parse_key_quotas, serve
 
     by_key_env = args.enforce_rpm_by_key_env
     config = MockConfig(
@@ -167,7 +168,7 @@ def cmd_mock_upstream(args: argparse.Namespace) -> int:
 
 
 def cmd_standalone(args: argparse.Namespace) -> int:
-    from pcq.standalone import run_standalone
+    from shell.standalone import run_standalone
 
     return run_standalone(_settings(), port=args.port, demo=args.demo)
 
@@ -201,7 +202,7 @@ def _api_key(args: argparse.Namespace, settings: Settings) -> str:
 
 
 def _client(args: argparse.Namespace) -> Any:
-    from pcq.client import PcqClient
+    from shell.client import PcqClient
 
     settings = _settings()
     return PcqClient(args.api_url or settings.api_url, _api_key(args, settings))
@@ -210,8 +211,8 @@ def _client(args: argparse.Namespace) -> Any:
 def cmd_submit(args: argparse.Namespace) -> int:
     import httpx
 
-    from pcq.client import ApiError
-    from pcq.progress import wait_with_bar
+    from shell.client import ApiError
+    from shell.progress import wait_with_bar
 
     path = Path(args.file)
     if not path.is_file():
@@ -222,7 +223,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
         print(f"batch {batch['id']}: {batch['total']} job(s) queued", file=sys.stderr)  # noqa: T201
         if args.wait:
             batch = wait_with_bar(client, batch["id"], batch["total"])
-            failed = batch["counts"]["failed"] + batch["counts"]["cancelled"]
+            failed = batch["counts"][JobStatus.FAILED] + batch["counts"][JobStatus.CANCELLED]
             summary = ", ".join(f"{k} {v}" for k, v in batch["counts"].items() if v)
             print(f"batch {batch['id']} done: {summary}", file=sys.stderr)  # noqa: T201
             print(batch["id"])  # noqa: T201
@@ -295,7 +296,7 @@ def _csv_row(row: dict[str, Any]) -> dict[str, Any]:
 def cmd_export(args: argparse.Namespace) -> int:
     import httpx
 
-    from pcq.client import ApiError
+    from shell.client import ApiError
 
     client = _client(args)
     out = open(args.output, "w", newline="", encoding="utf-8") if args.output else sys.stdout  # noqa: SIM115

@@ -10,12 +10,12 @@ enforcer, and deterministic per-request fault directives written into the LAST u
     [[mock:latency_ms=1500]]  [[mock:retry_after=2]]  [[mock:big_bytes=20000000]]
 
 Several blocks may appear in one message; ``times`` applies to the block it is in and is
-counted per (hash of the full content, block). Run it with ``python -m pcq.mock_upstream``.
+counted per (hash of the full content, block). Run it with ``pcq mock-upstream`` (see
+``pcq mock-upstream --help``; the default port is 8900).
 """
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import hashlib
 import hmac
@@ -23,12 +23,11 @@ import importlib
 import json
 import logging
 import math
-import os
 import random
 import re
 import time
 from collections import Counter, deque
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from typing import Any
 
 from aiohttp import web
@@ -752,35 +751,6 @@ def serve(host: str, port: int, config: MockConfig) -> None:
         pass
 
 
-def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(
-        prog="python -m pcq.mock_upstream",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=8787)
-    p.add_argument("--api-key-env", metavar="VAR", help="require the key held in this env var")
-    p.add_argument("--no-retry-after", action="store_true", help="send no Retry-After on 429")
-    p.add_argument(
-        "--enforce-rpm-by-key-env",
-        metavar="VAR",
-        help="per-key quotas from this env var: key=rpm,key=rpm (keys stay out of `ps`)",
-    )
-    for f in fields(MockConfig):
-        if f.name not in ("api_key", "enforce_rpm_by_key"):  # keys on the command line show in `ps`
-            conv = int if "int" in str(f.type) else float
-            p.add_argument("--" + f.name.replace("_", "-"), type=conv, default=f.default)
-    args = vars(p.parse_args(argv))
-    host, port, key_env = args.pop("host"), args.pop("port"), args.pop("api_key_env")
-    if args.pop("no_retry_after"):
-        args["retry_after_seconds"] = None
-    api_key = os.environ.get(key_env) if key_env else None
-    by_key_env = args.pop("enforce_rpm_by_key_env")
-    by_key = parse_key_quotas(os.environ.get(by_key_env, "")) if by_key_env else {}
-    serve(host, port, MockConfig(api_key=api_key, enforce_rpm_by_key=by_key, **args))
-
-
 def parse_key_quotas(text: str) -> dict[str, int]:
     """``key=rpm,key=rpm`` -> {key: rpm}; the last ``=`` splits, so keys may contain ``=``."""
     quotas: dict[str, int] = {}
@@ -789,7 +759,3 @@ def parse_key_quotas(text: str) -> dict[str, int]:
             key, _, rpm = part.strip().rpartition("=")
             quotas[key] = int(rpm)
     return quotas
-
-
-if __name__ == "__main__":
-    main()
