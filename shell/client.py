@@ -45,10 +45,6 @@ class PcqClient:
         result: dict[str, Any] = self._check(self._http.get(f"/v1/batches/{batch_id}"))
         return result
 
-    def job(self, job_id: str) -> dict[str, Any]:
-        result: dict[str, Any] = self._check(self._http.get(f"/v1/jobs/{job_id}"))
-        return result
-
     def citations(self, **filters: str) -> list[dict[str, Any]]:
         rows: list[dict[str, Any]] = []
         params: dict[str, str | int] = {**filters, "limit": 1000}

@@ -17,7 +17,6 @@ from fastapi.testclient import TestClient
 
 from api.app import create_app
 from pcq.db import make_engine, make_session_factory, unit_of_work
-from pcq.jobs import lifecycle
 from pcq.jobs.lifecycle import AttemptRecord
 from pcq.models import utcnow
 from pcq.tenants import list_keys
@@ -25,6 +24,7 @@ from pcq.wire import BasisData, CitationData, ParsedCompletion
 from shell import cli
 from shell.client import PcqClient
 from shell.stack import mint_key
+from tests import lifecycle_helpers as one
 from tests.conftest import make_settings
 
 REQ = {"model": "lite", "messages": [{"role": "user", "content": "q"}]}
@@ -72,8 +72,8 @@ def test_csv_export_writes_formula_cells_as_text(
         # The worker's side, by the real lifecycle: one answer full of formulas, one failure.
         sessions = make_session_factory(make_engine(sqlite_url))
         with unit_of_work(sessions) as s:
-            ok = lifecycle.claim(s, job_ids[HYPERLINK], now=utcnow(), lease_seconds=60, max_attempts=3)
-            bad = lifecycle.claim(s, job_ids["plain"], now=utcnow(), lease_seconds=60, max_attempts=3)
+            ok = one.claim(s, job_ids[HYPERLINK], now=utcnow(), lease_seconds=60, max_attempts=3)
+            bad = one.claim(s, job_ids["plain"], now=utcnow(), lease_seconds=60, max_attempts=3)
         assert ok is not None
         assert bad is not None
         completion = ParsedCompletion(
@@ -89,9 +89,9 @@ def test_csv_export_writes_formula_cells_as_text(
             ],
         )
         with unit_of_work(sessions) as s:
-            assert lifecycle.store_success(s, ok, _record(ok.attempt, "ok"), completion)
+            assert one.store_success(s, ok, _record(ok.attempt, "ok"), completion)
         with unit_of_work(sessions) as s:
-            lifecycle.store_failure(s, bad, _record(bad.attempt, "fatal"), code="+code", error="-boom")
+            one.store_failure(s, bad, _record(bad.attempt, "fatal"), code="+code", error="-boom")
 
         out = tmp_path / "out.csv"
         monkeypatch.setattr(cli, "_client", lambda _args: _ViaTestClient(http, key))

@@ -15,6 +15,7 @@ from pcq.jobs.lifecycle import AttemptRecord
 from pcq.models import Attempt, BasisField, Citation, Job, Result, Usage, utcnow
 from pcq.tenants import create_key
 from pcq.wire import BasisData, CitationData, ParsedCompletion
+from tests import lifecycle_helpers as one
 
 REQ = {"model": "lite", "messages": [{"role": "user", "content": "q"}]}
 
@@ -54,7 +55,7 @@ def _record(n: int) -> AttemptRecord:
 
 def _claim(sessions, job_id: str, **kw):
     with unit_of_work(sessions) as s:
-        return lifecycle.claim(
+        return one.claim(
             s,
             job_id,
             now=kw.get("now", utcnow()),
@@ -91,7 +92,7 @@ def test_success_stores_result_usage_basis_and_one_row_per_citation(sessions) ->
     job_id = _new_job(sessions)
     job = _claim(sessions, job_id)
     with unit_of_work(sessions) as s:
-        assert lifecycle.store_success(s, job, _record(1), _completion())
+        assert one.store_success(s, job, _record(1), _completion())
     assert _count(sessions, Result, job_id=job_id) == 1
     assert _count(sessions, Usage, job_id=job_id) == 1
     assert _count(sessions, BasisField, job_id=job_id) == 2
@@ -121,7 +122,7 @@ def test_an_answer_with_nul_and_lone_surrogates_is_stored_not_retried_for_ever(s
         basis=[BasisData(bad, bad, bad, [cite])],
     )
     with unit_of_work(sessions) as s:
-        assert lifecycle.store_success(s, job, _record(1), completion)
+        assert one.store_success(s, job, _record(1), completion)
     clean = "a\ufffdb\ufffdc"
     with sessions() as s:
         result = s.get(Result, job_id)
@@ -140,9 +141,9 @@ def test_a_superseded_attempt_records_its_call_but_stores_no_result(sessions) ->
     stale = _claim(sessions, job_id, lease=1)
     fresh = _claim(sessions, job_id, now=utcnow() + timedelta(seconds=5))
     with unit_of_work(sessions) as s:
-        assert lifecycle.store_success(s, fresh, _record(2), _completion())
+        assert one.store_success(s, fresh, _record(2), _completion())
     with unit_of_work(sessions) as s:
-        assert not lifecycle.store_success(s, stale, _record(1), _completion())
+        assert not one.store_success(s, stale, _record(1), _completion())
     assert _count(sessions, Result) == 1
     assert _count(sessions, Citation) == 4
     assert _count(sessions, Attempt, job_id=job_id) == 2
@@ -155,7 +156,7 @@ def test_retry_requeues_until_the_attempt_cap_then_fails(sessions) -> None:
         assert job is not None
         assert job.attempt == n
         with unit_of_work(sessions) as s:
-            status = lifecycle.store_retry(
+            status = one.store_retry(
                 s, job, _record(n), next_attempt_at=utcnow(), max_attempts=3, code="server_error", error="503"
             )
         assert status == ("failed" if n == 3 else "queued")
@@ -170,7 +171,7 @@ def test_a_retry_is_not_claimed_before_it_is_due(sessions) -> None:
     job_id = _new_job(sessions)
     job = _claim(sessions, job_id)
     with unit_of_work(sessions) as s:
-        lifecycle.store_retry(
+        one.store_retry(
             s,
             job,
             _record(1),

@@ -93,7 +93,6 @@ def create_worker_app(settings: Settings) -> Celery:
         if rt is not None:
             rt.close()
 
-    app.pcq_runtime = runtime  # type: ignore[attr-defined]  # for tests and the CLI
     return app
 
 

@@ -269,14 +269,6 @@ def claim_many(
     return Claimed(claimed, deferred)
 
 
-def claim(
-    session: Session, job_id: str, *, now: datetime, lease_seconds: float, max_attempts: int
-) -> ClaimedJob | None:
-    """Take one job for one attempt, or None if it is not ours to run."""
-    jobs = claim_many(session, [job_id], now=now, lease_seconds=lease_seconds, max_attempts=max_attempts)
-    return jobs.jobs[0] if jobs.jobs else None
-
-
 def renew_leases(
     session: Session, claims: list[tuple[str, int]], *, now: datetime, lease_seconds: float
 ) -> int:
@@ -505,36 +497,6 @@ def _store_completions(session: Session, items: list[Settled]) -> None:
 
 def _int(value: Any) -> int | None:
     return value if isinstance(value, int) and not isinstance(value, bool) else None
-
-
-def store_success(
-    session: Session, job: ClaimedJob, record: AttemptRecord, completion: ParsedCompletion
-) -> bool:
-    """One job's success; False (only the attempt is recorded) if the claim was lost."""
-    return job.id in store_outcomes(session, [Settled(job, record, completion=completion)], max_attempts=1)
-
-
-def store_retry(
-    session: Session,
-    job: ClaimedJob,
-    record: AttemptRecord,
-    *,
-    next_attempt_at: datetime,
-    max_attempts: int,
-    code: str,
-    error: str,
-) -> str:
-    """Record a retryable failure; schedule the next attempt or fail for good."""
-    store_outcomes(
-        session,
-        [Settled(job, record, retry_at=next_attempt_at, code=code, error=error)],
-        max_attempts=max_attempts,
-    )
-    return JobStatus.FAILED if job.exhausted(max_attempts) else JobStatus.QUEUED
-
-
-def store_failure(session: Session, job: ClaimedJob, record: AttemptRecord, *, code: str, error: str) -> None:
-    store_outcomes(session, [Settled(job, record, code=code, error=error)], max_attempts=1)
 
 
 def due_for_enqueue(

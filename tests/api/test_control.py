@@ -13,11 +13,11 @@ from sqlalchemy.pool import NullPool
 
 from api.app import create_app
 from pcq.db import make_engine, make_session_factory, unit_of_work
-from pcq.jobs import lifecycle
 from pcq.jobs.lifecycle import AttemptRecord, ClaimedJob
 from pcq.models import Job, Result, utcnow
 from pcq.wire import ParsedCompletion
 from shell.stack import mint_key
+from tests import lifecycle_helpers as one
 from tests.api.test_api import REQ, Api
 from tests.conftest import make_settings
 
@@ -42,7 +42,7 @@ def _sessions(api: Api):  # type: ignore[no-untyped-def]
 
 def _claim(api: Api, job_id: str) -> ClaimedJob | None:
     with unit_of_work(_sessions(api)) as s:
-        return lifecycle.claim(s, job_id, now=utcnow(), lease_seconds=60, max_attempts=3)
+        return one.claim(s, job_id, now=utcnow(), lease_seconds=60, max_attempts=3)
 
 
 def _record(n: int) -> AttemptRecord:
@@ -54,7 +54,7 @@ def _fail(api: Api, job_id: str) -> None:
     job = _claim(api, job_id)
     assert job is not None
     with unit_of_work(_sessions(api)) as s:
-        lifecycle.store_failure(s, job, _record(job.attempt), code="http_4xx", error="upstream answered 400")
+        one.store_failure(s, job, _record(job.attempt), code="http_4xx", error="upstream answered 400")
 
 
 def _submit(api: Api) -> str:
@@ -86,7 +86,7 @@ def test_cancel_wins_over_a_running_call_and_its_answer_is_not_stored(api: Api) 
         usage=None,
     )
     with unit_of_work(_sessions(api)) as s:
-        stored = lifecycle.store_success(s, job, _record(1), completion)
+        stored = one.store_success(s, job, _record(1), completion)
     assert not stored
     with _sessions(api)() as s:
         assert s.scalar(select(func.count()).select_from(Result)) == 0
