@@ -46,12 +46,16 @@ def read_object(text: str, where: str) -> dict[str, Member]:
         raise InvalidInput(f"{where}: {exc}") from None
 
 
-def read_body(raw: bytes, where: str = "body") -> dict[str, Member]:
+def decode(raw: bytes, where: str) -> str:
+    """Submitted bytes as text; 422 naming ``where`` if they are not UTF-8."""
     try:
-        text = decode_utf8(raw)
+        return decode_utf8(raw)
     except NotJson as exc:
         raise InvalidInput(f"{where}: {exc}") from None
-    return read_object(text, where)
+
+
+def read_body(raw: bytes, where: str = "body") -> dict[str, Member]:
+    return read_object(decode(raw, where), where)
 
 
 def text_of(found: dict[str, Member], key: str) -> str | None:
@@ -143,11 +147,7 @@ class JsonlReader:
             raise TooLarge(f"{label} is longer than {self.max_line_bytes} bytes (PCQ_MAX_REQUEST_BYTES)")
         if not raw.strip():
             return None
-        try:
-            text = decode_utf8(raw)
-        except NotJson as exc:
-            raise InvalidInput(f"{label}: {exc}") from None
-        job = line_to_job(text, label)
+        job = line_to_job(decode(raw, label), label)
         self._ids.check(job, self._number)
         self.count += 1
         return job
@@ -234,7 +234,7 @@ class JsonBatch:
                 else:
                     where = f"body: {key}"
                     others.pop(key, None)  # a repeated key keeps its last value, as json.loads does
-                    others[key] = self._decode(self._value(where, self.max_item_bytes), where)
+                    others[key] = decode(self._value(where, self.max_item_bytes), where)
                 sep = self._peek()
                 self._pos += 1
                 if sep == ord("}"):
@@ -267,7 +267,7 @@ class JsonBatch:
             label = f"requests[{self.count}]"
             if self.count >= self.max_lines:
                 raise TooLarge(f"a batch holds at most {self.max_lines} requests (PCQ_MAX_BATCH_LINES)")
-            job = line_to_job(self._decode(self._value(label, self.max_item_bytes), label), label)
+            job = line_to_job(decode(self._value(label, self.max_item_bytes), label), label)
             ids.check(job, self.count)
             self.count += 1
             yield job
@@ -285,7 +285,7 @@ class JsonBatch:
             raise InvalidInput(f"body: not valid JSON (expected a key at byte {self._at()})")
         raw = self._value("body: a key", self.max_item_bytes)
         try:
-            key = json.loads(self._decode(raw, "body: a key"))
+            key = json.loads(decode(raw, "body: a key"))
         except ValueError:
             raise InvalidInput(f"body: not valid JSON (a bad key at byte {self._at() - len(raw)})") from None
         if self._peek() != ord(":"):
@@ -343,13 +343,6 @@ class JsonBatch:
         value = self._buf[self._pos : self._pos + end]
         self._pos += end
         return value
-
-    @staticmethod
-    def _decode(raw: bytes, where: str) -> str:
-        try:
-            return decode_utf8(raw)
-        except NotJson as exc:
-            raise InvalidInput(f"{where}: {exc}") from None
 
     def _peek(self) -> int | None:
         """Skip blanks; the next byte, or None at the end of the body."""

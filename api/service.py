@@ -6,7 +6,6 @@ from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 from functools import partial
 
-from sqlalchemy import update
 from starlette.concurrency import run_in_threadpool
 
 from api import repository
@@ -24,7 +23,7 @@ from api.schemas import JobCreate, check_webhook_url
 from api.tenant_limits import QueueCap
 from api.uploads import Spooled, UploadSlots, spool
 from pcq.db import SessionFactory, unit_of_work
-from pcq.jobs import control
+from pcq.jobs import control, lifecycle
 from pcq.jobs.errors import InvalidInput
 from pcq.jobs.intake import (
     NewJob,
@@ -100,8 +99,8 @@ class Submitter:
                 if jsonl
                 else JsonBatch(body.file, self.max_batch_lines, self.max_line_bytes)
             )
-            session = self.sessions()
-            try:
+            # The session takes a connection (and begins) only at the first insert.
+            with unit_of_work(self.sessions) as session:
                 batch: Batch | None = None
                 total = 0
                 sent: list[str] = []  # the ids to send, a string per chunk (a list of str costs 3x)
@@ -128,12 +127,6 @@ class Submitter:
                 batch.metadata_json, batch.webhook_url = reader.metadata_json, reader.webhook_url
                 close_batch(session, batch, total, body.sha256)
                 self.queue_cap.check(session, tenant_id, total)
-                session.commit()
-            except BaseException:
-                session.rollback()
-                raise
-            finally:
-                session.close()
         ids = []
         for text in sent:
             ids += text.split(" ")
@@ -168,15 +161,8 @@ class Submitter:
         if sent < len(job_ids):
             # The broker is unreachable; the jobs are durable. Mark them unsent so the next
             # sweep sends them instead of waiting for the lost-message timeout.
-            unsent = job_ids[sent:]
             with unit_of_work(self.sessions) as session:
-                for start in range(0, len(unsent), 1000):
-                    session.execute(
-                        update(Job)
-                        .where(Job.id.in_(unsent[start : start + 1000]))
-                        .values(enqueued_at=None)
-                        .execution_options(synchronize_session=False)
-                    )
+                lifecycle.clear_enqueued(session, job_ids[sent:])
 
 
 # Jobs are inserted in chunks of at most this many, or this many bytes of request and metadata

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -71,21 +70,10 @@ def _depth_ok(text: str) -> bool:
 def members(text: str) -> dict[str, Member]:
     """The members of the JSON object that is the whole of ``text`` (surrounding whitespace
     allowed). A key given twice keeps its last value, as ``json.loads`` does."""
-    return _scan(_members, text)
-
-
-def items(text: str) -> list[str]:
-    """The exact texts of the items of the JSON array that is the whole of ``text``."""
-    return _scan(_items, text)
-
-
-def _scan(scanner: Callable[[str], T], text: str) -> T:
-    """Run a scanner with the depth pre-check, its failures all told as NotJson. An object
-    that nests too deep is told by the key of its member that does."""
-    if not _depth_ok(text):
-        raise NotJson(_too_deep(text) if scanner is _members else f"nested more than {MAX_DEPTH} levels deep")
+    if not _depth_ok(text):  # told by the key of the member that nests too deep
+        raise NotJson(_too_deep(text))
     try:
-        return scanner(text)
+        return _members(text)
     except json.JSONDecodeError as exc:
         raise NotJson(f"not valid JSON ({exc.msg} at character {exc.pos})") from None
     except RecursionError:  # belt and braces: _depth_ok should have refused it
@@ -148,30 +136,6 @@ def _members(text: str) -> dict[str, Member]:
                 break
             if sep != ",":
                 raise NotJson(f"not valid JSON (expected ',' or '}}' at character {i - 1})")
-    if _skip(text, i) != len(text):
-        raise NotJson(f"not valid JSON (extra data at character {i})")
-    return out
-
-
-def _items(text: str) -> list[str]:
-    i = _skip(text, 0)
-    if text[i : i + 1] != "[":
-        raise NotJson("not a JSON array")
-    out: list[str] = []
-    i = _skip(text, i + 1)
-    if text[i : i + 1] == "]":
-        i += 1
-    else:
-        while True:
-            _, end = _decoder.raw_decode(text, i)
-            out.append(text[i:end])
-            i = _skip(text, end)
-            sep = text[i : i + 1]
-            i = _skip(text, i + 1)
-            if sep == "]":
-                break
-            if sep != ",":
-                raise NotJson(f"not valid JSON (expected ',' or ']' at character {i - 1})")
     if _skip(text, i) != len(text):
         raise NotJson(f"not valid JSON (extra data at character {i})")
     return out

@@ -29,6 +29,19 @@ MAX_CONTENT_CHARS = 1_000_000  # characters of content of all the messages of on
 _UNSTORABLE = re.compile("[\x00\ud800-\udfff]")
 
 
+# What a body must hold for anything parsed from it to hold NUL or an unpaired surrogate: a NUL,
+# or a \u0000 / \uD800-\uDFFF escape (the body is decoded with errors="replace", so it has no
+# surrogate of its own). An escaped backslash before "u" matches too: harmless, it only costs a
+# cleaning pass.
+_UNSTORABLE_IN_BODY = re.compile(r"\x00|\\u0000|\\u[dD][89abcdefABCDEF]")
+
+
+def needs_cleaning(raw_body: str) -> bool:
+    """Whether the answers parsed from ``raw_body`` may need ``storable``: one scan of the body,
+    so the worker's hot path pays nothing more for the usual answer."""
+    return _UNSTORABLE_IN_BODY.search(raw_body) is not None
+
+
 def storable(value: Any) -> Any:
     """``value`` with every NUL and unpaired surrogate replaced by U+FFFD, at any depth.
 

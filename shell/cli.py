@@ -8,6 +8,8 @@ import json
 import logging
 import os
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -208,17 +210,32 @@ def _client(args: argparse.Namespace) -> Any:
     return PcqClient(args.api_url or settings.api_url, _api_key(args, settings))
 
 
-def cmd_submit(args: argparse.Namespace) -> int:
+@contextmanager
+def _api_call(client: Any) -> Iterator[None]:
+    """Around a command's calls to the API: one line, not a traceback, when the API refuses or
+    cannot be reached; the client closed either way."""
     import httpx
 
     from shell.client import ApiError
+
+    try:
+        yield
+    except ApiError as exc:
+        raise SystemExit(f"pcq: {exc}") from None
+    except httpx.HTTPError as exc:  # the API is not there (refused, timed out, reset)
+        raise SystemExit(f"pcq: cannot reach the API (PCQ_API_URL): {type(exc).__name__}") from None
+    finally:
+        client.close()
+
+
+def cmd_submit(args: argparse.Namespace) -> int:
     from shell.progress import wait_with_bar
 
     path = Path(args.file)
     if not path.is_file():
         raise SystemExit(f"pcq: no such file: {path}")
     client = _client(args)
-    try:
+    with _api_call(client):
         batch = client.submit_batch_jsonl(path.read_bytes(), idempotency_key=args.idempotency_key)
         print(f"batch {batch['id']}: {batch['total']} job(s) queued", file=sys.stderr)  # noqa: T201
         if args.wait:
@@ -230,12 +247,6 @@ def cmd_submit(args: argparse.Namespace) -> int:
             return 1 if failed else 0
         print(batch["id"])  # noqa: T201
         return 0
-    except ApiError as exc:
-        raise SystemExit(f"pcq: {exc}") from None
-    except httpx.HTTPError as exc:  # the API is not there (refused, timed out, reset)
-        raise SystemExit(f"pcq: cannot reach the API (PCQ_API_URL): {type(exc).__name__}") from None
-    finally:
-        client.close()
 
 
 CSV_COLUMNS = [
@@ -294,32 +305,24 @@ def _csv_row(row: dict[str, Any]) -> dict[str, Any]:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    import httpx
-
-    from shell.client import ApiError
-
     client = _client(args)
     out = open(args.output, "w", newline="", encoding="utf-8") if args.output else sys.stdout  # noqa: SIM115
-    try:
-        writer = csv.DictWriter(out, fieldnames=CSV_COLUMNS) if args.format == "csv" else None
-        if writer:
-            writer.writeheader()
-        for line in client.results(args.batch_id):
-            if not line:
-                continue
+    with _api_call(client):
+        try:
+            writer = csv.DictWriter(out, fieldnames=CSV_COLUMNS) if args.format == "csv" else None
             if writer:
-                writer.writerow(_csv_row(json.loads(line)))
-            else:
-                out.write(line + "\n")
-        return 0
-    except ApiError as exc:
-        raise SystemExit(f"pcq: {exc}") from None
-    except httpx.HTTPError as exc:  # the API is not there (refused, timed out, reset)
-        raise SystemExit(f"pcq: cannot reach the API (PCQ_API_URL): {type(exc).__name__}") from None
-    finally:
-        client.close()
-        if out is not sys.stdout:
-            out.close()
+                writer.writeheader()
+            for line in client.results(args.batch_id):
+                if not line:
+                    continue
+                if writer:
+                    writer.writerow(_csv_row(json.loads(line)))
+                else:
+                    out.write(line + "\n")
+            return 0
+        finally:
+            if out is not sys.stdout:
+                out.close()
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from api.verbatim import MAX_DEPTH, NotJson, items, members
+from api.verbatim import MAX_DEPTH, NotJson, members
 
 
 def test_members_keep_each_value_and_its_exact_text() -> None:
@@ -24,11 +24,6 @@ def test_a_repeated_key_keeps_its_last_value_as_json_loads_does() -> None:
     found = members('{"a": 1, "b": 2, "a": 3}')
     assert {k: m.value for k, m in found.items()} == json.loads('{"a": 1, "b": 2, "a": 3}')
     assert found["a"].text == "3"
-
-
-def test_items_are_the_exact_texts_of_an_array() -> None:
-    assert items(' [ {"b": 1, "a": 2} , 2.50, "x" ] ') == ['{"b": 1, "a": 2}', "2.50", '"x"']
-    assert items("[]") == []
 
 
 @pytest.mark.parametrize(

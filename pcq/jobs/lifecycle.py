@@ -37,7 +37,7 @@ from sqlalchemy.orm import Session
 
 from pcq.db import copy_rows
 from pcq.models import ACTIVE_STATUSES, Attempt, BasisField, Citation, Job, JobStatus, Result, Usage, utcnow
-from pcq.wire import ParsedCompletion, storable
+from pcq.wire import ParsedCompletion, needs_cleaning, storable
 
 if TYPE_CHECKING:  # the API imports this module too, and needs no HTTP client
     from pcq.settings import Settings
@@ -480,10 +480,11 @@ def _store_completions(session: Session, items: list[Settled]) -> None:
                 for cpos, cite in enumerate(basis.citations)
             )
     postgres = session.get_bind().dialect.name == "postgresql"
+    dirty = {i.job.id for i in items if i.completion is not None and needs_cleaning(i.completion.raw_body)}
     for model, unclean in ((Result, results), (Usage, usage), (BasisField, fields), (Citation, cites)):
         if not unclean:
             continue
-        rows: list[dict[str, Any]] = [storable(r) for r in unclean]
+        rows: list[dict[str, Any]] = [storable(r) if r["job_id"] in dirty else r for r in unclean]
         if postgres:
             # COPY: the answer rows are most of a worker's writing (13 rows per job here).
             columns = list(rows[0])
@@ -539,11 +540,12 @@ def due_for_enqueue(
 
 
 def clear_enqueued(session: Session, job_ids: list[str]) -> None:
-    """Messages for these jobs could not be sent: let the next sweep send them."""
-    if job_ids:
+    """Messages for these jobs could not be sent: let the next sweep send them (1,000 ids a
+    statement, however many a batch had)."""
+    for start in range(0, len(job_ids), 1000):
         session.execute(
             update(Job)
-            .where(Job.id.in_(job_ids), Job.status.in_(ACTIVE_STATUSES))
+            .where(Job.id.in_(job_ids[start : start + 1000]), Job.status.in_(ACTIVE_STATUSES))
             .values(enqueued_at=None)
             .execution_options(synchronize_session=False)
         )
