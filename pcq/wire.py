@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import re
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Any, Literal
 from urllib.parse import urlsplit
 
@@ -305,3 +306,20 @@ def iter_sse_data(text: str) -> list[str]:
     if current:
         events.append("\n".join(current))
     return events
+
+
+@dataclass
+class Outcome:
+    """What one upstream call ended as; the job's life cycle settles on it."""
+
+    kind: str  # ok | retryable | fatal
+    started_at: datetime
+    finished_at: datetime
+    completion: ParsedCompletion | None = None
+    status_code: int | None = None
+    # http_4xx, rate_limited, server_error, timeout, transport, truncated, malformed, too_large
+    error_class: str | None = None
+    summary: str | None = None  # safe, short, shown to users
+    raw_error: str | None = None  # the upstream's error body, redacted, bounded
+    retry_after: float | None = None
+    upstream_request_id: str | None = None

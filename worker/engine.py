@@ -38,8 +38,8 @@ from pcq.jobs.lifecycle import ClaimedJob, Settled
 from pcq.models import utcnow
 from pcq.queue import Enqueuer
 from pcq.settings import Settings
-from pcq.upstream import UpstreamClient
 from worker.limiter import KeyPool, PoolKey
+from worker.upstream import UpstreamClient
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")

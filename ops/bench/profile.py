@@ -28,7 +28,7 @@ STAGES: dict[str, tuple[str, ...]] = {
     "db: store_outcomes (writer)": ("store_outcomes",),
     "db: claim_many": ("claim_many",),
     "db: sweeper/renewer": ("due_for_enqueue", "renew_leases", "clear_enqueued"),
-    "upstream call (aiohttp)": ("UpstreamClient.call", "call (pcq/upstream.py"),
+    "upstream call (aiohttp)": ("UpstreamClient.call", "call (worker/upstream.py"),
     "parse answer (wire)": ("parse_completion", "_assemble_stream"),
     "limiter (redis)": ("RateLimiter", "limiter.py"),
     "celery/kombu consume": ("kombu/", "celery/worker", "celery/concurrency"),

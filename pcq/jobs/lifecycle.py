@@ -41,7 +41,7 @@ from pcq.wire import ParsedCompletion, needs_cleaning, storable
 
 if TYPE_CHECKING:  # the API imports this module too, and needs no HTTP client
     from pcq.settings import Settings
-    from pcq.upstream import Outcome
+    from pcq.wire import Outcome
 
 # Worker deaths (lease losses) are counted apart from attempts. A job whose worker died under it
 # this many times is a *suspect*: it may be what kills workers, so each worker runs at most

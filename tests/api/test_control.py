@@ -17,9 +17,9 @@ from pcq.jobs.lifecycle import AttemptRecord, ClaimedJob
 from pcq.models import Job, Result, utcnow
 from pcq.wire import ParsedCompletion
 from shell.stack import mint_key
-from tests import lifecycle_helpers as one
 from tests.api.test_api import REQ, Api
 from tests.conftest import make_settings
+from tests.core import lifecycle_helpers as one
 
 
 @pytest.fixture

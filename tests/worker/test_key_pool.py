@@ -9,7 +9,7 @@ from collections import Counter
 import pytest
 from fakeredis.commands_mixins import server_mixin
 
-from tests.test_limiter import ManualClock, new_redis, run
+from tests.worker.test_limiter import ManualClock, new_redis, run
 from worker.limiter import KeyPool, PoolKey, limiter_key, window_safe
 
 A, B = limiter_key("sk-key-a"), limiter_key("sk-key-b")

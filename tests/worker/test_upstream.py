@@ -11,7 +11,8 @@ import pytest
 from aiohttp import web
 
 from pcq.jobs.lifecycle import backoff_seconds
-from pcq.upstream import (
+from tests.conftest import MockServer
+from worker.upstream import (
     RAW_ERROR_CHARS,
     Outcome,
     UpstreamClient,
@@ -20,7 +21,6 @@ from pcq.upstream import (
     redact_cut,
     summarize_error,
 )
-from tests.conftest import MockServer
 
 KEY = "sk-test-0123456789abcdef"
 

@@ -18,7 +18,7 @@ from pcq.db import make_engine, make_session_factory
 from pcq.models import ApiKey
 from pcq.settings import key_id
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def pcq(*args: str, env: dict[str, str] | None = None, cwd: Path | None = None, timeout: float = 120):

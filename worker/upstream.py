@@ -13,7 +13,6 @@ import json
 import re
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
@@ -21,6 +20,7 @@ import aiohttp
 
 from pcq.wire import (
     MalformedResponse,
+    Outcome,
     ParsedCompletion,
     StreamAssembler,
     iter_sse_data,
@@ -32,21 +32,6 @@ RETRYABLE_STATUS = {408, 409, 429, 500, 502, 503, 504}
 MAX_RETRY_AFTER_SECONDS = 3600.0
 RAW_ERROR_CHARS = 4000  # an upstream error body is kept (redacted) up to this many characters
 _SECRETISH = re.compile(r"(?i)(bearer\s+|x-api-key[\"':\s]+)?\b(sk|pcq|key)[-_][A-Za-z0-9_\-]{8,}")
-
-
-@dataclass
-class Outcome:
-    kind: str  # ok | retryable | fatal
-    started_at: datetime
-    finished_at: datetime
-    completion: ParsedCompletion | None = None
-    status_code: int | None = None
-    # http_4xx, rate_limited, server_error, timeout, transport, truncated, malformed, too_large
-    error_class: str | None = None
-    summary: str | None = None  # safe, short, shown to users
-    raw_error: str | None = None  # the upstream's error body, redacted, bounded
-    retry_after: float | None = None
-    upstream_request_id: str | None = None
 
 
 def parse_retry_after(headers: Mapping[str, str], now: float | None = None) -> float | None:

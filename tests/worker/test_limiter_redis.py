@@ -28,7 +28,7 @@ from tests import conftest
 from worker.limiter import limiter_key, window_safe
 
 REDIS_URL = "redis://127.0.0.1:6379/15"
-REPO_ROOT = Path(__file__).resolve().parents[1]
+REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
 def require_redis(url: str = REDIS_URL) -> None:
