@@ -17,12 +17,9 @@ import psycopg
 import pytest
 import redis
 from aiohttp import web
-from sqlalchemy import Engine, text
 
 from migrations.migrate import upgrade_to_head
 from mock_upstream import MockConfig, create_app
-from pcq.db import make_engine
-from pcq.models import Base
 from pcq.settings import Settings, load_settings
 
 PG_ADMIN_DSN = os.environ.get("TEST_PG_ADMIN_DSN", "postgresql://postgres@127.0.0.1:5432/postgres")
@@ -47,8 +44,9 @@ def require_redis(url: str = REDIS_TEST_URL) -> None:
 
 
 @contextmanager
-def empty_pg_database(prefix: str = "pcq_test") -> Iterator[str]:
-    """A new, empty PostgreSQL database (its SQLAlchemy URL), dropped afterwards."""
+def empty_pg_database(prefix: str = "pcq_test", template: str | None = None) -> Iterator[str]:
+    """A new PostgreSQL database (its SQLAlchemy URL), empty or a copy of ``template``,
+    dropped afterwards."""
     name = f"{prefix}_{uuid.uuid4().hex[:10]}"
     try:
         admin = psycopg.connect(PG_ADMIN_DSN, autocommit=True, connect_timeout=3)
@@ -56,7 +54,7 @@ def empty_pg_database(prefix: str = "pcq_test") -> Iterator[str]:
         _unavailable(f"PostgreSQL not reachable at {PG_ADMIN_DSN}: {exc}")
         raise
     with admin:
-        admin.execute(f'CREATE DATABASE "{name}"')
+        admin.execute(f'CREATE DATABASE "{name}"' + (f' TEMPLATE "{template}"' if template else ""))
     try:
         yield PG_ADMIN_DSN.rsplit("/", 1)[0].replace("postgresql://", "postgresql+psycopg://") + f"/{name}"
     finally:
@@ -65,36 +63,35 @@ def empty_pg_database(prefix: str = "pcq_test") -> Iterator[str]:
 
 
 @pytest.fixture(scope="session")
-def pg_url() -> Iterator[str]:
-    """A fresh PostgreSQL database for this test session, migrated to head, dropped at the end."""
-    with empty_pg_database() as url:
+def pg_template() -> Iterator[str]:
+    """A PostgreSQL database migrated to head once per session: each test gets a copy of it."""
+    with empty_pg_database("pcq_tmpl") as url:
         upgrade_to_head(url)
+        name = url.rsplit("/", 1)[1]
+        with psycopg.connect(PG_ADMIN_DSN, autocommit=True) as admin:
+            # CREATE DATABASE ... TEMPLATE refuses a template anyone is connected to.
+            admin.execute(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = %s", (name,)
+            )
+        yield name
+
+
+@pytest.fixture
+def pg_url(pg_template: str) -> Iterator[str]:
+    """This test's own PostgreSQL database, a copy of the migrated template, dropped after it.
+
+    Nothing one test leaves behind (an unfinished job a later test's sweeper would send, a
+    tenant, a lease) can reach another, whatever order the tests run in.
+    """
+    with empty_pg_database(template=pg_template) as url:
         yield url
 
 
-def truncate_all(engine: Engine) -> None:
-    tables = [t.name for t in reversed(Base.metadata.sorted_tables)]
-    with engine.begin() as conn:
-        if engine.dialect.name == "postgresql":
-            conn.execute(text(f"TRUNCATE {', '.join(tables)} CASCADE"))
-        else:
-            for t in tables:
-                conn.execute(text(f"DELETE FROM {t}"))
-
-
-@pytest.fixture(autouse=True)
-def _clean_shared_database(request: pytest.FixtureRequest) -> Iterator[None]:
-    """Tests that use the session's PostgreSQL database directly leave it empty.
-
-    A job one test leaves unfinished (an idempotency test has no worker) would otherwise be
-    sent by the next test's sweeper to that test's mock, which then counts a call the test
-    never made: it broke the chaos test's call accounting once the test order changed.
-    """
-    yield
-    if "pg_url" in request.fixturenames:
-        engine = make_engine(request.getfixturevalue("pg_url"))
-        truncate_all(engine)
-        engine.dispose()
+@pytest.fixture(scope="module")
+def module_pg_url(pg_template: str) -> Iterator[str]:
+    """One PostgreSQL database for a whole module (for fixtures that live that long)."""
+    with empty_pg_database(template=pg_template) as url:
+        yield url
 
 
 @pytest.fixture
@@ -121,11 +118,7 @@ def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
         upgrade_to_head(url)
         yield url
         return
-    url = request.getfixturevalue("pg_url")
-    yield url
-    engine = make_engine(url)
-    truncate_all(engine)
-    engine.dispose()
+    yield request.getfixturevalue("pg_url")
 
 
 def make_settings(**env: Any) -> Settings:

@@ -26,7 +26,7 @@ from api.schemas import BatchLine, JobCreate
 from pcq.db import make_engine, make_session_factory
 from pcq.models import Batch, Job
 from shell.stack import mint_key
-from tests.conftest import make_settings, truncate_all
+from tests.conftest import make_settings
 
 pytestmark = pytest.mark.realservices
 
@@ -123,7 +123,8 @@ class Probe:
 
 
 @pytest.fixture(scope="module")
-def probe(pg_url: str) -> Iterator[Probe]:
+def probe(module_pg_url: str) -> Iterator[Probe]:
+    pg_url = module_pg_url
     settings_ = make_settings(
         DATABASE_URL=pg_url,
         PCQ_BROKER_URL="memory://",
@@ -135,16 +136,10 @@ def probe(pg_url: str) -> Iterator[Probe]:
     with TestClient(create_app(settings_)) as client:
         p = Probe(client, mint_key(pg_url, "props"), pg_url)
         yield p
-        truncate_all(p.engine)  # leave the shared database empty for the next module
         p.engine.dispose()
 
 
 BATCH_LIMIT = 1024 * 1024
-
-
-@pytest.fixture(autouse=True)
-def _clean_shared_database() -> None:
-    """Replaces conftest's per-test truncation: this module's tenant lives for the module."""
 
 
 PROPS = settings(max_examples=150, deadline=None, suppress_health_check=list(HealthCheck))
