@@ -2,11 +2,12 @@
 
 **Request rate** (``PCQ_API_RATE_LIMIT_PER_MINUTE``, 0 = off). Every authenticated ``/v1``
 request counts against its tenant (api.deps applies it right after authentication). One GCRA
-budget per tenant, the same algorithm as worker.limiter's upstream limiter: one Lua script, run
-atomically by Redis, with ``redis.call('TIME')`` as the clock, so every API process shares the
-budget and is judged on one clock. A tenant may spend a minute's worth at once (a burst of ``N``)
-and then ``N`` per minute, evenly spaced; the ``N + 1``-st request of a burst answers ``429
-rate_limited`` with ``Retry-After`` (whole seconds, at least 1: when the next request would pass).
+budget per tenant (``pcq.gcra``, the algorithm of the workers' upstream limiter too): one Lua
+script, run atomically by Redis, with ``redis.call('TIME')`` as the clock, so every API process
+shares the budget and is judged on one clock. A tenant may spend a minute's worth at once (a
+burst of ``N``) and then ``N`` per minute, evenly spaced; the ``N + 1``-st request of a burst
+answers ``429 rate_limited`` with ``Retry-After`` (whole seconds, at least 1: when the next
+request would pass).
 State is one key per tenant, ``pcq:api:rl:<tenant id>`` (never the API key), holding the
 theoretical arrival time in microseconds of Redis time and expiring as soon as it is in the past
 (at most a minute after the tenant's last request). Without ``REDIS_URL`` the API is one process
@@ -41,6 +42,7 @@ from typing import Any, Final
 from sqlalchemy import BigInteger, func, literal, select
 from sqlalchemy.orm import Session
 
+from pcq.gcra import LUA_PRELUDE, interval_us
 from pcq.jobs.errors import RateLimited, TooManyQueued
 from pcq.models import ACTIVE_STATUSES, Job
 from pcq.settings import Settings
@@ -51,20 +53,15 @@ _US: Final = 1_000_000
 
 # KEYS[1] = the tenant's TAT key; ARGV[1] = emission interval T (us), ARGV[2] = tolerance tau (us).
 # Returns 0 when admitted (and takes the slot), else the microseconds until a request would pass.
-GCRA_SCRIPT: Final = """
-if redis.replicate_commands then redis.replicate_commands() end
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
-local T = tonumber(ARGV[1])
-local tau = tonumber(ARGV[2])
-local tat = tonumber(redis.call('GET', KEYS[1]) or '0') or 0
-if tat < now then tat = now end
-local wait = tat - tau - now
-if wait > 0 then return wait end
-local new_tat = tat + T
-redis.call('SET', KEYS[1], string.format('%.0f', new_tat), 'PX', math.ceil((new_tat - now) / 1000) + 1)
+GCRA_SCRIPT: Final = (
+    LUA_PRELUDE
+    + """
+local slot, new_tat = gcra_slot(gcra_tat(KEYS[1]), tonumber(ARGV[1]), tonumber(ARGV[2]), now)
+if slot > now then return slot - now end
+gcra_store(KEYS[1], new_tat)
 return 0
 """
+)
 
 
 class TenantRateLimiter:
@@ -83,7 +80,7 @@ class TenantRateLimiter:
         self.prefix = prefix
         self.pause = pause
         # Rounded up, so rounding can only make the limiter stricter. A burst of a full minute.
-        self._interval_us = math.ceil(60 * _US / limit_per_minute)
+        self._interval_us = interval_us(limit_per_minute)
         self._tolerance_us = (limit_per_minute - 1) * self._interval_us
         self._script = client.register_script(GCRA_SCRIPT)
         self._lock = threading.Lock()

@@ -1,41 +1,27 @@
-"""Request rate limiter shared by every worker process, one budget per upstream API key.
+"""The upstream rate limit every worker process shares through Redis: a pool of upstream keys.
 
-Why GCRA (the Generic Cell Rate Algorithm, as in redis-cell's ``CL.THROTTLE``) in one Lua script:
+Each key has its own GCRA budget (``pcq.gcra``: one number per key, decided atomically in one
+Lua script on the Redis clock), its own shared cool-down and rate factor, and, optionally, a cap
+on the calls in flight on it across every worker. A call *reserves* the earliest slot on the
+key that can start it soonest and sleeps once towards it, so thousands of waiting calls cost
+one Redis call each, not one per wake-up.
 
-* **O(1) memory per key.** The whole state is one number, the *theoretical arrival time* (TAT):
-  the instant the budget would be back to empty if no further request came. A moving-window log
-  stores one entry per admitted request; GCRA stores a single integer.
-* **Exact spacing.** With emission interval ``T = 60 / limit_per_minute`` seconds, each admission
-  pushes the TAT ``T`` further. Steady traffic is therefore admitted exactly every ``T`` seconds,
-  with no window-boundary double bursts (fixed window) and no approximation (sliding counter).
-* **Burst as tolerance.** A request arriving at ``now`` is admitted iff ``now >= TAT - tau`` with
-  ``tau = burst * T``. From idle that admits ``burst + 1`` requests back to back, then one per
-  ``T``; in *any* interval of ``W`` seconds at most ``W / T + burst + 1`` requests pass.
-* **Atomic, and on one clock.** The read-decide-write runs inside a single Lua script (Redis runs
-  scripts atomically, so there is no GET-then-SET race between workers), and ``now`` comes from
-  ``redis.call('TIME')``: every worker is judged on the Redis server's clock, so skewed worker
-  clocks cannot change a decision. Since Redis 5, scripts are replicated by effects, which makes
-  ``TIME`` in a writing script safe; the script calls ``redis.replicate_commands()`` when it exists
-  for older servers. ``fakeredis`` (with ``lupa``) implements ``TIME`` too, so the same script
-  serves the standalone, in-process mode.
-* **No module needed.** redis-cell must be loaded as a Redis module (often impossible on managed
-  Redis); a plain ``EVALSHA`` works everywhere.
+**Cool-down and step-down after a 429.** ``report_429`` sets the key's cool-down (no slot is
+given inside it; a later 429 never shortens it) and scales the key's rate by ``step`` (0.7,
+not below ``floor``, 0.2, of the limit); the factor climbs back linearly, 0.02 per second, so
+from 0.7 to 1.0 in 15 s, while no 429 comes. Both hold for every worker.
 
-The same script also honours a **shared cool-down** per key (set after an upstream 429 with
-``Retry-After``): while it is active nothing is admitted and the remaining cool-down is returned.
-``set_cooldown`` never shortens a cool-down that already ends later.
+Keys, with one hash tag per upstream key (a pool's script touches every key of the pool, so a
+pool of several keys needs one Redis server, not a Redis Cluster)::
 
-Keys (one hash tag per limiter key, so both keys live in one Redis Cluster slot)::
+    {prefix}{<key id>}:tat   the key's TAT (integer microseconds of Redis time)
+    {prefix}{<key id>}:cd    end of its cool-down (microseconds of Redis time)
+    {prefix}{<key id>}:f     its rate factor (x1e6) and when it was set
+    {prefix}{<key id>}:fl    its in-flight permits: a sorted set, permit -> expiry
 
-    {prefix}{<key>}:tat   TAT in integer microseconds of Redis time
-    {prefix}{<key>}:cd    end of the cool-down, integer microseconds of Redis time
-
-Both carry a TTL equal to the time until their value is in the past (plus 1 ms): by then the key
-means exactly what a missing key means, so idle keys vanish without changing any decision.
-
-All arithmetic is in integer microseconds (Lua 5.1 numbers are doubles, exact up to 2**53, and
-epoch microseconds are ~2**51). ``T`` is rounded *up* to a whole microsecond, so rounding can only
-make the limiter very slightly stricter, never looser.
+Each expires when its value no longer matters (the TAT or the cool-down end is past, the factor
+is back to 1.0, the permits have expired), so idle keys vanish without changing any decision.
+``<key id>`` is ``pcq.settings.key_id(api_key)``, never the key.
 """
 
 from __future__ import annotations
@@ -49,30 +35,22 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Final
 
-from pcq.settings import key_id
+from pcq.gcra import LUA_PRELUDE, interval_us
 
 if TYPE_CHECKING:
     import redis.asyncio
 
-__all__ = ["KeyPool", "PoolKey", "RateLimiter", "limiter_key", "window_safe"]
+__all__ = ["KeyPool", "PoolKey", "window_safe"]
 
 log = logging.getLogger(__name__)
 _US: Final = 1_000_000
 
-# ARGV[1] = mode: "acquire" | "cd_set" | "cd_get" | "penalize" | "factor" | "take" | "room" | "renew"
-#   acquire: ARGV[2] = T (us), ARGV[3] = tau (us)  -> {wait_us, now_us}; wait_us == 0 = admitted
-#   cd_set:  ARGV[2] = duration (us)               -> {remaining_us, now_us} after the call
-#   cd_get:                                        -> {remaining_us, now_us}
-#   penalize: ARGV[2] = step (x1e6), ARGV[3] = floor (x1e6) -> {factor x1e6, now_us}
-#   factor:                                        -> {factor x1e6, now_us}
-#   take / room / renew: the pool modes, described where they begin below.
-# KEYS[1] = TAT key, KEYS[2] = cool-down key, KEYS[3] = rate-factor key.
-# The rate factor (1.0 = the configured limit) steps down on every reported 429 and climbs back
-# linearly (RECOVERY per second) while no 429 comes; acquire and take space requests T / factor.
-_SCRIPT: Final = """
-if redis.replicate_commands then redis.replicate_commands() end
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+# ARGV[1] = mode. The pool modes ("take", "room") span every key: KEYS holds 4 names per key
+# (tat, cd, f, fl); ARGV[2] = n keys, then per key T (us), tau (us), cap (0 = no cap), then the
+# mode's own arguments. The other modes act on one key: KEYS = its 4 names.
+_SCRIPT: Final = (
+    LUA_PRELUDE
+    + """
 local mode = ARGV[1]
 local RECOVERY = 20000  -- factor x1e6 regained per second: from 0.5 to 1.0 in 25 s
 
@@ -83,19 +61,16 @@ local function factor_at(key)
   if v > 1000000 then v = 1000000 end
   return v
 end
-local function current_factor() return factor_at(KEYS[3]) end
+local function cooldown_end(key) return tonumber(redis.call('GET', key) or '0') or 0 end
 
-if mode == 'factor' then
-  return {math.floor(current_factor()), now}
-end
-
--- Pool modes span several upstream keys. KEYS holds 4 names per key: tat, cd, f, fl (the
--- in-flight permits: a sorted set of permit -> expiry). ARGV[2] = n keys; then per key
--- T (us), tau (us), cap (0 = no cap); then the mode's own arguments.
+-- take: ARGV[extra] = permit, ARGV[extra + 1] = its ttl (us) -> {key (1-based; 0 = every key is
+--   at its cap), us until the slot, now}
+-- room: ARGV[extra] = horizon (us) -> {calls that could start within it, us until one could
+--   (-1 = unknown, every key is at its cap; meaningful when the room is 0), now}
 if mode == 'take' or mode == 'room' then
   local n = tonumber(ARGV[2])
   local extra = 3 + 3 * n
-  local best, best_at, best_tat, best_T = nil, nil, nil, nil
+  local best, best_at, best_tat = nil, nil, nil
   local room, next_open = 0, -1
   local horizon = tonumber(ARGV[extra] or '0')
   for i = 1, n do
@@ -109,21 +84,20 @@ if mode == 'take' or mode == 'room' then
     end
     if free ~= 0 then
       local T = math.ceil(T0 * 1000000 / factor_at(KEYS[k + 3]))
-      local tat = tonumber(redis.call('GET', KEYS[k + 1]) or '0') or 0
-      local at = tat - tau
-      if at < now then at = now end
-      local cd = tonumber(redis.call('GET', KEYS[k + 2]) or '0') or 0
-      if at < cd then at = cd end
+      local tat = gcra_tat(KEYS[k + 1])
+      local cd = cooldown_end(KEYS[k + 2])
+      local not_before = now
+      if not_before < cd then not_before = cd end
+      local at, new_tat = gcra_slot(tat, T, tau, not_before)
       if best_at == nil or at < best_at then
-        best, best_at, best_tat, best_T = i, at, tat, T
+        best, best_at, best_tat = i, at, new_tat
       end
       if mode == 'room' then
         local slots = 0
         if at - now <= horizon then
-          -- slot k (from 0) lies at max(base + k*T - tau, now, cool-down end)
+          -- slot j (from 0) lies at max(base + j*T - tau, not_before)
           local base = tat
-          if base < now then base = now end
-          if base < cd then base = cd end
+          if base < not_before then base = not_before end
           slots = math.floor((now + horizon + tau - base) / T) + 1
         elseif next_open < 0 or at - now - horizon < next_open then
           next_open = at - now - horizon
@@ -138,14 +112,10 @@ if mode == 'take' or mode == 'room' then
     return {room, next_open, now}
   end
   if best == nil then
-    return {0, -1, now}  -- every key is at its in-flight cap
+    return {0, -1, now}
   end
-  local base = best_tat
-  if base < best_at then base = best_at end
-  local new_tat = base + best_T
   local k = (best - 1) * 4
-  redis.call('SET', KEYS[k + 1], string.format('%.0f', new_tat), 'PX',
-    math.ceil((new_tat - now) / 1000) + 1)
+  gcra_store(KEYS[k + 1], best_tat)
   if tonumber(ARGV[best * 3 + 2]) > 0 then
     local expires = now + tonumber(ARGV[extra + 1])
     redis.call('ZADD', KEYS[k + 4], string.format('%.0f', expires), ARGV[extra])
@@ -154,60 +124,40 @@ if mode == 'take' or mode == 'room' then
   return {best, best_at - now, now}
 end
 
+-- renew: ARGV[2] = ttl (us); ARGV[3..] = this worker's permits on the key -> {count, now}
 if mode == 'renew' then
-  -- KEYS[1] = a permits set; ARGV[2] = ttl (us); ARGV[3..] = this worker's permits on it
   local expires = string.format('%.0f', now + tonumber(ARGV[2]))
   for i = 3, #ARGV do
-    redis.call('ZADD', KEYS[1], 'XX', expires, ARGV[i])
+    redis.call('ZADD', KEYS[4], 'XX', expires, ARGV[i])
   end
-  redis.call('PEXPIRE', KEYS[1], math.ceil(tonumber(ARGV[2]) / 1000) + 1)
+  redis.call('PEXPIRE', KEYS[4], math.ceil(tonumber(ARGV[2]) / 1000) + 1)
   return {#ARGV - 2, now}
 end
 
-if mode == 'penalize' then
-  local v = current_factor() * tonumber(ARGV[2]) / 1000000
-  local floor = tonumber(ARGV[3])
-  if v < floor then v = floor end
+-- cooldown: -> {us left in the key's cool-down, now}
+if mode == 'cooldown' then
+  local left = cooldown_end(KEYS[2]) - now
+  if left < 0 then left = 0 end
+  return {left, now}
+end
+
+-- 429: ARGV[2] = cool-down (us; never shortens one that ends later), ARGV[3] = step,
+--   ARGV[4] = floor (x1e6) -> {the new factor x1e6, now}
+if mode == '429' then
+  local dur = tonumber(ARGV[2])
+  if dur > 0 and now + dur > cooldown_end(KEYS[2]) then
+    redis.call('SET', KEYS[2], string.format('%.0f', now + dur), 'PX', math.ceil(dur / 1000) + 1)
+  end
+  local v = factor_at(KEYS[3]) * tonumber(ARGV[3]) / 1000000
+  if v < tonumber(ARGV[4]) then v = tonumber(ARGV[4]) end
   redis.call('HSET', KEYS[3], 'f', string.format('%.0f', v), 't', string.format('%.0f', now))
   redis.call('PEXPIRE', KEYS[3], math.ceil((1000000 - v) / RECOVERY * 1000) + 1000)
   return {math.floor(v), now}
 end
 
-local cd_until = tonumber(redis.call('GET', KEYS[2]) or '0') or 0
-local cd_left = cd_until - now
-if cd_left < 0 then cd_left = 0 end
-
-if mode == 'cd_get' then
-  return {cd_left, now}
-end
-
-if mode == 'cd_set' then
-  local dur = tonumber(ARGV[2])
-  local new_until = now + dur
-  if new_until > cd_until then
-    redis.call('SET', KEYS[2], string.format('%.0f', new_until), 'PX', math.ceil(dur / 1000) + 1)
-    return {dur, now}
-  end
-  return {cd_left, now}
-end
-
--- mode == 'acquire': GCRA, at the rate scaled by the current factor; takes a slot only if it is now
-local factor = current_factor()
-local T = math.ceil(tonumber(ARGV[2]) * 1000000 / factor)
-local tau = tonumber(ARGV[3])
-local tat = tonumber(redis.call('GET', KEYS[1]) or '0') or 0
-
-if tat < now then tat = now end
-local wait = (tat - tau) - now
-if wait < cd_left then wait = cd_left end
-if wait > 0 then
-  return {wait, now}
-end
-local new_tat = tat + T
-redis.call('SET', KEYS[1], string.format('%.0f', new_tat), 'PX',
-  math.ceil((new_tat - now) / 1000) + 1)
-return {0, now}
+return redis.error_reply('unknown limiter mode ' .. tostring(mode))
 """
+)
 
 
 def window_safe(limit_per_minute: int, burst: int, slack_seconds: float = 0.5) -> tuple[int, int]:
@@ -227,132 +177,9 @@ def window_safe(limit_per_minute: int, burst: int, slack_seconds: float = 0.5) -
     return max(1, math.floor(carved * 60 / (60 + slack_seconds))), burst
 
 
-# The limiter's id for an upstream API key is the one settings and attempts use.
-limiter_key = key_id
-
-
-class RateLimiter:
-    """GCRA limiter in Redis: ``limit_per_minute`` requests per key, ``burst`` extra at once.
-
-    ``key`` arguments are ``limiter_key(api_key)`` values. Works with ``redis.asyncio.Redis`` and
-    ``fakeredis.FakeAsyncRedis`` (``decode_responses`` either way).
-    """
-
-    def __init__(
-        self,
-        redis: redis.asyncio.Redis,
-        *,
-        limit_per_minute: int,
-        burst: int = 5,
-        prefix: str = "pcq:rl:",
-    ) -> None:
-        if limit_per_minute < 1:
-            raise ValueError("limit_per_minute must be >= 1")
-        if burst < 0:
-            raise ValueError("burst must be >= 0")
-        self.limit_per_minute = limit_per_minute
-        self.burst = burst
-        self.prefix = prefix
-        # Emission interval, rounded up so rounding never admits more than the limit.
-        self._interval_us = math.ceil(60 * _US / limit_per_minute)
-        self._tolerance_us = burst * self._interval_us
-        self._redis = redis
-        self._script = redis.register_script(_SCRIPT)
-
-    @property
-    def interval(self) -> float:
-        """Seconds between admissions at the steady rate (60 / limit_per_minute)."""
-        return self._interval_us / _US
-
-    def _keys(self, key: str) -> list[str]:
-        base = f"{self.prefix}{{{key}}}"
-        return [f"{base}:tat", f"{base}:cd", f"{base}:f"]
-
-    async def _run(self, key: str, *args: str | int) -> tuple[int, int]:
-        result: Any = await self._script(keys=self._keys(key), args=list(args))
-        return int(result[0]), int(result[1])
-
-    async def try_acquire_timed(self, key: str) -> tuple[float, float]:
-        """Like ``try_acquire`` but also returns the Redis server time (epoch seconds) of the
-        decision: ``(wait_seconds, server_time)``. Useful for metrics and tests."""
-        wait_us, now_us = await self._run(key, "acquire", self._interval_us, self._tolerance_us)
-        return wait_us / _US, now_us / _US
-
-    async def try_acquire(self, key: str) -> float:
-        """Take one request slot if allowed.
-
-        Returns 0.0 when admitted (the slot is taken), otherwise the seconds to wait before
-        trying again (nothing is taken): the GCRA delay or the remaining cool-down, the larger.
-        """
-        wait, _ = await self.try_acquire_timed(key)
-        return wait
-
-    async def reserve(self, key: str) -> float:
-        """Take the earliest slot this request may use; returns the seconds until it (0 = now).
-
-        Unlike ``try_acquire`` the slot is taken even when it lies in the future, so a caller
-        sleeps once instead of polling: thousands of waiting calls cost one Redis call each,
-        not one per wake-up each.
-        """
-        # The pool's ``take`` on a pool of this one key, with no in-flight cap: one
-        # reservation rule for both.
-        result: Any = await self._script(
-            keys=[*self._keys(key), f"{self.prefix}{{{key}}}:fl"],
-            args=["take", 1, self._interval_us, self._tolerance_us, 0, "", 0],
-        )
-        return int(result[1]) / _US
-
-    async def acquire(self, key: str) -> float:
-        """Wait (``asyncio.sleep``) until admitted; return the total seconds waited.
-
-        Reserves a slot and sleeps until it; if a cool-down began meanwhile (another worker saw
-        a 429), it reserves again after it. Jitter on a cool-down wait (<= 10 %, at most 0.25 s)
-        keeps workers released by the same cool-down from all retrying in the same millisecond.
-        """
-        loop = asyncio.get_running_loop()
-        started = loop.time()
-        wait = await self.reserve(key)
-        while wait > 0:
-            await asyncio.sleep(wait)
-            cooling = await self.cooldown_remaining(key)
-            if cooling <= 0:
-                break
-            await asyncio.sleep(cooling + random.uniform(0, min(0.25, cooling * 0.1)))
-            wait = await self.reserve(key)
-        return loop.time() - started
-
-    async def penalize(self, key: str, step: float = 0.7, floor: float = 0.2) -> float:
-        """A 429 was seen: scale the effective rate by ``step`` (not below ``floor`` of the
-        limit) for every worker; it climbs back linearly while no 429 comes. Returns the factor."""
-        factor, _ = await self._run(key, "penalize", round(step * _US), round(floor * _US))
-        return factor / _US
-
-    async def rate_factor(self, key: str) -> float:
-        """The share of the configured limit currently in force (1.0 = all of it)."""
-        factor, _ = await self._run(key, "factor")
-        return factor / _US
-
-    async def set_cooldown(self, key: str, seconds: float) -> None:
-        """Admit nothing for ``key`` during the next ``seconds`` (Redis clock), in every worker.
-
-        Never shortens a cool-down that already ends later; ``seconds <= 0`` does nothing.
-        """
-        if not math.isfinite(seconds):
-            raise ValueError("cool-down seconds must be finite")
-        duration_us = math.ceil(seconds * _US)
-        if duration_us <= 0:
-            return
-        await self._run(key, "cd_set", duration_us)
-
-    async def cooldown_remaining(self, key: str) -> float:
-        """Seconds left in the shared cool-down for ``key`` (0.0 when none is active)."""
-        remaining_us, _ = await self._run(key, "cd_get")
-        return remaining_us / _US
-
-
 @dataclass(frozen=True)
 class PoolKey:
-    """One upstream key's budget: ``id`` is ``limiter_key(api_key)``, never the key."""
+    """One upstream key's budget: ``id`` is ``pcq.settings.key_id(api_key)``, never the key."""
 
     id: str
     limit_per_minute: int
@@ -394,20 +221,17 @@ class KeyPool:
         if not keys:
             raise ValueError("a key pool needs at least one key")
         self.keys = list(keys)
-        self.prefix = prefix
         self.permit_ttl = permit_ttl
         self.poll = poll
         self._redis = redis
         self._script = redis.register_script(_SCRIPT)
-        self.limiters: list[RateLimiter] = []
-        params: list[int] = []
+        self._params: list[int] = []
         for k in self.keys:
             rate, burst = window_safe(k.limit_per_minute, k.burst)
-            lim = RateLimiter(redis, limit_per_minute=rate, burst=burst, prefix=prefix)
-            self.limiters.append(lim)
-            params += [lim._interval_us, lim._tolerance_us, k.max_in_flight]
-        self._params = params
-        self._names = [name for k in self.keys for name in [*self._key_names(k.id), self._permits_name(k.id)]]
+            interval = interval_us(rate)
+            self._params += [interval, burst * interval, k.max_in_flight]
+        # Per key: tat, cd, f, fl (see the module docstring).
+        self._names = [f"{prefix}{{{k.id}}}:{part}" for k in self.keys for part in ("tat", "cd", "f", "fl")]
         self._tag = uuid.uuid4().hex[:12]  # this process's permits carry it
         self._seq = 0
         self._held: list[set[str]] = [set() for _ in self.keys]
@@ -416,20 +240,12 @@ class KeyPool:
         self._released = asyncio.Event()
         self._full_gate = asyncio.Lock()
 
-    def _key_names(self, ident: str) -> list[str]:
-        base = f"{self.prefix}{{{ident}}}"
-        return [f"{base}:tat", f"{base}:cd", f"{base}:f"]
-
-    def _permits_name(self, ident: str) -> str:
-        return f"{self.prefix}{{{ident}}}:fl"
-
     @property
     def capped(self) -> bool:
         return any(k.max_in_flight > 0 for k in self.keys)
 
-    def held(self, index: int) -> int:
-        """Permits this process holds on key ``index`` (calls it has in flight there)."""
-        return len(self._held[index])
+    def _key_names(self, index: int) -> list[str]:
+        return self._names[4 * index : 4 * index + 4]
 
     async def room(self, horizon: float) -> tuple[int, float]:
         """How many calls the pool could start within ``horizon`` seconds (over every key,
@@ -437,7 +253,8 @@ class KeyPool:
         every key is at its cap). Takes nothing."""
         args: list[str | int] = ["room", len(self.keys), *self._params, math.ceil(horizon * _US)]
         result: Any = await self._script(keys=self._names, args=args)
-        return int(result[0]), int(result[1]) / _US
+        opens_in = int(result[1])
+        return int(result[0]), opens_in / _US if opens_in >= 0 else -1.0
 
     async def take(self) -> tuple[int, float, str]:
         """Take a slot (and a permit, on a capped key) on the key that can start a call
@@ -462,6 +279,8 @@ class KeyPool:
 
         The slot is reserved at once and slept towards; if the key's cool-down began in the
         meantime (a 429 elsewhere), the permit goes back and a new slot is taken after it.
+        Jitter on that wait (<= 10 %, at most 0.25 s) keeps the calls a cool-down released
+        from all asking Redis in the same millisecond.
         """
         while True:
             index, wait, permit = await self.take()
@@ -470,7 +289,7 @@ class KeyPool:
             if wait <= 0:
                 return index, permit
             await asyncio.sleep(wait)
-            cooling = await self.limiters[index].cooldown_remaining(self.keys[index].id)
+            cooling = await self.cooldown_remaining(index)
             if cooling <= 0:
                 return index, permit
             self.release(index, permit)
@@ -488,6 +307,20 @@ class KeyPool:
                 except TimeoutError:
                     pass
 
+    async def cooldown_remaining(self, index: int) -> float:
+        """Seconds left in key ``index``'s shared cool-down (0.0 when none is active)."""
+        result: Any = await self._script(keys=self._key_names(index), args=["cooldown"])
+        return int(result[0]) / _US
+
+    async def report_429(self, index: int, pause: float, step: float = 0.7, floor: float = 0.2) -> None:
+        """Key ``index`` was told 429: every worker pauses it for ``pause`` seconds (a longer
+        cool-down already set stays) and then uses it at ``step`` times its current rate, not
+        below ``floor`` of its limit, climbing back while no 429 comes."""
+        if not math.isfinite(pause):
+            raise ValueError("cool-down seconds must be finite")
+        args: list[str | int] = ["429", max(0, math.ceil(pause * _US)), round(step * _US), round(floor * _US)]
+        await self._script(keys=self._key_names(index), args=args)
+
     def release(self, index: int, permit: str) -> None:
         """The call on key ``index`` is over: its permit goes back (batched, see ``run``)."""
         if permit in self._held[index]:
@@ -503,21 +336,21 @@ class KeyPool:
         self._to_release = [[] for _ in self.keys]
         async with self._redis.pipeline(transaction=False) as pipe:
             for i, batch in pending:
-                pipe.zrem(self._permits_name(self.keys[i].id), *batch)
+                pipe.zrem(self._key_names(i)[3], *batch)
             await pipe.execute()
         self._released.set()
         return sum(len(b) for _, b in pending)
 
     async def renew_permits(self) -> int:
-        """Push the expiry of every permit this process holds ``permit_ttl`` ahead."""
+        """Push the expiry of every permit this process holds ``permit_ttl`` ahead; returns
+        how many it holds."""
         renewed = 0
         for i, held in enumerate(self._held):
             members = list(held)
             for start in range(0, len(members), 1000):
                 chunk = members[start : start + 1000]
                 await self._script(
-                    keys=[self._permits_name(self.keys[i].id)],
-                    args=["renew", math.ceil(self.permit_ttl * _US), *chunk],
+                    keys=self._key_names(i), args=["renew", math.ceil(self.permit_ttl * _US), *chunk]
                 )
                 renewed += len(chunk)
         return renewed
@@ -547,9 +380,3 @@ class KeyPool:
                 log.warning("limiter permits: %s; retrying", type(exc).__name__)
                 self._release_due.set()
                 await asyncio.sleep(1.0)
-
-    async def report_429(self, index: int, pause: float, step: float = 0.7, floor: float = 0.2) -> None:
-        """Key ``index`` was told 429: every worker pauses it and then uses it more slowly."""
-        lim, ident = self.limiters[index], self.keys[index].id
-        await lim.set_cooldown(ident, pause)
-        await lim.penalize(ident, step, floor)

@@ -30,7 +30,7 @@ STAGES: dict[str, tuple[str, ...]] = {
     "db: sweeper/renewer": ("due_for_enqueue", "renew_leases", "clear_enqueued"),
     "upstream call (aiohttp)": ("UpstreamClient.call", "call (worker/upstream.py"),
     "parse answer (wire)": ("parse_completion", "_assemble_stream"),
-    "limiter (redis)": ("RateLimiter", "limiter.py"),
+    "limiter (redis)": ("KeyPool", "limiter.py"),
     "celery/kombu consume": ("kombu/", "celery/worker", "celery/concurrency"),
     "sqlalchemy": ("sqlalchemy/",),
     "psycopg": ("psycopg/",),

@@ -1,4 +1,7 @@
-"""KeyPool on fakeredis with a manual server clock: key choice, in-flight caps, admission room."""
+"""KeyPool on fakeredis with a manual server clock: key choice, in-flight caps, admission room.
+
+One key's budget (rate, burst, cool-down, step-down) is tested in test_limiter.py.
+"""
 
 from __future__ import annotations
 
@@ -7,19 +10,17 @@ import math
 from collections import Counter
 
 import pytest
-from fakeredis.commands_mixins import server_mixin
 
-from tests.worker.test_limiter import ManualClock, new_redis, run
-from worker.limiter import KeyPool, PoolKey, limiter_key, window_safe
+from pcq.settings import key_id
+from tests.worker.test_limiter import ManualClock, install_manual_clock, interval, new_redis, run
+from worker.limiter import KeyPool, PoolKey, window_safe
 
-A, B = limiter_key("sk-key-a"), limiter_key("sk-key-b")
+A, B = key_id("sk-key-a"), key_id("sk-key-b")
 
 
 @pytest.fixture
 def clock(monkeypatch: pytest.MonkeyPatch) -> ManualClock:
-    c = ManualClock()
-    monkeypatch.setattr(server_mixin, "time", c)
-    return c
+    return install_manual_clock(monkeypatch)
 
 
 def test_calls_spread_over_keys_in_proportion_to_their_quotas(clock: ManualClock) -> None:
@@ -43,13 +44,22 @@ def test_calls_spread_over_keys_in_proportion_to_their_quotas(clock: ManualClock
 
 def test_a_429_moves_calls_to_the_other_key(clock: ManualClock) -> None:
     async def main() -> None:
-        pool = KeyPool(new_redis(), [PoolKey(A, 600), PoolKey(B, 600)])
-        await pool.report_429(0, pause=30)
-        picks = {(await pool.take())[0] for _ in range(6)}
-        assert picks == {1}
-        # Every worker sees it: a second pool on the same Redis avoids key A as well.
-        assert await pool.limiters[0].cooldown_remaining(A) > 29
-        assert await pool.limiters[0].rate_factor(A) < 0.75
+        r = new_redis()
+        pool = KeyPool(r, [PoolKey(A, 600, burst=0), PoolKey(B, 600, burst=0)])
+        other_worker = KeyPool(r, [PoolKey(A, 600, burst=0), PoolKey(B, 600, burst=0)])
+        await pool.report_429(0, pause=1)
+        assert await other_worker.cooldown_remaining(0) == pytest.approx(1.0, abs=1e-6)
+        # Every worker's calls go to key B, at its full rate, until A's cool-down ends; then
+        # to both, A at the rate its 429 stepped down to.
+        slots = [(await other_worker.take())[:2] for _ in range(20)]
+        on_a = [wait for index, wait in slots if index == 0]
+        on_b = [wait for index, wait in slots if index == 1]
+        assert on_b == pytest.approx([k * interval(600, 0) for k in range(len(on_b))], abs=1e-6)
+        assert on_a[0] == pytest.approx(1.0, abs=1e-6)
+        t_a = interval(600, 0, 0.7)
+        assert on_a == pytest.approx([1.0 + k * t_a for k in range(len(on_a))], abs=1e-6)
+        assert len(on_b) > 10
+        assert len(on_a) >= 3
 
     run(main)
 
@@ -63,8 +73,10 @@ def test_in_flight_cap_holds_and_released_permits_free_room(clock: ManualClock) 
         assert [t[0] for t in taken] == [0, 0, 0]
         assert (await pool.take())[0] == -1
         assert (await other.take())[0] == -1
-        assert pool.held(0) == 2
-        assert other.held(0) == 1
+        assert await pool.renew_permits() == 2  # each worker holds its own permits
+        assert await other.renew_permits() == 1
+        other.release(0, taken[0][2])  # not its permit: nothing goes back
+        assert await other.flush_releases() == 0
         pool.release(0, taken[0][2])
         assert (await other.take())[0] == -1  # not yet sent
         assert await pool.flush_releases() == 1
@@ -115,7 +127,7 @@ def test_full_pool_waits_for_a_release_then_proceeds() -> None:
         pool.release(*held[0])  # a local release wakes the waiter long before the 5 s poll
         index, _ = await asyncio.wait_for(waiter, 1.0)
         assert index == 0
-        assert pool.held(0) == 2
+        assert await pool.renew_permits() == 2
         background.cancel()
 
     run(main)
