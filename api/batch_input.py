@@ -10,14 +10,14 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Callable, Iterator
-from typing import IO, Protocol
+from typing import IO
 
 from pydantic import ValidationError
 
+from api.intake import NewJob
 from api.schemas import BatchCreate, BatchLine, check_webhook_url
 from api.verbatim import Member, NotJson, decode_utf8, members
 from pcq.jobs.errors import InvalidInput, TooLarge
-from pcq.jobs.intake import NewJob
 from pcq.wire import KNOWN_MODELS
 
 JSONL_TYPES = ("application/x-ndjson", "application/jsonl", "application/x-jsonlines")
@@ -156,17 +156,9 @@ class JsonlReader:
 READ_SIZE = 1024 * 1024  # bytes read from a spooled body at a time
 
 
-class BatchBody(Protocol):
-    """A batch body being read: its jobs one by one, then its own metadata and webhook URL."""
-
-    metadata_json: str | None
-    webhook_url: str | None
-
-    def jobs(self) -> Iterator[NewJob]: ...
-
-
 class JsonlBatch:
-    """A JSONL body read from a file, ``READ_SIZE`` bytes at a time (memory: about one line)."""
+    """A JSONL body read from a file, ``READ_SIZE`` bytes at a time (memory: about one line);
+    an api.intake.BatchSource, like JsonBatch."""
 
     metadata_json: str | None = None
     webhook_url: str | None = None

@@ -1,17 +1,24 @@
-"""Submitting work: validate, commit the rows, then enqueue (never before the commit)."""
+"""The API's services: the rules of each request, run on pcq.repositories' statements.
+
+Writes (``Submitter``): validate, commit the rows in one unit of work (``unit_of_work``), then
+enqueue (never before the commit). Reads (the functions below it): scoped to a tenant (another
+tenant's row is absent: 404), in the request's read session (api.deps.read_session, rolled back
+at the end); they return models and rows, which api.views shapes into responses.
+"""
 
 from __future__ import annotations
 
+import base64
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 from functools import partial
 
+from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
 
-from api import repository
+from api import control, intake
 from api.batch_input import (
     JSONL_TYPES,
-    BatchBody,
     JsonBatch,
     JsonlBatch,
     check_model,
@@ -19,23 +26,19 @@ from api.batch_input import (
     read_body,
     text_of,
 )
+from api.intake import BatchSource, NewJob
 from api.schemas import JobCreate, check_webhook_url
 from api.tenant_limits import QueueCap
 from api.uploads import Spooled, UploadSlots, spool
 from pcq.db import SessionFactory, unit_of_work
-from pcq.jobs import control, lifecycle
-from pcq.jobs.errors import InvalidInput
-from pcq.jobs.intake import (
-    NewJob,
-    add_jobs,
-    check_replay,
-    close_batch,
-    create_job,
-    find_batch,
-    open_batch,
-)
-from pcq.models import Batch, Job
+from pcq.jobs import lifecycle
+from pcq.jobs.errors import InvalidInput, NotFound
+from pcq.models import JOB_STATUSES, Batch, Citation, Job, JobStatus
 from pcq.queue import Enqueuer
+from pcq.repositories import batches as batch_rows
+from pcq.repositories import jobs as job_rows
+from pcq.repositories import results as result_rows
+from pcq.repositories.results import Answers
 
 
 @dataclass
@@ -61,7 +64,7 @@ class Submitter:
             webhook_url=check_webhook_url(body.webhook_url),
         )
         with unit_of_work(self.sessions) as session:
-            job, created = create_job(session, tenant_id, item, idempotency_key)
+            job, created = intake.create_job(session, tenant_id, item, idempotency_key)
             self.queue_cap.check(session, tenant_id, int(created))
         if created:
             self._send([job.id])
@@ -91,67 +94,39 @@ class Submitter:
         with body.file:
             if idempotency_key is not None:
                 with self.sessions() as session:
-                    existing = find_batch(session, tenant_id, idempotency_key)
-                if existing is not None:  # a replay: the very body the key was first used with
-                    return check_replay(existing, body.sha256), False
-            reader: BatchBody = (
+                    replay = intake.replayed_batch(session, tenant_id, idempotency_key, body.sha256)
+                if replay is not None:
+                    return replay, False
+            reader: BatchSource = (
                 JsonlBatch(body.file, self.max_batch_lines, self.max_line_bytes)
                 if jsonl
                 else JsonBatch(body.file, self.max_batch_lines, self.max_line_bytes)
             )
             # The session takes a connection (and begins) only at the first insert.
             with unit_of_work(self.sessions) as session:
-                batch: Batch | None = None
-                total = 0
-                sent: list[str] = []  # the ids to send, a string per chunk (a list of str costs 3x)
-                for chunk in _in_chunks(reader.jobs()):
-                    if batch is None:
-                        batch = open_batch(
-                            session,
-                            tenant_id,
-                            metadata_json=None,
-                            webhook_url=None,
-                            idempotency_key=idempotency_key,
-                        )
-                        if batch is None:  # a racing request took the key: compare bodies
-                            assert idempotency_key is not None
-                            winner = find_batch(session, tenant_id, idempotency_key)
-                            assert winner is not None
-                            return check_replay(winner, body.sha256), False
-                    ids = add_jobs(session, batch, chunk)
-                    total += len(ids)
-                    sent.append(" ".join(ids))
-                if batch is None:  # the readers refuse an empty batch; belt and braces
-                    raise InvalidInput("the batch has no requests")
-                # A JSON batch's own members may follow its requests: known only now.
-                batch.metadata_json, batch.webhook_url = reader.metadata_json, reader.webhook_url
-                close_batch(session, batch, total, body.sha256)
-                self.queue_cap.check(session, tenant_id, total)
-        ids = []
-        for text in sent:
-            ids += text.split(" ")
-            if len(ids) >= CHUNK_JOBS:
-                self._send(ids)
-                ids = []
-        if ids:
+                stored = intake.create_batch(
+                    session, tenant_id, reader, idempotency_key=idempotency_key, fingerprint=body.sha256
+                )
+                self.queue_cap.check(session, tenant_id, stored.total)
+        for ids in stored.job_ids():
             self._send(ids)
-        return batch, True
+        return stored.batch, stored.created
 
     def cancel_job(self, tenant_id: str, job_id: str) -> Job:
         with unit_of_work(self.sessions) as session:
-            return control.cancel(session, repository.get_job(session, tenant_id, job_id))
+            return control.cancel(session, get_job(session, tenant_id, job_id))
 
     def retry_job(self, tenant_id: str, job_id: str) -> Job:
         with unit_of_work(self.sessions) as session:
-            job = control.retry(session, repository.get_job(session, tenant_id, job_id))
+            job = control.retry(session, get_job(session, tenant_id, job_id))
             self.queue_cap.check(session, tenant_id, 1)
         self._send([job.id])
         return job
 
     def retry_failed(self, tenant_id: str, batch_id: str) -> tuple[Batch, int]:
         with unit_of_work(self.sessions) as session:
-            batch = repository.get_batch(session, tenant_id, batch_id)
-            requeued = control.requeue(session, control.failed_job_ids(session, batch_id))
+            batch = get_batch(session, tenant_id, batch_id)
+            requeued = control.retry_failed(session, batch_id)
             self.queue_cap.check(session, tenant_id, len(requeued))
         self._send(requeued)
         return batch, len(requeued)
@@ -165,20 +140,125 @@ class Submitter:
                 lifecycle.clear_enqueued(session, job_ids[sent:])
 
 
-# Jobs are inserted in chunks of at most this many, or this many bytes of request and metadata
-# text: what a batch holds in memory at once, beside the line being read.
-CHUNK_JOBS = 2000
-CHUNK_BYTES = 1 * 1024 * 1024
+# --- reads
 
 
-def _in_chunks(jobs: Iterator[NewJob]) -> Iterator[list[NewJob]]:
-    chunk: list[NewJob] = []
-    size = 0
-    for job in jobs:
-        chunk.append(job)
-        size += len(job.request_json) + len(job.metadata_json or "")
-        if len(chunk) >= CHUNK_JOBS or size >= CHUNK_BYTES:
-            yield chunk
-            chunk, size = [], 0
-    if chunk:
-        yield chunk
+def get_job(session: Session, tenant_id: str, job_id: str) -> Job:
+    job = job_rows.get(session, tenant_id, job_id)
+    if job is None:
+        raise NotFound(f"no job {job_id!r}")
+    return job
+
+
+def get_batch(session: Session, tenant_id: str, batch_id: str) -> Batch:
+    batch = batch_rows.get(session, tenant_id, batch_id)
+    if batch is None:
+        raise NotFound(f"no batch {batch_id!r}")
+    return batch
+
+
+def answers_of(session: Session, job: Job) -> Answers | None:
+    """The stored answer of a job that succeeded (None for any other status)."""
+    return result_rows.answers_of(session, [job.id]) if job.status == JobStatus.SUCCEEDED else None
+
+
+def list_jobs(
+    session: Session,
+    tenant_id: str,
+    *,
+    status: str | None,
+    batch_id: str | None,
+    custom_id: str | None,
+    cursor: str | None,
+    limit: int,
+) -> tuple[list[Job], str | None]:
+    """A page of the tenant's jobs, newest first, and the cursor of the next page (if any)."""
+    if status is not None and status not in JOB_STATUSES:
+        raise InvalidInput(f"status must be one of {', '.join(JOB_STATUSES)}")
+    before = decode_cursor(cursor) if cursor is not None else None
+    rows = job_rows.newest_first(
+        session,
+        tenant_id,
+        status=status,
+        batch_id=batch_id,
+        custom_id=custom_id,
+        before=before,
+        limit=limit + 1,
+    )
+    more = len(rows) > limit
+    rows = rows[:limit]
+    return rows, encode_cursor(rows[-1].id) if more and rows else None
+
+
+def batch_counts(session: Session, batch_id: str) -> dict[str, int]:
+    """The batch's jobs per status, every status present."""
+    counts: dict[str, int] = {s.value: 0 for s in JOB_STATUSES}
+    for status, n in job_rows.status_counts(session, batch_id):
+        counts[status] = n
+    return counts
+
+
+def batch_results(session: Session, batch_id: str, chunk: int = 500) -> Iterator[tuple[list[Job], Answers]]:
+    """The batch's jobs in submission order with the answers of those that succeeded, loaded
+    ``chunk`` jobs at a time."""
+    last = ""
+    while True:
+        jobs = job_rows.of_batch(session, batch_id, after=last, limit=chunk)
+        if not jobs:
+            return
+        yield jobs, result_rows.answers_of(session, [j.id for j in jobs if j.status == JobStatus.SUCCEEDED])
+        last = jobs[-1].id
+
+
+CitationWith = tuple[Citation, str | None, str | None, str | None]  # custom_id, reasoning, confidence
+
+
+def list_citations(
+    session: Session,
+    tenant_id: str,
+    *,
+    job_id: str | None,
+    batch_id: str | None,
+    domain: str | None,
+    url: str | None,
+    cursor: str | None,
+    limit: int,
+) -> tuple[list[CitationWith], str | None]:
+    """A page of the tenant's citations, oldest first, and the cursor of the next page (if any).
+    A job or batch named that is not the tenant's answers 404, not an empty page."""
+    if job_id is not None:
+        get_job(session, tenant_id, job_id)
+    if batch_id is not None:
+        get_batch(session, tenant_id, batch_id)
+    after = None
+    if cursor is not None:
+        try:
+            after = int(decode_cursor(cursor))
+        except ValueError as exc:
+            raise InvalidInput("cursor is not one this API returned") from exc
+    rows = result_rows.citations_of_tenant(
+        session,
+        tenant_id,
+        job_id=job_id,
+        batch_id=batch_id,
+        domain=domain.lower() if domain is not None else None,
+        url=url,
+        after=after,
+        limit=limit + 1,
+    )
+    more = len(rows) > limit
+    out: list[CitationWith] = [
+        (c, custom_id, reasoning, confidence) for c, custom_id, reasoning, confidence in rows[:limit]
+    ]
+    return out, encode_cursor(out[-1][0].id) if more and out else None
+
+
+def encode_cursor(value: str | int) -> str:
+    return base64.urlsafe_b64encode(str(value).encode()).decode().rstrip("=")
+
+
+def decode_cursor(cursor: str) -> str:
+    try:
+        return base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise InvalidInput("cursor is not one this API returned") from exc

@@ -31,7 +31,6 @@ counts after the first committed); SQLite serialises writers anyway.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import math
 import threading
@@ -39,12 +38,11 @@ import time
 from dataclasses import dataclass
 from typing import Any, Final
 
-from sqlalchemy import BigInteger, func, literal, select
 from sqlalchemy.orm import Session
 
 from pcq.gcra import LUA_PRELUDE, interval_us
 from pcq.jobs.errors import RateLimited, TooManyQueued
-from pcq.models import ACTIVE_STATUSES, Job
+from pcq.repositories import jobs as job_rows
 from pcq.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -142,19 +140,6 @@ def build_rate_limiter(settings: Settings, redis_client: Any | None) -> TenantRa
 _MAX_RETRY_AFTER: Final = 3600
 
 
-def _lock_key(tenant_id: str) -> int:
-    """A signed 64-bit advisory-lock key for the tenant's queued-jobs count."""
-    digest = hashlib.sha256(f"pcq:queued:{tenant_id}".encode()).digest()
-    return int.from_bytes(digest[:8], "big", signed=True)
-
-
-def active_jobs(session: Session, tenant_id: str) -> int:
-    """The tenant's queued and running jobs (one index-only range scan of each status)."""
-    query = select(func.count()).select_from(Job)
-    query = query.where(Job.tenant_id == tenant_id, Job.status.in_(ACTIVE_STATUSES))
-    return session.scalar(query) or 0
-
-
 @dataclass(frozen=True)
 class QueueCap:
     """``limit`` queued + running jobs per tenant (0 = off).
@@ -177,10 +162,10 @@ class QueueCap:
         transaction rolls back. Does nothing when off or when nothing was added (a replay)."""
         if self.limit <= 0 or added <= 0:
             return
-        if session.get_bind().dialect.name == "postgresql":
-            # Held until this transaction ends: a concurrent submission counts after it.
-            session.execute(select(func.pg_advisory_xact_lock(literal(_lock_key(tenant_id), BigInteger))))
-        count = active_jobs(session, tenant_id)
+        # On PostgreSQL, a lock held until this transaction ends: a concurrent submission of the
+        # tenant counts after it.
+        job_rows.lock_active_count(session, tenant_id)
+        count = job_rows.count_active(session, tenant_id)
         if count <= self.limit:
             return
         before = max(0, count - added)

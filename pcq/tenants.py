@@ -1,28 +1,29 @@
 """Tenants and API keys: minting, listing and revoking (``pcq keys create|list|revoke``) and
-authenticating."""
+authenticating. The statements are pcq.repositories.tenants'; the caller owns the transaction."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
 
-from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
+from pcq.db import make_engine, make_session_factory, unit_of_work
 from pcq.keys import KEY_SCHEME, mint_key, split_prefix, verify
 from pcq.models import ApiKey, Tenant, new_id
+from pcq.repositories import tenants as rows
 
 
 def create_key(session: Session, tenant_name: str, pepper: str) -> tuple[Tenant, str]:
     """Create the tenant if new, mint a key for it; returns the plaintext key (shown once)."""
-    tenant = session.scalars(select(Tenant).where(Tenant.name == tenant_name)).one_or_none()
+    tenant = rows.tenant_by_name(session, tenant_name)
     if tenant is None:
         tenant = Tenant(id=new_id("ten"), name=tenant_name)
-        session.add(tenant)
-        session.flush()
+        rows.add_tenant(session, tenant)
     key = mint_key(pepper)
-    session.add(ApiKey(id=new_id("key"), tenant_id=tenant.id, prefix=key.prefix, key_hash=key.key_hash))
+    rows.add_key(
+        session, ApiKey(id=new_id("key"), tenant_id=tenant.id, prefix=key.prefix, key_hash=key.key_hash)
+    )
     return tenant, key.plaintext
 
 
@@ -46,34 +47,19 @@ class UnknownKey(LookupError):
     """No API key has this id."""
 
 
-def _key_infos(session: Session, *where: Any) -> list[KeyInfo]:
-    rows = session.execute(
-        select(ApiKey.id, Tenant.name, ApiKey.prefix, ApiKey.created_at, ApiKey.revoked_at)
-        .join(Tenant, Tenant.id == ApiKey.tenant_id)
-        .where(*where)
-        .order_by(ApiKey.created_at, ApiKey.id)
-    )
-    return [KeyInfo(*row) for row in rows]
-
-
 def list_keys(session: Session) -> list[KeyInfo]:
     """Every API key of every tenant, oldest first, revoked ones included."""
-    return _key_infos(session)
+    return [KeyInfo(*row) for row in rows.key_rows(session)]
 
 
 def revoke_key(session: Session, key_id: str, now: datetime) -> tuple[KeyInfo, bool]:
     """Revoke the key ``key_id`` as of ``now``; True if this call revoked it, False if it was
     revoked already (its ``revoked_at`` is kept). Raises ``UnknownKey``."""
-    result = session.execute(
-        update(ApiKey)
-        .where(ApiKey.id == key_id, ApiKey.revoked_at.is_(None))
-        .values(revoked_at=now)
-        .execution_options(synchronize_session=False)
-    )
-    found = _key_infos(session, ApiKey.id == key_id)
+    revoked = rows.revoke(session, key_id, now=now)
+    found = rows.key_rows(session, key_id)
     if not found:
         raise UnknownKey(key_id)
-    return found[0], bool(result.rowcount)  # type: ignore[attr-defined]
+    return KeyInfo(*found[0]), bool(revoked)
 
 
 def authenticate(session: Session, presented: str, pepper: str, now: datetime) -> str | None:
@@ -86,7 +72,18 @@ def authenticate(session: Session, presented: str, pepper: str, now: datetime) -
     prefix = split_prefix(presented)
     if prefix is None:
         return None
-    row = session.scalars(select(ApiKey).where(ApiKey.prefix == prefix)).one_or_none()
+    row = rows.key_by_prefix(session, prefix)
     if row is None or (row.revoked_at is not None and row.revoked_at <= now):
         return None
     return row.tenant_id if verify(presented, row.key_hash, pepper) else None
+
+
+def create_key_at(url: str, tenant: str, pepper: str = "") -> str:
+    """``create_key`` in its own unit of work on the database at ``url``: the plaintext key."""
+    engine = make_engine(url)
+    try:
+        with unit_of_work(make_session_factory(engine)) as session:
+            _, key = create_key(session, tenant, pepper)
+    finally:
+        engine.dispose()
+    return key

@@ -21,10 +21,10 @@ from typing import Any
 from migrations.migrate import upgrade_to_head
 from pcq.models import JobStatus
 from pcq.settings import Settings
+from pcq.tenants import create_key_at
 from shell.client import PcqClient
 from shell.procs import free_port, spawn, stop, wait_http
 from shell.progress import wait_with_bar
-from shell.stack import mint_key
 
 
 def _say(text: str) -> None:
@@ -56,7 +56,7 @@ def run_standalone(settings: Settings, *, port: int, demo: bool) -> int:
         procs += [worker, api]
         base = f"http://127.0.0.1:{port}"
         wait_http(f"{base}/healthz", proc=api)
-        key = mint_key(
+        key = create_key_at(
             settings.database_url, "demo" if demo else "standalone", settings.key_pepper.get_secret_value()
         )
         _say(f"pcq is running: API {base} (docs at {base}/docs), upstream: {upstream}")

@@ -1,4 +1,4 @@
-"""Audit the rows a run of the real processes (``shell.stack.Stack``) wrote, independently
+"""Audit the rows a run of the real processes (``tests.stack.Stack``) wrote, independently
 of the code that wrote them: counts per table, and the citations counted again from the raw
 bodies. Used by the end-to-end and fault tests, and by ops/bench to check a benchmark's run."""
 

@@ -1,4 +1,4 @@
-"""The layout's import rule (README "Layout", docs/architecture.md), checked on the source.
+"""The layout's rules (README "Layout", docs/architecture.md), checked on the source.
 
 Imports point one way::
 
@@ -7,11 +7,15 @@ Imports point one way::
 Every ``.py`` file of every top-level package is parsed with ``ast``; every import counts,
 wherever it is (module level, inside a function, under ``TYPE_CHECKING``). A failure names the
 file, the line and the import that breaks the rule, or the modules of a cycle.
+
+SQL only in ``pcq/repositories``: elsewhere no shipped module builds a statement (SQLAlchemy's
+``select``, ``insert``, ``update``, ``delete``, ``text``) nor writes one in a string.
 """
 
 from __future__ import annotations
 
 import ast
+import re
 import tomllib
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -194,6 +198,52 @@ def first_party_sources() -> dict[str, str]:
 SOURCES = first_party_sources()
 IMPORTS = imports_of(SOURCES)
 
+# SQL: where statements may be written, and the few exceptions (path -> what, and why).
+SQL_CONSTRUCTORS = frozenset({"select", "insert", "update", "delete", "text"})
+SQL_STRING = re.compile(r"\s*(SELECT|INSERT|UPDATE|DELETE|COPY)\s")
+SQL_HOMES = ("pcq/repositories/", "pcq/models/", "migrations/")
+SQL_EXCEPTIONS: dict[str, frozenset[str]] = {
+    # The readiness probe: SELECT 1 on a bare connection checks the database, not any table.
+    "api/routes/health.py": frozenset({"text", "SELECT"}),
+}
+
+
+def sql_outside_repositories(sources: Mapping[str, str]) -> list[str]:
+    """``path:line: what`` for each statement built (or written as a string) outside the SQL homes."""
+    out = []
+    for path, source in sorted(sources.items()):
+        if path.split("/", 1)[0] not in SHIPPED or path.startswith(SQL_HOMES):
+            continue
+        allowed = SQL_EXCEPTIONS.get(path, frozenset())
+        from_sqlalchemy: set[str] = set()  # names bound to sqlalchemy modules or their members
+        found: list[tuple[int, str]] = []
+        tree = ast.parse(source, filename=path)
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Import):
+                for alias in node.names:
+                    if package_of(alias.name) == "sqlalchemy":
+                        from_sqlalchemy.add(alias.asname or package_of(alias.name))
+            elif isinstance(node, ast.ImportFrom) and package_of(node.module or "") == "sqlalchemy":
+                for alias in node.names:
+                    if alias.name in SQL_CONSTRUCTORS:
+                        found.append((node.lineno, alias.name))
+                    from_sqlalchemy.add(alias.asname or alias.name)
+        prose = {id(n.value) for n in ast.walk(tree) if isinstance(n, ast.Expr)}  # docstrings
+        for node in ast.walk(tree):
+            if (
+                isinstance(node, ast.Attribute)
+                and node.attr in SQL_CONSTRUCTORS
+                and isinstance(node.value, ast.Name)
+                and node.value.id in from_sqlalchemy
+            ):
+                found.append((node.lineno, f"{node.value.id}.{node.attr}"))
+            elif isinstance(node, ast.Constant) and isinstance(node.value, str) and id(node) not in prose:
+                match = SQL_STRING.match(node.value)
+                if match:
+                    found.append((node.lineno, match.group(1)))
+        out += [f"{path}:{line}: {what}" for line, what in sorted(found) if what not in allowed]
+    return out
+
 
 def test_every_package_with_python_code_is_in_the_rule() -> None:
     unknown = sorted({p.split("/", 1)[0] for p in SOURCES} - set(ALLOWED))
@@ -216,6 +266,36 @@ def test_the_rule_itself_has_no_cycle() -> None:
     assert not _cycles(edges)
     for pkg in SHIPPED:
         assert not ALLOWED[pkg] & {"tests", "ops"}, f"{pkg} is shipped: it may not import tests or ops"
+
+
+def test_sql_is_written_only_in_the_repositories() -> None:
+    bad = sql_outside_repositories(SOURCES)
+    assert not bad, "SQL outside pcq/repositories (move it into a repository there):\n" + "\n".join(bad)
+
+
+def test_the_sql_checker_finds_what_it_must() -> None:
+    found = sql_outside_repositories(
+        {
+            "api/a.py": "from sqlalchemy import select, func\nq = select(func.count())\n",
+            "api/b.py": "import sqlalchemy as sa\nq = sa.update(t)\n",
+            "pcq/c.py": "from sqlalchemy.dialects import postgresql\nq = postgresql.insert(t)\n",
+            "pcq/d.py": "def f(table):\n    return f'COPY {table} FROM STDIN'\n",
+            "worker/e.py": "from sqlalchemy import text as sql\n",
+            "pcq/repositories/jobs.py": "from sqlalchemy import select, update\n",
+            "migrations/env.py": "from sqlalchemy import text\nq = text('SELECT 1')\n",
+            "api/routes/health.py": "from sqlalchemy import text\nq = text('SELECT 1')\n",
+            "tests/f.py": "from sqlalchemy import select\n",
+            "pcq/g.py": "from sqlalchemy import and_, or_\nx = 'SELECTED'\n",
+            "pcq/h.py": 'def f():\n    """COPY is cheaper than INSERT."""\n',
+        }
+    )
+    assert found == [
+        "api/a.py:1: select",
+        "api/b.py:2: sa.update",
+        "pcq/c.py:2: postgresql.insert",
+        "pcq/d.py:2: COPY",
+        "worker/e.py:1: text",
+    ]
 
 
 def test_the_wheel_and_mypy_cover_exactly_the_shipped_packages() -> None:

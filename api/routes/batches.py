@@ -10,12 +10,11 @@ from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
-from api import repository
+from api import service, views
 from api.batch_input import JSONL_TYPES
 from api.deps import ResourcesDep, SessionDep, TenantDep
 from api.errors import error_responses
 from api.schemas import BatchOut, IdempotencyKeyHeader
-from pcq.models import TERMINAL_STATUSES, Batch, BatchStatus, JobStatus
 
 router = APIRouter(prefix="/v1/batches", tags=["batches"])
 
@@ -65,27 +64,6 @@ class JsonlResponse(StreamingResponse):
     media_type = "application/x-ndjson"
 
 
-def batch_out(session: SessionDep, batch: Batch) -> BatchOut:
-    counts = repository.batch_counts(session, batch.id)
-    done = sum(counts[s] for s in TERMINAL_STATUSES) >= batch.total
-    if done:
-        status = BatchStatus.COMPLETED
-    elif counts[JobStatus.QUEUED] == batch.total:
-        status = BatchStatus.QUEUED
-    else:
-        status = BatchStatus.RUNNING
-    return BatchOut(
-        id=batch.id,
-        status=status,
-        total=batch.total,
-        counts=counts,
-        done=done,
-        metadata=repository.parse_metadata(batch.metadata_json),
-        webhook_url=batch.webhook_url,
-        created_at=batch.created_at,
-    )
-
-
 @router.post(
     "",
     status_code=202,
@@ -104,13 +82,14 @@ async def submit_batch(
     batch, _ = await res.submitter.submit_batch(
         tenant, request.stream(), request.headers.get("content-type", ""), idempotency_key
     )
-    return await run_in_threadpool(batch_out, session, batch)
+    return views.batch_out(batch, await run_in_threadpool(service.batch_counts, session, batch.id))
 
 
 @router.get("/{batch_id}", response_model=BatchOut, responses=error_responses(401, 404, 503))
 def get_batch(batch_id: str, session: SessionDep, tenant: TenantDep) -> BatchOut:
     """Progress of a batch: counts per status and whether every job has ended."""
-    return batch_out(session, repository.get_batch(session, tenant, batch_id))
+    batch = service.get_batch(session, tenant, batch_id)
+    return views.batch_out(batch, service.batch_counts(session, batch.id))
 
 
 @router.post(
@@ -122,9 +101,8 @@ def get_batch(batch_id: str, session: SessionDep, tenant: TenantDep) -> BatchOut
 async def retry_failed(batch_id: str, res: ResourcesDep, session: SessionDep, tenant: TenantDep) -> BatchOut:
     """Run the failed jobs of a batch again (only those); ``retried`` says how many."""
     batch, retried = await run_in_threadpool(res.submitter.retry_failed, tenant, batch_id)
-    out = await run_in_threadpool(batch_out, session, batch)
-    out.retried = retried
-    return out
+    counts = await run_in_threadpool(service.batch_counts, session, batch.id)
+    return views.batch_out(batch, counts, retried=retried)
 
 
 @router.get("/{batch_id}/results", response_class=JsonlResponse, responses=RESULTS_DOC)
@@ -132,12 +110,12 @@ def batch_results(
     batch_id: str, res: ResourcesDep, session: SessionDep, tenant: TenantDep
 ) -> StreamingResponse:
     """JSONL, one line per job: ``{"custom_id", "job_id", "status", "result" | "error"}``."""
-    repository.get_batch(session, tenant, batch_id)
+    service.get_batch(session, tenant, batch_id)
 
     def lines() -> Iterator[bytes]:
         # Its own session: the request's one is closed once the response starts streaming.
         with res.sessions() as export_session:
-            for row in repository.export_rows(export_session, batch_id):
+            for row in views.export_rows(service.batch_results(export_session, batch_id)):
                 yield (json.dumps(row, ensure_ascii=False) + "\n").encode()
 
     return JsonlResponse(lines())

@@ -6,7 +6,7 @@ from typing import Annotated
 
 from fastapi import APIRouter, Query
 
-from api import repository
+from api import service, views
 from api.deps import SINGLE_VALUED_QUERY, Cursor, QueryText, SessionDep, TenantDep
 from api.errors import error_responses
 from api.routes.jobs import MAX_PAGE
@@ -32,7 +32,7 @@ def list_citations(
     limit: Annotated[int, Query(ge=1, le=MAX_PAGE)] = 50,
 ) -> CitationPage:
     """One row per citation, oldest first, with its job, field, reasoning and confidence."""
-    rows, next_cursor = repository.list_citations(
+    rows, next_cursor = service.list_citations(
         session,
         tenant,
         job_id=job_id,
@@ -42,4 +42,4 @@ def list_citations(
         cursor=cursor,
         limit=limit,
     )
-    return CitationPage(data=rows, next_cursor=next_cursor)
+    return CitationPage(data=[views.citation_row(*row) for row in rows], next_cursor=next_cursor)

@@ -7,7 +7,7 @@ from typing import Annotated
 from fastapi import APIRouter, Query, Request
 from starlette.concurrency import run_in_threadpool
 
-from api import repository
+from api import service, views
 from api.deps import SINGLE_VALUED_QUERY, Cursor, QueryText, ResourcesDep, SessionDep, TenantDep
 from api.errors import error_responses
 from api.schemas import IdempotencyKeyHeader, JobCreate, JobOut, JobPage
@@ -30,19 +30,20 @@ async def submit_job(
     """Queue one chat-completion request; answers once the job is stored durably."""
     raw = await request.body()  # already read (and cached) to build ``body``
     job = await run_in_threadpool(res.submitter.submit_job, tenant, body, raw, idempotency_key)
-    return repository.job_out(job)
+    return views.job_out(job)
 
 
 @router.get("/{job_id}", response_model=JobOut, responses=error_responses(401, 404, 503))
 def get_job(job_id: str, session: SessionDep, tenant: TenantDep) -> JobOut:
     """A job with, once it succeeded, its answer, usage and basis with citations."""
-    return repository.job_with_result(session, repository.get_job(session, tenant, job_id))
+    job = service.get_job(session, tenant, job_id)
+    return views.job_with_result(job, service.answers_of(session, job))
 
 
 @router.post("/{job_id}/cancel", response_model=JobOut, responses=error_responses(401, 404, 409, 503))
 async def cancel_job(job_id: str, res: ResourcesDep, tenant: TenantDep) -> JobOut:
     """Cancel a queued or running job; a running call's answer is then discarded, not stored."""
-    return repository.job_out(await run_in_threadpool(res.submitter.cancel_job, tenant, job_id))
+    return views.job_out(await run_in_threadpool(res.submitter.cancel_job, tenant, job_id))
 
 
 @router.post(
@@ -50,7 +51,7 @@ async def cancel_job(job_id: str, res: ResourcesDep, tenant: TenantDep) -> JobOu
 )
 async def retry_job(job_id: str, res: ResourcesDep, tenant: TenantDep) -> JobOut:
     """Run a failed (or cancelled) job again, with a fresh attempt budget."""
-    return repository.job_out(await run_in_threadpool(res.submitter.retry_job, tenant, job_id))
+    return views.job_out(await run_in_threadpool(res.submitter.retry_job, tenant, job_id))
 
 
 @router.get(
@@ -69,7 +70,7 @@ def list_jobs(
     limit: Annotated[int, Query(ge=1, le=MAX_PAGE)] = 50,
 ) -> JobPage:
     """Jobs, newest first; pass ``cursor=<next_cursor>`` for the next page."""
-    jobs, next_cursor = repository.list_jobs(
+    jobs, next_cursor = service.list_jobs(
         session,
         tenant,
         status=status,
@@ -78,4 +79,4 @@ def list_jobs(
         cursor=cursor,
         limit=limit,
     )
-    return JobPage(data=[repository.job_out(j) for j in jobs], next_cursor=next_cursor)
+    return JobPage(data=[views.job_out(j) for j in jobs], next_cursor=next_cursor)

@@ -20,8 +20,9 @@ import httpx
 import psycopg
 
 from migrations.migrate import upgrade_to_head
-from shell.stack import Stack, mint_key, stack_env
+from pcq.tenants import create_key_at
 from tests.audit import audit
+from tests.stack import Stack, stack_env
 
 MODELS = ("lite", "base", "core")
 
@@ -55,7 +56,7 @@ def run_one(
         stack.start_mock("--latency-ms", str(latency_ms), "--citations", str(citations))
         stack.start_api()
         stack.start_worker()
-        key = mint_key(db.replace("postgresql://", "postgresql+psycopg://"), "bench")
+        key = create_key_at(db.replace("postgresql://", "postgresql+psycopg://"), "bench")
         h = {"Authorization": f"Bearer {key}"}
         body = lines(n)
         cpu_before = stack.cpu_seconds()

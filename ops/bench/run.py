@@ -47,7 +47,8 @@ from ops.bench.measure import PhaseMeter, code_fingerprint, proc_status_kb, sock
 from ops.bench.profile import Profiler
 from ops.bench.systems import batch_body, pcq_env, run_ceiling, run_naive, run_pcq, start_pcq, wait_batch
 from pcq.settings import key_id
-from shell.stack import Stack, mint_key, stack_env
+from pcq.tenants import create_key_at
+from tests.stack import Stack, stack_env
 
 PG_ADMIN = "postgresql://postgres@127.0.0.1:5432/postgres"
 PCQ_REDIS = "redis://127.0.0.1:6379/12"
@@ -215,7 +216,7 @@ def inflight(args: argparse.Namespace, outdir: Path) -> dict[str, Any]:  # noqa:
             try:
                 worker = stack.procs["worker"].pid
                 rss_idle = proc_status_kb(worker, "VmRSS") or 0
-                key = mint_key(db.sa_url, "bench")
+                key = create_key_at(db.sa_url, "bench")
                 meter = PhaseMeter({"worker": worker, "mock": mock.procs["mock"].pid}, db.name, PCQ_REDIS)
                 meter.start()
                 t0 = time.monotonic()
@@ -335,7 +336,7 @@ def limiter(args: argparse.Namespace, outdir: Path) -> dict[str, Any]:  # noqa: 
             code = code_fingerprint(REPO)
             stack, names = start_pcq(env, workdir, mock.mock_url, args.workers)
             try:
-                key = mint_key(db.sa_url, "bench")
+                key = create_key_at(db.sa_url, "bench")
                 h = {"Authorization": f"Bearer {key}"}
                 procs = {name: stack.procs[name].pid for name in names}
                 meter = PhaseMeter({**procs, "mock": mock.procs["mock"].pid}, db.name, PCQ_REDIS)

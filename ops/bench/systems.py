@@ -33,8 +33,9 @@ from ops.bench.common import (
 from ops.bench.measure import PhaseMeter, code_fingerprint, wait_quiet
 from ops.bench.profile import Profiler
 from ops.bench.tables import request_for
-from shell.stack import Stack, mint_key, stack_env
+from pcq.tenants import create_key_at
 from tests.audit import audit
+from tests.stack import Stack, stack_env
 
 # stack_env's test-friendly values, put back to the shipped defaults for a benchmark.
 PRODUCTION_DEFAULTS = ("PCQ_SWEEP_INTERVAL_SECONDS", "PCQ_RETRY_BASE_SECONDS", "PCQ_RETRY_MAX_SECONDS")
@@ -144,7 +145,7 @@ def run_pcq(
         code = code_fingerprint(REPO)  # the code the processes below import
         stack, names = start_pcq(env, workdir, mock_url, workers)
         try:
-            key = mint_key(db.sa_url, "bench")
+            key = create_key_at(db.sa_url, "bench")
             headers = {"Authorization": f"Bearer {key}"}
             body = batch_body(n)
             mock_reset(mock_url)

@@ -41,7 +41,8 @@ import httpx
 
 from ops.bench.common import REPO, flush_own_redis_db, fresh_database, git_state, machine, query, versions
 from ops.bench.measure import proc_status_kb
-from shell.stack import Stack, mint_key, stack_env
+from pcq.tenants import create_key_at
+from tests.stack import Stack, stack_env
 
 PG_ADMIN = "postgresql://postgres@127.0.0.1:5432/postgres"
 REDIS = "redis://127.0.0.1:6379/12"
@@ -121,7 +122,9 @@ def phase(kind: str, body: bytes, args: argparse.Namespace) -> dict[str, Any]:
         try:
             stack.start_api()
             pid = stack.procs["api"].pid
-            tenants = [mint_key(db.sa_url, f"bench{t}") for t in range(math.ceil(args.uploads / PER_TENANT))]
+            tenants = [
+                create_key_at(db.sa_url, f"bench{t}") for t in range(math.ceil(args.uploads / PER_TENANT))
+            ]
             ctype = "application/x-ndjson" if kind == "jsonl" else "application/json"
             # One small batch first, so the idle figure includes what the first request loads.
             warm = json.dumps({"custom_id": "w", "body": request_of(100, 0)}) + "\n"
@@ -166,7 +169,7 @@ def phase(kind: str, body: bytes, args: argparse.Namespace) -> dict[str, Any]:
             uploading.set()
 
             def other_tenant() -> None:
-                key = mint_key(db.sa_url, "bystander")
+                key = create_key_at(db.sa_url, "bystander")
                 with httpx.Client(base_url=stack.api_url, headers={"x-api-key": key}, timeout=30) as client:
                     n = 0
                     while uploading.is_set():

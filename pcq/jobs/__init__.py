@@ -1,1 +1,2 @@
-"""The job lifecycle shared by the API (create, read) and the worker (claim, store)."""
+"""The job's rules both edges use: its life cycle (claim, settle, store, sweep; the worker, and
+the API's unsent-marking) and the domain's errors."""

@@ -9,6 +9,10 @@ second copy of a task, or a run whose lease was taken over, cannot store a resul
 the job, because a newer claim has bumped ``attempts`` (or cancel moved it out of
 ``running``). Claims and outcomes work on many jobs per statement: a worker's per-job cost
 is a share of a few round trips, not a transaction of its own.
+
+The statements are pcq.repositories' (``jobs``, ``results``: one UPDATE claims many jobs, COPY
+stores the answers); this module decides what they do, with the conditions it passes them
+(``claimable``), and runs them in its caller's transaction.
 """
 
 from __future__ import annotations
@@ -16,27 +20,15 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import (
-    JSON,
-    ColumnElement,
-    Table,
-    and_,
-    bindparam,
-    case,
-    func,
-    insert,
-    or_,
-    select,
-    tuple_,
-    update,
-)
-from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy import ColumnElement, and_, case, or_
 from sqlalchemy.orm import Session
 
-from pcq.db import copy_rows
-from pcq.models import ACTIVE_STATUSES, Attempt, BasisField, Citation, Job, JobStatus, Result, Usage, utcnow
+from pcq.models import Job, JobStatus, utcnow
+from pcq.repositories import jobs as job_rows
+from pcq.repositories import results as result_rows
+from pcq.repositories.jobs import StatusChange
 from pcq.wire import ParsedCompletion, needs_cleaning, storable
 
 if TYPE_CHECKING:  # the API imports this module too, and needs no HTTP client
@@ -209,41 +201,21 @@ def claim_many(
         return Claimed([], [])
     deferred: list[str] = []
     if suspect_room is not None:
-        suspects = list(
-            session.scalars(
-                select(Job.id)
-                .where(Job.id.in_(job_ids), claimable(now), _losses_after_claim() >= SUSPECT_AFTER_LOSSES)
-                .order_by(Job.id)
-            )
+        suspects = job_rows.ids_among(
+            session, job_ids, claimable(now), _losses_after_claim() >= SUSPECT_AFTER_LOSSES
         )
         deferred = suspects[max(suspect_room, 0) :]
         if deferred:
             skip = set(deferred)
             job_ids = [i for i in job_ids if i not in skip]
-    rows = session.execute(
-        update(Job)
-        .where(Job.id.in_(job_ids), claimable(now))
-        .values(
-            status=JobStatus.RUNNING,
-            attempts=Job.attempts + 1,
-            lease_losses=_losses_after_claim(),
-            lease_until=now + timedelta(seconds=lease_seconds),
-            next_attempt_at=None,
-            enqueued_at=None,  # the message is consumed: an expired lease is due at once
-            started_at=func.coalesce(Job.started_at, now),
-            updated_at=now,
-        )
-        .returning(
-            Job.id,
-            Job.tenant_id,
-            Job.batch_id,
-            Job.attempts,
-            Job.attempts_base,
-            Job.lease_losses,
-            Job.request_json,
-        )
-        .execution_options(synchronize_session=False)
-    ).all()
+    rows = job_rows.claim(
+        session,
+        job_ids,
+        claimable=claimable(now),
+        lease_losses=_losses_after_claim(),
+        now=now,
+        lease_until=now + timedelta(seconds=lease_seconds),
+    )
     claimed: list[ClaimedJob] = []
     give_up: list[tuple[ClaimedJob, str, datetime | None, str | None, str | None]] = []
     for row in rows:
@@ -279,13 +251,7 @@ def renew_leases(
     """
     if not claims:
         return 0
-    res = session.execute(
-        update(Job)
-        .where(tuple_(Job.id, Job.attempts).in_(claims), Job.status == JobStatus.RUNNING)
-        .values(lease_until=now + timedelta(seconds=lease_seconds))
-        .execution_options(synchronize_session=False)
-    )
-    return int(res.rowcount)  # type: ignore[attr-defined]
+    return job_rows.renew_leases(session, claims, lease_until=now + timedelta(seconds=lease_seconds))
 
 
 def release(session: Session, claims: list[tuple[str, int]], *, now: datetime) -> int:
@@ -294,49 +260,12 @@ def release(session: Session, claims: list[tuple[str, int]], *, now: datetime) -
     did not die, so the job is not a suspect; its call (if it was made) counts as an attempt."""
     if not claims:
         return 0
-    res = session.execute(
-        update(Job)
-        .where(tuple_(Job.id, Job.attempts).in_(claims), Job.status == JobStatus.RUNNING)
-        .values(
-            status=JobStatus.QUEUED, lease_until=None, next_attempt_at=None, enqueued_at=None, updated_at=now
-        )
-        .execution_options(synchronize_session=False)
-    )
-    return int(res.rowcount)  # type: ignore[attr-defined]
+    return job_rows.release(session, claims, now=now)
 
 
 def unclaim(session: Session, job: ClaimedJob, *, now: datetime, retry_at: datetime) -> bool:
     """Give a claim back unused (no upstream call was made): the attempt does not count."""
-    res = session.execute(
-        update(Job)
-        .where(Job.id == job.id, Job.status == JobStatus.RUNNING, Job.attempts == job.attempt)
-        .values(
-            status=JobStatus.QUEUED,
-            attempts=Job.attempts - 1,
-            lease_until=None,
-            enqueued_at=None,
-            next_attempt_at=retry_at,
-            updated_at=now,
-        )
-        .execution_options(synchronize_session=False)
-    )
-    return bool(res.rowcount == 1)  # type: ignore[attr-defined]
-
-
-_STATUS_UPDATE = (
-    update(Job.__table__)  # type: ignore[arg-type]
-    .where(Job.__table__.c.id == bindparam("b_id"))
-    .values(
-        status=bindparam("b_status"),
-        lease_until=None,
-        next_attempt_at=bindparam("b_next"),
-        enqueued_at=None,
-        error_code=bindparam("b_code"),
-        error=bindparam("b_error"),
-        updated_at=bindparam("b_now"),
-        finished_at=bindparam("b_finished"),
-    )
-)
+    return job_rows.unclaim(session, job.id, job.attempt, now=now, retry_at=retry_at)
 
 
 def _set_status(
@@ -344,34 +273,23 @@ def _set_status(
     changes: list[tuple[ClaimedJob, str, datetime | None, str | None, str | None]],
     now: datetime,
 ) -> None:
-    """Move owned jobs to their new status: (job, status, next_attempt_at, code, error)."""
-    if changes:
-        session.execute(
-            _STATUS_UPDATE,
-            [
-                {
-                    "b_id": job.id,
-                    "b_status": status,
-                    "b_next": nxt,
-                    "b_code": code,
-                    "b_error": storable(error),
-                    "b_now": now,
-                    "b_finished": None if status == JobStatus.QUEUED else now,
-                }
-                for job, status, nxt, code, error in changes
-            ],
-        )
+    """Move owned jobs to their new status: (job, status, next_attempt_at, code, error). A
+    queued job is not finished; any other status finishes it now."""
+    job_rows.set_statuses(
+        session,
+        [
+            StatusChange(
+                job.id, status, nxt, code, storable(error), None if status == JobStatus.QUEUED else now
+            )
+            for job, status, nxt, code, error in changes
+        ],
+        now=now,
+    )
 
 
 def _owned(session: Session, jobs: list[ClaimedJob]) -> set[str]:
-    """Which of these claims still hold their job. Locks the rows (PostgreSQL) until commit;
-    on SQLite the attempts insert before this has already taken the database's write lock."""
-    rows = session.execute(
-        select(Job.id, Job.attempts)
-        .where(Job.id.in_([j.id for j in jobs]), Job.status == JobStatus.RUNNING)
-        .with_for_update()
-    ).all()
-    current = {job_id: attempts for job_id, attempts in rows}
+    """Which of these claims still hold their job (their rows locked until commit)."""
+    current = job_rows.running_attempts(session, [j.id for j in jobs])
     return {j.id for j in jobs if current.get(j.id) == j.attempt}
 
 
@@ -383,7 +301,7 @@ def store_outcomes(session: Session, items: list[Settled], *, max_attempts: int)
     """
     if not items:
         return set()
-    _insert_attempts(session, [i.record.row(i.job.id) for i in items])
+    result_rows.insert_attempts(session, [i.record.row(i.job.id) for i in items])
     owned = _owned(session, [i.job for i in items])
     mine = [i for i in items if i.job.id in owned]
     now = max(i.record.finished_at for i in items)
@@ -406,24 +324,9 @@ def store_outcomes(session: Session, items: list[Settled], *, max_attempts: int)
     return owned
 
 
-def _insert_attempts(session: Session, rows: list[dict[str, Any]]) -> None:
-    """Insert attempt rows, skipping any (job, number) already recorded.
-
-    A number can only repeat if the database lost a committed claim (a failover to a lagging
-    replica); one such row must not fail the other outcomes of the batch.
-    """
-    dialect = session.get_bind().dialect.name
-    if dialect == "postgresql":
-        pg = postgresql.insert(Attempt).on_conflict_do_nothing(index_elements=["job_id", "number"])
-        session.execute(pg, rows)
-    elif dialect == "sqlite":
-        lite = sqlite.insert(Attempt).on_conflict_do_nothing(index_elements=["job_id", "number"])
-        session.execute(lite, rows)
-    else:
-        session.execute(insert(Attempt), rows)
-
-
 def _store_completions(session: Session, items: list[Settled]) -> None:
+    """The rows of the succeeded jobs' answers; those of an answer with characters no column
+    can hold (NUL, unpaired surrogates) cleaned first (pcq.wire.storable)."""
     results: list[dict[str, Any]] = []
     usage: list[dict[str, Any]] = []
     fields: list[dict[str, Any]] = []
@@ -479,21 +382,14 @@ def _store_completions(session: Session, items: list[Settled]) -> None:
                 }
                 for cpos, cite in enumerate(basis.citations)
             )
-    postgres = session.get_bind().dialect.name == "postgresql"
     dirty = {i.job.id for i in items if i.completion is not None and needs_cleaning(i.completion.raw_body)}
-    for model, unclean in ((Result, results), (Usage, usage), (BasisField, fields), (Citation, cites)):
-        if not unclean:
-            continue
-        rows: list[dict[str, Any]] = [storable(r) if r["job_id"] in dirty else r for r in unclean]
-        if postgres:
-            # COPY: the answer rows are most of a worker's writing (13 rows per job here).
-            columns = list(rows[0])
-            json_cols = {c.name for c in model.__table__.columns if isinstance(c.type, JSON)}
-            copy_rows(
-                session, model.__tablename__, columns, [[r[c] for c in columns] for r in rows], json_cols
-            )
-        else:
-            session.execute(insert(cast(Table, model.__table__)), rows)  # Core: cheaper than ORM bulk
+
+    def clean(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        return [storable(r) if r["job_id"] in dirty else r for r in rows] if dirty else rows
+
+    result_rows.insert_answers(
+        session, results=clean(results), usage=clean(usage), basis=clean(fields), citations=clean(cites)
+    )
 
 
 def _int(value: Any) -> int | None:
@@ -523,29 +419,10 @@ def due_for_enqueue(
         unsent = or_(unsent, Job.enqueued_at < lost_before)
     if resend_stale:
         unsent = or_(unsent, Job.enqueued_at < now - timedelta(seconds=requeue_after_seconds))
-    due = and_(claimable(now), unsent)
-    ids = list(
-        session.scalars(
-            select(Job.id).where(due).order_by(Job.id).limit(limit).with_for_update(skip_locked=True)
-        )
-    )
-    if ids:
-        session.execute(
-            update(Job)
-            .where(Job.id.in_(ids))
-            .values(enqueued_at=now)
-            .execution_options(synchronize_session=False)
-        )
-    return ids
+    return job_rows.take_for_enqueue(session, and_(claimable(now), unsent), now=now, limit=limit)
 
 
 def clear_enqueued(session: Session, job_ids: list[str]) -> None:
     """Messages for these jobs could not be sent: let the next sweep send them (1,000 ids a
     statement, however many a batch had)."""
-    for start in range(0, len(job_ids), 1000):
-        session.execute(
-            update(Job)
-            .where(Job.id.in_(job_ids[start : start + 1000]), Job.status.in_(ACTIVE_STATUSES))
-            .values(enqueued_at=None)
-            .execution_options(synchronize_session=False)
-        )
+    job_rows.clear_enqueued(session, job_ids)

@@ -14,7 +14,7 @@ from sqlalchemy import func, select
 from api.app import create_app
 from pcq.db import make_engine, make_session_factory
 from pcq.models import Batch, Job
-from shell.stack import mint_key
+from pcq.tenants import create_key_at
 from tests.conftest import make_settings
 
 REQ = {"model": "lite", "messages": [{"role": "user", "content": "Who founded Parallel?"}]}
@@ -60,7 +60,7 @@ class Api:
 def api(db_url: str) -> Iterator[Api]:
     settings = make_settings(DATABASE_URL=db_url, PCQ_BROKER_URL="memory://", PCQ_MAX_REQUEST_BYTES=65536)
     with TestClient(create_app(settings)) as client:
-        api = Api(client, mint_key(db_url, "acme"), mint_key(db_url, "globex"), db_url)
+        api = Api(client, create_key_at(db_url, "acme"), create_key_at(db_url, "globex"), db_url)
         api.sent_messages()  # kombu's memory transport is shared by the process: start empty
         yield api
 
@@ -303,7 +303,7 @@ def test_openapi_docs_are_served(api: Api) -> None:
 def test_a_batch_over_the_line_limit_answers_413_and_stores_nothing(db_url: str) -> None:
     settings = make_settings(DATABASE_URL=db_url, PCQ_BROKER_URL="memory://", PCQ_MAX_BATCH_LINES=3)
     with TestClient(create_app(settings)) as client:
-        key = mint_key(db_url, "acme")
+        key = create_key_at(db_url, "acme")
         body = _jsonl([{"custom_id": f"c{i}", "body": REQ} for i in range(4)])
         r = client.post(
             "/v1/batches",

@@ -13,9 +13,9 @@ from hypothesis import strategies as st
 
 import api.batch_input as batch_input
 from api.batch_input import JsonBatch, JsonlBatch
+from api.intake import NewJob
 from api.verbatim import MAX_DEPTH
 from pcq.jobs.errors import InvalidInput, PcqError, TooLarge
-from pcq.jobs.intake import NewJob
 
 REQ = {
     "model": "lite",

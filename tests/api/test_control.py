@@ -15,8 +15,8 @@ from api.app import create_app
 from pcq.db import make_engine, make_session_factory, unit_of_work
 from pcq.jobs.lifecycle import AttemptRecord, ClaimedJob
 from pcq.models import Job, Result, utcnow
+from pcq.tenants import create_key_at
 from pcq.wire import ParsedCompletion
-from shell.stack import mint_key
 from tests.api.test_api import REQ, Api
 from tests.conftest import make_settings
 from tests.core import lifecycle_helpers as one
@@ -26,7 +26,7 @@ from tests.core import lifecycle_helpers as one
 def api(db_url: str) -> Iterator[Api]:
     settings = make_settings(DATABASE_URL=db_url, PCQ_BROKER_URL="memory://")
     with TestClient(create_app(settings)) as client:
-        a = Api(client, mint_key(db_url, "acme"), mint_key(db_url, "globex"), db_url)
+        a = Api(client, create_key_at(db_url, "acme"), create_key_at(db_url, "globex"), db_url)
         a.sent_messages()
         yield a
 

@@ -25,7 +25,7 @@ from schemathesis.specs.openapi.definitions import OPENAPI_31_VALIDATOR
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from api.app import create_app
-from shell.stack import mint_key
+from pcq.tenants import create_key_at
 from tests.conftest import make_settings
 
 pytestmark = pytest.mark.realservices
@@ -141,7 +141,7 @@ def key(pg_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterato
     app = _app(pg_url)
     with TestClient(app):
         monkeypatch.setattr(current, "app", app)
-        yield mint_key(pg_url, "acme")  # the database is emptied after each test
+        yield create_key_at(pg_url, "acme")  # the database is emptied after each test
 
 
 # Schema-valid requests the document says are refused, and why: a JSON Schema cannot say them.

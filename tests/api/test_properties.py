@@ -25,7 +25,7 @@ from api.app import create_app
 from api.schemas import BatchLine, JobCreate
 from pcq.db import make_engine, make_session_factory
 from pcq.models import Batch, Job
-from shell.stack import mint_key
+from pcq.tenants import create_key_at
 from tests.conftest import make_settings
 
 pytestmark = pytest.mark.realservices
@@ -134,7 +134,7 @@ def probe(module_pg_url: str) -> Iterator[Probe]:
         PCQ_UPLOAD_TIMEOUT_SECONDS=2,
     )
     with TestClient(create_app(settings_)) as client:
-        p = Probe(client, mint_key(pg_url, "props"), pg_url)
+        p = Probe(client, create_key_at(pg_url, "props"), pg_url)
         yield p
         p.engine.dispose()
 

@@ -23,7 +23,7 @@ from api.tenant_limits import TenantRateLimiter
 from pcq.db import make_engine, make_session_factory, unit_of_work
 from pcq.jobs.errors import TooManyQueued
 from pcq.models import Batch, Job, Tenant
-from shell.stack import mint_key
+from pcq.tenants import create_key_at
 from tests.conftest import make_settings
 
 pytestmark = pytest.mark.realservices
@@ -70,7 +70,7 @@ def db(pg_url: str) -> Iterator[Db]:
 
 @pytest.fixture
 def keys(pg_url: str) -> tuple[str, str]:
-    return mint_key(pg_url, "acme"), mint_key(pg_url, "globex")
+    return create_key_at(pg_url, "acme"), create_key_at(pg_url, "globex")
 
 
 @pytest.fixture

@@ -23,8 +23,9 @@ from fastapi.testclient import TestClient
 
 from api.app import build_resources, create_app
 from api.verbatim import MAX_DEPTH
-from shell.stack import Stack, mint_key, stack_env
+from pcq.tenants import create_key_at
 from tests.conftest import make_settings
+from tests.stack import Stack, stack_env
 
 REQ = {"model": "lite", "messages": [{"role": "user", "content": "Who founded Parallel?"}]}
 LINE = json.dumps({"custom_id": "a", "body": REQ}) + "\n"
@@ -101,7 +102,7 @@ def busy_connections(pg_url: str) -> list[tuple[str, str]]:
 
 @pytest.mark.realservices
 def test_stalled_uploads_hold_no_connection_are_capped_and_get_408(api: Stack, pg_url: str) -> None:
-    acme, globex, initech = (mint_key(pg_url, t) for t in ("acme", "globex", "initech"))
+    acme, globex, initech = (create_key_at(pg_url, t) for t in ("acme", "globex", "initech"))
 
     def post(key: str) -> httpx.Response:
         headers = {"Authorization": f"Bearer {key}", "Content-Type": "application/x-ndjson"}
@@ -166,7 +167,7 @@ def client(db_url: str) -> Iterator[tuple[TestClient, dict[str, str]]]:
         PCQ_MAX_BATCH_LINES=5,
     )
     with TestClient(create_app(settings)) as c:
-        yield c, {"Authorization": f"Bearer {mint_key(db_url, 'acme')}"}
+        yield c, {"Authorization": f"Bearer {create_key_at(db_url, 'acme')}"}
 
 
 def stored(c: TestClient, h: dict[str, str]) -> int:
@@ -232,7 +233,7 @@ def roomy(db_url: str) -> Iterator[tuple[TestClient, dict[str, str]]]:
     """Body limits far above the caps on a request's content, so those caps are what answers."""
     settings = make_settings(DATABASE_URL=db_url, PCQ_BROKER_URL="memory://", PCQ_MAX_REQUEST_BYTES=4 << 20)
     with TestClient(create_app(settings)) as c:
-        yield c, {"Authorization": f"Bearer {mint_key(db_url, 'acme')}"}
+        yield c, {"Authorization": f"Bearer {create_key_at(db_url, 'acme')}"}
 
 
 MANY = {"model": "lite", "messages": [{"role": "user", "content": "x"}] * 1001}

@@ -8,9 +8,9 @@ from datetime import timedelta
 import pytest
 from sqlalchemy import func, select
 
+from api.intake import NewJob, create_job
 from pcq.db import make_engine, make_session_factory, unit_of_work
 from pcq.jobs import lifecycle
-from pcq.jobs.intake import NewJob, create_job
 from pcq.jobs.lifecycle import AttemptRecord
 from pcq.models import Attempt, BasisField, Citation, Job, Result, Usage, utcnow
 from pcq.tenants import create_key

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from shell.stack import Stack, stack_env
+from tests.stack import Stack, stack_env
 
 
 @pytest.fixture(params=["postgres+redis", "sqlite+embedded"])

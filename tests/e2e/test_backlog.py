@@ -16,7 +16,8 @@ from pcq.db import make_engine, make_session_factory
 from pcq.models import Job, utcnow
 from pcq.queue import Enqueuer, make_celery
 from pcq.settings import load_settings
-from shell.stack import Stack, mint_key, stack_env
+from pcq.tenants import create_key_at
+from tests.stack import Stack, stack_env
 
 pytestmark = [pytest.mark.e2e, pytest.mark.realservices]
 
@@ -46,7 +47,7 @@ def test_messages_waiting_their_turn_are_not_sent_again(pg_url: str, redis_url: 
             + "\n"
             for i in range(2500)  # 50 messages: more than the worker's pool reserves (8 x 4)
         )
-        key = mint_key(pg_url, "backlog")
+        key = create_key_at(pg_url, "backlog")
         submitted = utcnow()
         r = httpx.post(
             f"{stack.api_url}/v1/batches",

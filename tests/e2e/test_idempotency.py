@@ -12,7 +12,8 @@ from sqlalchemy import func, select
 
 from pcq.db import make_engine, make_session_factory
 from pcq.models import Job
-from shell.stack import Stack, mint_key, stack_env
+from pcq.tenants import create_key_at
+from tests.stack import Stack, stack_env
 
 pytestmark = [pytest.mark.e2e, pytest.mark.realservices]
 
@@ -35,7 +36,7 @@ def test_twenty_racing_requests_with_one_key_make_one_job_and_one_batch(
     stack = Stack(env, tmp_path)
     try:
         stack.start_api()
-        key = mint_key(pg_url, "race")
+        key = create_key_at(pg_url, "race")
         h = {"Authorization": f"Bearer {key}"}
 
         def post_job(_: int) -> httpx.Response:

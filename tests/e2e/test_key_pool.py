@@ -14,9 +14,10 @@ import pytest
 from sqlalchemy import create_engine, text
 
 from pcq.settings import key_id, normalize_database_url
-from shell.stack import Stack, mint_key, stack_env
+from pcq.tenants import create_key_at
 from tests.audit import audit
 from tests.e2e.test_pipeline import batch_lines, run_batch
+from tests.stack import Stack, stack_env
 
 pytestmark = [pytest.mark.e2e]
 
@@ -61,7 +62,7 @@ def test_calls_split_over_keys_by_quota_and_no_key_is_overrun(
     s = start(env, tmp_path, "--enforce-rpm-by-key-env", "MOCK_QUOTAS")
     stacks.append(s)
     n = 160
-    state = run_batch(s, mint_key(pg_url, "pool"), batch_lines(n), timeout=60)
+    state = run_batch(s, create_key_at(pg_url, "pool"), batch_lines(n), timeout=60)
     assert state["counts"]["succeeded"] == n, s.logs()
     stats = s.mock_stats()
     assert stats["rate_limited_by_enforcer"] == 0
@@ -93,7 +94,7 @@ def test_in_flight_cap_per_key_holds_across_workers(
     s = start(env, tmp_path, "--latency-ms", "250")
     stacks.append(s)
     n = 48
-    state = run_batch(s, mint_key(pg_url, "pool"), batch_lines(n), timeout=60)
+    state = run_batch(s, create_key_at(pg_url, "pool"), batch_lines(n), timeout=60)
     assert state["counts"]["succeeded"] == n, s.logs()
     stats = s.mock_stats()
     assert stats["requests"] == n

@@ -13,8 +13,9 @@ from typing import Any
 import httpx
 import pytest
 
-from shell.stack import Stack, mint_key
+from pcq.tenants import create_key_at
 from tests.audit import audit
+from tests.stack import Stack
 
 pytestmark = [pytest.mark.e2e]
 
@@ -63,7 +64,7 @@ def run_batch(stack: Stack, key: str, body: str, timeout: float = 120) -> dict[s
 
 def test_a_batch_flows_through_and_every_citation_becomes_a_row(stack: tuple[Stack, str]) -> None:
     s, db = stack
-    key = mint_key(db, "e2e")
+    key = create_key_at(db, "e2e")
     n = 40
     state = run_batch(s, key, batch_lines(n))
     assert state["counts"]["succeeded"] == n, s.logs()
@@ -96,7 +97,7 @@ def test_a_batch_flows_through_and_every_citation_becomes_a_row(stack: tuple[Sta
 
 def test_retryable_failures_are_retried_recorded_and_then_succeed(stack: tuple[Stack, str]) -> None:
     s, db = stack
-    key = mint_key(db, "e2e")
+    key = create_key_at(db, "e2e")
     faults = {
         0: "[[mock:status=503,times=2]]",
         1: "[[mock:status=429,times=1,retry_after=1]]",

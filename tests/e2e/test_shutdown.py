@@ -13,8 +13,9 @@ from sqlalchemy import select
 
 from pcq.db import make_engine, make_session_factory
 from pcq.models import Job
-from shell.stack import Stack, mint_key, stack_env
+from pcq.tenants import create_key_at
 from tests.audit import audit
+from tests.stack import Stack, stack_env
 
 pytestmark = [pytest.mark.e2e, pytest.mark.realservices]
 
@@ -29,7 +30,7 @@ def test_sigterm_releases_running_jobs_to_another_worker_without_waiting_for_the
         stack.start_mock("--latency-ms", "20")
         stack.start_api()
         first = stack.start_worker("worker-1")
-        key = mint_key(pg_url, "stop")
+        key = create_key_at(pg_url, "stop")
         lines = "".join(
             json.dumps(
                 {
@@ -103,7 +104,7 @@ def test_jobs_waiting_for_the_quota_stay_unclaimed_and_a_sigterm_is_prompt(
         stack.start_mock("--latency-ms", "20")
         stack.start_api()
         first = stack.start_worker("worker-1")
-        key = mint_key(pg_url, "quota")
+        key = create_key_at(pg_url, "quota")
         lines = "".join(
             json.dumps(
                 {

@@ -15,7 +15,8 @@ from typing import Any
 import httpx
 import pytest
 
-from shell.stack import Stack, mint_key
+from pcq.tenants import create_key_at
+from tests.stack import Stack
 
 pytestmark = [pytest.mark.e2e]
 
@@ -73,7 +74,7 @@ def check(stack: Stack, key: str, job_id: str, tag: str) -> None:
 
 def test_post_jobs_forwards_the_request_verbatim(stack: tuple[Stack, str]) -> None:
     s, db = stack
-    key = mint_key(db, "verbatim")
+    key = create_key_at(db, "verbatim")
     body = f'{{"request": {request_text("via-jobs")}, "metadata": {METADATA}, "custom_id": "v1"}}'
     r = httpx.post(
         f"{s.api_url}/v1/jobs",
@@ -88,7 +89,7 @@ def test_post_jobs_forwards_the_request_verbatim(stack: tuple[Stack, str]) -> No
 @pytest.mark.parametrize("kind", ["jsonl", "json"])
 def test_batches_forward_each_request_verbatim(stack: tuple[Stack, str], kind: str) -> None:
     s, db = stack
-    key = mint_key(db, "verbatim")
+    key = create_key_at(db, "verbatim")
     tags = [f"via-{kind}-{i}" for i in range(3)]
     items = [
         f'{{"custom_id": "{t}", "method": "POST", "body": {request_text(t)}, "metadata": {METADATA}}}'

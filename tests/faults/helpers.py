@@ -31,9 +31,10 @@ from sqlalchemy.pool import NullPool
 from pcq.models import Attempt, Citation, Job, Result, Usage
 from pcq.models.job import TERMINAL_STATUSES
 from pcq.settings import normalize_database_url
+from pcq.tenants import create_key_at
 from shell.procs import free_port
-from shell.stack import Stack, mint_key, stack_env
 from tests.audit import basis_citations_in_raw
+from tests.stack import Stack, stack_env
 
 T = TypeVar("T")
 IN_CI = os.environ.get("CI", "").strip().lower() == "true"
@@ -318,7 +319,7 @@ class Tenant:
 
     @classmethod
     def create(cls, stack: Stack, database_url: str, name: str = "faults") -> Tenant:
-        return cls(stack, mint_key(database_url, name))
+        return cls(stack, create_key_at(database_url, name))
 
     @property
     def headers(self) -> dict[str, str]:

@@ -25,8 +25,9 @@ import pytest
 from sqlalchemy import text
 
 from pcq.db import make_engine
-from shell.stack import Stack, mint_key
+from pcq.tenants import create_key_at
 from tests.faults.helpers import PrivateRedis, fault_env
+from tests.stack import Stack
 
 pytestmark = [pytest.mark.e2e, pytest.mark.realservices]
 
@@ -101,8 +102,8 @@ def test_stalled_uploads_and_large_batches_do_not_hurt_another_tenant(
         stack.start_api()
         api_pid = stack.procs["api"].pid
         port = int(stack.api_url.rsplit(":", 1)[1])
-        hostile = [mint_key(pg_url, f"hostile-{i}") for i in range(STALLS // 4 + BIG_BATCHES)]
-        victim = {"Authorization": f"Bearer {mint_key(pg_url, 'victim')}"}
+        hostile = [create_key_at(pg_url, f"hostile-{i}") for i in range(STALLS // 4 + BIG_BATCHES)]
+        victim = {"Authorization": f"Bearer {create_key_at(pg_url, 'victim')}"}
         body = big_json_batch(BATCH_BYTES - 1024)
         baseline_mb = rss_mb(api_pid)
 

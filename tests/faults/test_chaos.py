@@ -11,7 +11,6 @@ from pathlib import Path
 
 import pytest
 
-from shell.stack import Stack
 from tests.faults.helpers import (
     Db,
     PrivateRedis,
@@ -23,6 +22,7 @@ from tests.faults.helpers import (
     wait_for,
     wait_worker_ready,
 )
+from tests.stack import Stack
 
 pytestmark = [pytest.mark.e2e, pytest.mark.realservices]
 

@@ -15,7 +15,6 @@ import httpx
 import pytest
 
 from migrations.migrate import upgrade_to_head
-from shell.stack import Stack
 from tests.faults.helpers import (
     Db,
     PrivatePostgres,
@@ -29,6 +28,7 @@ from tests.faults.helpers import (
     wait_for,
     wait_worker_ready,
 )
+from tests.stack import Stack
 
 pytestmark = [pytest.mark.e2e, pytest.mark.realservices]
 

@@ -26,7 +26,6 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from pcq.models import Job, utcnow
-from shell.stack import Stack
 from tests.faults.helpers import (
     Db,
     PrivateRedis,
@@ -40,6 +39,7 @@ from tests.faults.helpers import (
     wait_for,
     wait_worker_ready,
 )
+from tests.stack import Stack
 
 pytestmark = [pytest.mark.e2e, pytest.mark.realservices]
 

@@ -13,7 +13,6 @@ from pathlib import Path
 import pytest
 
 from pcq.models.job import TERMINAL_STATUSES
-from shell.stack import Stack
 from tests.faults.helpers import (
     Db,
     PrivateRedis,
@@ -26,6 +25,7 @@ from tests.faults.helpers import (
     wait_for,
     wait_worker_ready,
 )
+from tests.stack import Stack
 
 pytestmark = [pytest.mark.e2e, pytest.mark.realservices]
 

@@ -141,7 +141,7 @@ def _free_port() -> int:
 
 @pytest.mark.e2e
 def test_submit_wait_and_export_against_a_running_stack(tmp_path: Path, sqlite_url: str) -> None:
-    from shell.stack import Stack, stack_env
+    from tests.stack import Stack, stack_env
 
     env = stack_env(sqlite_url, None)
     stack = Stack(env, tmp_path)

@@ -19,11 +19,10 @@ from api.app import create_app
 from pcq.db import make_engine, make_session_factory, unit_of_work
 from pcq.jobs.lifecycle import AttemptRecord
 from pcq.models import utcnow
-from pcq.tenants import list_keys
+from pcq.tenants import create_key_at, list_keys
 from pcq.wire import BasisData, CitationData, ParsedCompletion
 from shell import cli
 from shell.client import PcqClient
-from shell.stack import mint_key
 from tests.conftest import make_settings
 from tests.core import lifecycle_helpers as one
 
@@ -61,7 +60,7 @@ def test_csv_export_writes_formula_cells_as_text(
     custom_ids = [HYPERLINK, "+1", "-2", "@SUM(A1:A9)", "\tx", "\rx", "plain", "ok=fine"]
     settings = make_settings(DATABASE_URL=sqlite_url, PCQ_BROKER_URL="memory://")
     with TestClient(create_app(settings)) as http:
-        key = mint_key(sqlite_url, "acme")
+        key = create_key_at(sqlite_url, "acme")
         body = {"requests": [{"custom_id": c, "body": REQ} for c in custom_ids]}
         r = http.post("/v1/batches", json=body, headers={"Authorization": f"Bearer {key}"})
         assert r.status_code == 202, r.text
@@ -147,8 +146,8 @@ def test_a_key_revoked_through_the_cli_is_refused_by_the_next_request_of_every_a
     """Authentication reads the key's row on every request (nothing cached), so two API
     processes (two apps) both refuse a key from the first request after `pcq keys revoke`."""
     monkeypatch.setenv("DATABASE_URL", db_url)
-    key = mint_key(db_url, "acme")
-    other = mint_key(db_url, "acme")
+    key = create_key_at(db_url, "acme")
+    other = create_key_at(db_url, "acme")
     engine = make_engine(db_url)
     with make_session_factory(engine)() as s:
         key_id = next(k.id for k in list_keys(s) if key.startswith(f"pcq_{k.prefix}_"))

@@ -1,8 +1,8 @@
 """Run the real processes (mock upstream, API, Celery worker) as users run them, through
-``pcq <command>``, and mint a key in their database.
+``pcq <command>`` (shell.procs starts them, as ``pcq standalone`` does).
 
-Shared by the end-to-end tests, the benchmarks and ``pcq standalone``, so all of them drive
-exactly what users run. (The audit of the rows a run wrote is the tests' own: tests/audit.py.)
+Shared by the end-to-end and fault tests and the benchmarks (ops/bench), so all of them drive
+exactly what users run. The audit of the rows a run wrote is tests/audit.py.
 """
 
 from __future__ import annotations
@@ -16,8 +16,6 @@ from typing import Any
 
 import httpx
 
-from pcq.db import make_engine, make_session_factory, unit_of_work
-from pcq.tenants import create_key
 from shell.procs import free_port, spawn, stop, wait_http
 
 
@@ -95,14 +93,3 @@ def stack_env(database_url: str, redis_url: str | None) -> dict[str, str]:
     if redis_url:
         env["REDIS_URL"] = redis_url
     return env
-
-
-def mint_key(url: str, tenant: str, pepper: str = "") -> str:
-    """A new API key for ``tenant`` (created if new) in the database at ``url``."""
-    engine = make_engine(url)
-    try:
-        with unit_of_work(make_session_factory(engine)) as session:
-            _, key = create_key(session, tenant, pepper)
-    finally:
-        engine.dispose()
-    return key

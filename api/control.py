@@ -1,0 +1,48 @@
+"""What a user can do to a job after submitting it: cancel it, or run a failed one again. In the
+caller's transaction (api.service)."""
+
+from __future__ import annotations
+
+from sqlalchemy.orm import Session
+
+from pcq.jobs.errors import Conflict
+from pcq.models import Job, JobStatus, utcnow
+from pcq.repositories import jobs as job_rows
+
+RETRYABLE_BY_USER = (JobStatus.FAILED, JobStatus.CANCELLED)
+
+
+def cancel(session: Session, job: Job) -> Job:
+    """Cancel a queued or running job.
+
+    A queued job never calls the upstream (its claim needs ``queued``). A running call is
+    left to finish, but its outcome is discarded: every worker write is guarded by
+    ``status='running'``, which cancel has changed. Cancelling twice is harmless.
+    """
+    if job.status == JobStatus.CANCELLED:
+        return job
+    changed = job_rows.cancel(session, job.id, now=utcnow())
+    job_rows.reload(session, job)
+    if changed != 1 and job.status != JobStatus.CANCELLED:
+        raise Conflict(f"job {job.id} already {job.status}; only queued or running jobs can be cancelled")
+    return job
+
+
+def requeue(session: Session, job_ids: list[str]) -> list[str]:
+    """Queue failed or cancelled jobs again with a fresh attempt budget; returns those requeued."""
+    if not job_ids:
+        return []
+    return job_rows.requeue(session, job_ids, statuses=RETRYABLE_BY_USER, now=utcnow())
+
+
+def retry(session: Session, job: Job) -> Job:
+    if job.status not in RETRYABLE_BY_USER:
+        raise Conflict(f"job {job.id} is {job.status}; only failed or cancelled jobs can be retried")
+    requeue(session, [job.id])
+    job_rows.reload(session, job)
+    return job
+
+
+def retry_failed(session: Session, batch_id: str) -> list[str]:
+    """Queue the failed jobs of a batch again (only those); returns their ids."""
+    return requeue(session, job_rows.failed_of_batch(session, batch_id))

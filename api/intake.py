@@ -1,0 +1,218 @@
+"""Creating jobs and batches, in the caller's transaction: idempotency per tenant, and a batch
+inserted in chunks as its body is read (COPY on PostgreSQL). The one intake of the API: a job
+of ``POST /v1/jobs``, a batch of ``POST /v1/batches`` whether its body is JSONL or JSON
+(api.batch_input reads both into the same ``NewJob`` items)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any, Protocol
+
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from pcq.jobs.errors import IdempotencyMismatch, InvalidInput
+from pcq.models import Batch, Job, JobStatus, new_id, utcnow
+from pcq.repositories import batches as batch_rows
+from pcq.repositories import jobs as job_rows
+
+# Jobs are inserted in chunks of at most this many, or this many bytes of request and metadata
+# text: what a batch holds in memory at once, beside the line being read.
+CHUNK_JOBS = 2000
+CHUNK_BYTES = 1 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class NewJob:
+    """One validated job, before it has an id.
+
+    ``request_json`` and ``metadata_json`` are the JSON texts the user submitted, kept verbatim
+    (api/verbatim.py); ``model`` and ``stream`` were read from the validated request.
+    """
+
+    request_json: str
+    model: str
+    stream: bool = False
+    custom_id: str | None = None
+    metadata_json: str | None = None
+    webhook_url: str | None = None
+
+    def fingerprint(self) -> str:
+        """Tells a replay from a reuse of an idempotency key: the same texts, the same job."""
+        parts = (self.request_json, self.custom_id, self.metadata_json, self.webhook_url)
+        return hashlib.sha256(json.dumps(parts, ensure_ascii=False).encode()).hexdigest()
+
+
+def _job_row(tenant_id: str, item: NewJob, batch_id: str | None, now: datetime) -> dict[str, Any]:
+    """A new job: queued, no attempt yet, its message about to be sent."""
+    return {
+        "id": new_id("job"),
+        "tenant_id": tenant_id,
+        "batch_id": batch_id,
+        "custom_id": item.custom_id,
+        "request_json": item.request_json,
+        "model": item.model,
+        "stream": item.stream,
+        "metadata_json": item.metadata_json,
+        "webhook_url": item.webhook_url,
+        "status": JobStatus.QUEUED,
+        "attempts": 0,
+        "enqueued_at": now,
+        "created_at": now,
+        "updated_at": now,
+    }
+
+
+def create_job(
+    session: Session, tenant_id: str, item: NewJob, idempotency_key: str | None
+) -> tuple[Job, bool]:
+    """Insert one job; with an idempotency key a replay returns the first job (created=False)."""
+    fingerprint = item.fingerprint()
+    if idempotency_key is not None:
+        existing = job_rows.by_idempotency_key(session, tenant_id, idempotency_key)
+        if existing is not None:
+            return _replayed(existing, fingerprint), False
+    row = _job_row(tenant_id, item, None, utcnow())
+    job = Job(**row, idempotency_key=idempotency_key, request_hash=fingerprint)
+    try:
+        job_rows.add(session, job)
+    except IntegrityError:
+        # Lost a race on the idempotency key. The insert was this transaction's first write,
+        # so rolling it all back loses nothing (no SAVEPOINT: pysqlite's would commit).
+        session.rollback()
+        if idempotency_key is None:
+            raise
+        winner = job_rows.by_idempotency_key(session, tenant_id, idempotency_key)
+        if winner is None:
+            raise
+        return _replayed(winner, fingerprint), False
+    return job, True
+
+
+def _replayed(job: Job, fingerprint: str) -> Job:
+    if job.request_hash != fingerprint:
+        raise IdempotencyMismatch("this Idempotency-Key was already used with a different request body")
+    return job
+
+
+def replayed_batch(session: Session, tenant_id: str, idempotency_key: str, fingerprint: str) -> Batch | None:
+    """The batch first submitted with this key, if any; it must have had the very same body
+    (``fingerprint``: its sha256), else IdempotencyMismatch."""
+    batch = batch_rows.by_idempotency_key(session, tenant_id, idempotency_key)
+    return None if batch is None else _replayed_batch(batch, fingerprint)
+
+
+def _replayed_batch(batch: Batch, fingerprint: str) -> Batch:
+    if batch.request_hash != fingerprint:
+        raise IdempotencyMismatch("this Idempotency-Key was already used with a different batch")
+    return batch
+
+
+class BatchSource(Protocol):
+    """A batch body being read (api.batch_input): its jobs one by one, then its own metadata and
+    webhook URL, known once every job was read (a JSON batch may put them after its requests)."""
+
+    metadata_json: str | None
+    webhook_url: str | None
+
+    def jobs(self) -> Iterator[NewJob]: ...
+
+
+@dataclass
+class StoredBatch:
+    batch: Batch
+    created: bool  # False: a replay, the batch another request stored with this idempotency key
+    total: int = 0
+    # The new jobs' ids, one space-separated string per chunk inserted: a list of 100,000 str
+    # would take three times the memory.
+    id_chunks: list[str] = field(default_factory=list)
+
+    def job_ids(self) -> Iterator[list[str]]:
+        """The new jobs' ids, in lists of at least CHUNK_JOBS (the last may be shorter)."""
+        ids: list[str] = []
+        for text in self.id_chunks:
+            ids += text.split(" ")
+            if len(ids) >= CHUNK_JOBS:
+                yield ids
+                ids = []
+        if ids:
+            yield ids
+
+
+def create_batch(
+    session: Session, tenant_id: str, body: BatchSource, *, idempotency_key: str | None, fingerprint: str
+) -> StoredBatch:
+    """Insert a batch and its jobs as ``body`` yields them, a chunk at a time; ``fingerprint`` is
+    the body's sha256, kept to tell a replay from a reuse of the key.
+
+    The batch row is inserted with the first chunk, so a body refused before then (a bad first
+    request) never begins a transaction. If a racing request took the idempotency key first,
+    nothing is inserted and that request's batch is returned (``created`` False), provided it
+    had this very body."""
+    stored: StoredBatch | None = None
+    for chunk in _in_chunks(body.jobs()):
+        if stored is None:
+            batch, created = _open_batch(session, tenant_id, idempotency_key, fingerprint)
+            stored = StoredBatch(batch, created)
+            if not created:
+                return stored
+        rows = [_job_row(tenant_id, item, stored.batch.id, stored.batch.created_at) for item in chunk]
+        job_rows.insert_many(session, rows)
+        stored.total += len(rows)
+        stored.id_chunks.append(" ".join(r["id"] for r in rows))
+    if stored is None:  # the readers refuse an empty batch; belt and braces
+        raise InvalidInput("the batch has no requests")
+    batch_rows.finish(
+        session,
+        stored.batch,
+        total=stored.total,
+        request_hash=fingerprint,
+        metadata_json=body.metadata_json,
+        webhook_url=body.webhook_url,
+    )
+    return stored
+
+
+def _open_batch(
+    session: Session, tenant_id: str, idempotency_key: str | None, fingerprint: str
+) -> tuple[Batch, bool]:
+    """Insert the batch row (its jobs follow): (batch, True); or, if a racing request took the
+    idempotency key first, (that request's batch, False)."""
+    batch = Batch(
+        id=new_id("bat"),
+        tenant_id=tenant_id,
+        total=0,
+        metadata_json=None,
+        webhook_url=None,
+        idempotency_key=idempotency_key,
+        created_at=utcnow(),
+    )
+    try:
+        batch_rows.add(session, batch)
+    except IntegrityError:
+        if idempotency_key is None:
+            raise
+        # Lost the race; this was the transaction's first write (see create_job).
+        session.rollback()
+        winner = batch_rows.by_idempotency_key(session, tenant_id, idempotency_key)
+        if winner is None:
+            raise
+        return _replayed_batch(winner, fingerprint), False
+    return batch, True
+
+
+def _in_chunks(jobs: Iterator[NewJob]) -> Iterator[list[NewJob]]:
+    chunk: list[NewJob] = []
+    size = 0
+    for job in jobs:
+        chunk.append(job)
+        size += len(job.request_json) + len(job.metadata_json or "")
+        if len(chunk) >= CHUNK_JOBS or size >= CHUNK_BYTES:
+            yield chunk
+            chunk, size = [], 0
+    if chunk:
+        yield chunk

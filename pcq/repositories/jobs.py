@@ -1,0 +1,389 @@
+"""Statements on ``jobs``: intake, reads scoped to a tenant, the user's cancel and retry, the
+tenant's queued-jobs count, and the statements of the job lifecycle (claim, lease, outcome,
+sweep), as pcq.jobs.lifecycle tuned them: one statement for many jobs.
+
+The lifecycle's rules (which jobs are claimable, when a claim counts a lost lease, what an
+outcome does to its job) are pcq.jobs.lifecycle's; it passes them in as SQL conditions and
+values.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Sequence
+from datetime import datetime
+from typing import Any, NamedTuple
+
+from sqlalchemy import (
+    BigInteger,
+    ColumnElement,
+    Row,
+    bindparam,
+    func,
+    insert,
+    literal,
+    select,
+    tuple_,
+    update,
+)
+from sqlalchemy.orm import Session
+
+from pcq.models import ACTIVE_STATUSES, Job, JobStatus
+from pcq.repositories.bulk import copy_rows
+
+# --- intake
+
+
+def by_idempotency_key(session: Session, tenant_id: str, key: str) -> Job | None:
+    return session.scalars(
+        select(Job).where(Job.tenant_id == tenant_id, Job.idempotency_key == key)
+    ).one_or_none()
+
+
+def add(session: Session, job: Job) -> None:
+    """Insert one job now (an IntegrityError is raised here, not at commit)."""
+    session.add(job)
+    session.flush()
+
+
+_COPY_COLUMNS = {  # column -> key of a row given to insert_many
+    "id": "id",
+    "tenant_id": "tenant_id",
+    "batch_id": "batch_id",
+    "custom_id": "custom_id",
+    "request": "request_json",
+    "model": "model",
+    "stream": "stream",
+    "metadata": "metadata_json",
+    "webhook_url": "webhook_url",
+    "status": "status",
+    "attempts": "attempts",
+    "enqueued_at": "enqueued_at",
+    "created_at": "created_at",
+    "updated_at": "updated_at",
+}
+
+
+def insert_many(session: Session, rows: list[dict[str, Any]]) -> None:
+    """Insert jobs given as attribute dicts: COPY on PostgreSQL, INSERTs of 1,000 rows elsewhere.
+
+    COPY is cheaper than INSERT for thousands of rows (10,000 jobs: ~0.49 s instead of
+    ~0.75 s, measured on a loaded 2-core machine), which keeps a large batch's intake inside
+    its time budget."""
+    if session.get_bind().dialect.name == "postgresql":
+        copy_rows(
+            session,
+            "jobs",
+            list(_COPY_COLUMNS),
+            [[row[key] for key in _COPY_COLUMNS.values()] for row in rows],
+            set(),
+        )
+    else:
+        for start in range(0, len(rows), 1000):
+            session.execute(insert(Job), rows[start : start + 1000])
+
+
+# --- reads, scoped to a tenant
+
+
+def get(session: Session, tenant_id: str, job_id: str) -> Job | None:
+    return session.scalars(select(Job).where(Job.id == job_id, Job.tenant_id == tenant_id)).one_or_none()
+
+
+def newest_first(
+    session: Session,
+    tenant_id: str,
+    *,
+    status: str | None,
+    batch_id: str | None,
+    custom_id: str | None,
+    before: str | None,
+    limit: int,
+) -> list[Job]:
+    """The tenant's jobs, newest first, filtered; ``before``: ids below this one."""
+    q = select(Job).where(Job.tenant_id == tenant_id)
+    if status is not None:
+        q = q.where(Job.status == status)
+    if batch_id is not None:
+        q = q.where(Job.batch_id == batch_id)
+    if custom_id is not None:
+        q = q.where(Job.custom_id == custom_id)
+    if before is not None:
+        q = q.where(Job.id < before)
+    return list(session.scalars(q.order_by(Job.id.desc()).limit(limit)))
+
+
+def status_counts(session: Session, batch_id: str) -> list[tuple[str, int]]:
+    """(status, jobs) of a batch, for the statuses it has jobs in."""
+    rows = session.execute(
+        select(Job.status, func.count()).where(Job.batch_id == batch_id).group_by(Job.status)
+    )
+    return [(status, n) for status, n in rows]
+
+
+def of_batch(session: Session, batch_id: str, *, after: str, limit: int) -> list[Job]:
+    """A batch's jobs in submission order, from the first id above ``after``."""
+    return list(
+        session.scalars(
+            select(Job).where(Job.batch_id == batch_id, Job.id > after).order_by(Job.id).limit(limit)
+        )
+    )
+
+
+def failed_of_batch(session: Session, batch_id: str) -> list[str]:
+    return list(
+        session.scalars(select(Job.id).where(Job.batch_id == batch_id, Job.status == JobStatus.FAILED))
+    )
+
+
+def reload(session: Session, job: Job) -> None:
+    """Read the job's row again (after a statement changed it behind the ORM's back)."""
+    session.refresh(job)
+
+
+# --- what a user does to a job
+
+
+def cancel(session: Session, job_id: str, *, now: datetime) -> int:
+    """Cancel the job if it is queued or running; the number of rows changed (0 or 1)."""
+    res = session.execute(
+        update(Job)
+        .where(Job.id == job_id, Job.status.in_(ACTIVE_STATUSES))
+        .values(
+            status=JobStatus.CANCELLED,
+            lease_until=None,
+            next_attempt_at=None,
+            finished_at=now,
+            updated_at=now,
+            error_code="cancelled",
+            error="cancelled by the user",
+        )
+        .execution_options(synchronize_session=False)
+    )
+    return int(res.rowcount)  # type: ignore[attr-defined]
+
+
+def requeue(session: Session, job_ids: list[str], *, statuses: Sequence[str], now: datetime) -> list[str]:
+    """Queue again, with a fresh attempt budget, those of ``job_ids`` in ``statuses`` (their rows
+    locked first); returns their ids."""
+    requeued = list(
+        session.scalars(select(Job.id).where(Job.id.in_(job_ids), Job.status.in_(statuses)).with_for_update())
+    )
+    if requeued:
+        session.execute(
+            update(Job)
+            .where(Job.id.in_(requeued), Job.status.in_(statuses))
+            .values(
+                status=JobStatus.QUEUED,
+                attempts_base=Job.attempts,
+                lease_losses=0,
+                error=None,
+                error_code=None,
+                next_attempt_at=None,
+                lease_until=None,
+                finished_at=None,
+                enqueued_at=now,
+                updated_at=now,
+            )
+            .execution_options(synchronize_session=False)
+        )
+    return requeued
+
+
+# --- a tenant's queued and running jobs (api.tenant_limits.QueueCap)
+
+
+def _lock_key(tenant_id: str) -> int:
+    """A signed 64-bit advisory-lock key for the tenant's queued-jobs count."""
+    digest = hashlib.sha256(f"pcq:queued:{tenant_id}".encode()).digest()
+    return int.from_bytes(digest[:8], "big", signed=True)
+
+
+def lock_active_count(session: Session, tenant_id: str) -> None:
+    """On PostgreSQL, a per-tenant advisory lock held until the transaction ends, so that a
+    concurrent submission of the tenant counts after this one; SQLite serialises writers."""
+    if session.get_bind().dialect.name == "postgresql":
+        session.execute(select(func.pg_advisory_xact_lock(literal(_lock_key(tenant_id), BigInteger))))
+
+
+def count_active(session: Session, tenant_id: str) -> int:
+    """The tenant's queued and running jobs (one index-only range scan of each status)."""
+    query = select(func.count()).select_from(Job)
+    query = query.where(Job.tenant_id == tenant_id, Job.status.in_(ACTIVE_STATUSES))
+    return session.scalar(query) or 0
+
+
+# --- the job lifecycle (pcq.jobs.lifecycle): claims, leases, outcomes, the sweep
+
+
+def ids_among(session: Session, job_ids: list[str], *conditions: Any) -> list[str]:
+    """Those of ``job_ids`` that meet every condition, in id order."""
+    return list(session.scalars(select(Job.id).where(Job.id.in_(job_ids), *conditions).order_by(Job.id)))
+
+
+def claim(
+    session: Session,
+    job_ids: list[str],
+    *,
+    claimable: Any,
+    lease_losses: Any,
+    now: datetime,
+    lease_until: datetime,
+) -> Sequence[Row[str, str, str | None, int, int, int, str]]:
+    """Take those of ``job_ids`` that are ``claimable`` for one more attempt, in one statement;
+    returns (id, tenant_id, batch_id, attempts, attempts_base, lease_losses, request_json) of
+    each job taken."""
+    return session.execute(
+        update(Job)
+        .where(Job.id.in_(job_ids), claimable)
+        .values(
+            status=JobStatus.RUNNING,
+            attempts=Job.attempts + 1,
+            lease_losses=lease_losses,
+            lease_until=lease_until,
+            next_attempt_at=None,
+            enqueued_at=None,  # the message is consumed: an expired lease is due at once
+            started_at=func.coalesce(Job.started_at, now),
+            updated_at=now,
+        )
+        .returning(
+            Job.id,
+            Job.tenant_id,
+            Job.batch_id,
+            Job.attempts,
+            Job.attempts_base,
+            Job.lease_losses,
+            Job.request_json,
+        )
+        .execution_options(synchronize_session=False)
+    ).all()
+
+
+def renew_leases(session: Session, claims: list[tuple[str, int]], *, lease_until: datetime) -> int:
+    """Extend the leases of (job id, attempt) claims that still hold their running job."""
+    res = session.execute(
+        update(Job)
+        .where(tuple_(Job.id, Job.attempts).in_(claims), Job.status == JobStatus.RUNNING)
+        .values(lease_until=lease_until)
+        .execution_options(synchronize_session=False)
+    )
+    return int(res.rowcount)  # type: ignore[attr-defined]
+
+
+def release(session: Session, claims: list[tuple[str, int]], *, now: datetime) -> int:
+    """(job id, attempt) claims back to ``queued``, unsent; returns how many still held theirs."""
+    res = session.execute(
+        update(Job)
+        .where(tuple_(Job.id, Job.attempts).in_(claims), Job.status == JobStatus.RUNNING)
+        .values(
+            status=JobStatus.QUEUED, lease_until=None, next_attempt_at=None, enqueued_at=None, updated_at=now
+        )
+        .execution_options(synchronize_session=False)
+    )
+    return int(res.rowcount)  # type: ignore[attr-defined]
+
+
+def unclaim(session: Session, job_id: str, attempt: int, *, now: datetime, retry_at: datetime) -> bool:
+    """Back to ``queued`` at ``retry_at``, the claim's attempt uncounted, if the claim still holds."""
+    res = session.execute(
+        update(Job)
+        .where(Job.id == job_id, Job.status == JobStatus.RUNNING, Job.attempts == attempt)
+        .values(
+            status=JobStatus.QUEUED,
+            attempts=Job.attempts - 1,
+            lease_until=None,
+            enqueued_at=None,
+            next_attempt_at=retry_at,
+            updated_at=now,
+        )
+        .execution_options(synchronize_session=False)
+    )
+    return bool(res.rowcount == 1)  # type: ignore[attr-defined]
+
+
+class StatusChange(NamedTuple):
+    """One job's new status, as an outcome (or a give-up) sets it."""
+
+    job_id: str
+    status: str
+    next_attempt_at: datetime | None
+    error_code: str | None
+    error: str | None
+    finished_at: datetime | None
+
+
+_STATUS_UPDATE = (
+    update(Job.__table__)  # type: ignore[arg-type]
+    .where(Job.__table__.c.id == bindparam("b_id"))
+    .values(
+        status=bindparam("b_status"),
+        lease_until=None,
+        next_attempt_at=bindparam("b_next"),
+        enqueued_at=None,
+        error_code=bindparam("b_code"),
+        error=bindparam("b_error"),
+        updated_at=bindparam("b_now"),
+        finished_at=bindparam("b_finished"),
+    )
+)
+
+
+def set_statuses(session: Session, changes: list[StatusChange], *, now: datetime) -> None:
+    """Move jobs to their new status, one executemany; the caller holds their claims."""
+    if changes:
+        session.execute(
+            _STATUS_UPDATE,
+            [
+                {
+                    "b_id": c.job_id,
+                    "b_status": c.status,
+                    "b_next": c.next_attempt_at,
+                    "b_code": c.error_code,
+                    "b_error": c.error,
+                    "b_now": now,
+                    "b_finished": c.finished_at,
+                }
+                for c in changes
+            ],
+        )
+
+
+def running_attempts(session: Session, job_ids: list[str]) -> dict[str, int]:
+    """The attempt number of each of these jobs that is running. Locks the rows (PostgreSQL)
+    until commit; on SQLite the attempts insert before this has already taken the database's
+    write lock."""
+    rows = session.execute(
+        select(Job.id, Job.attempts)
+        .where(Job.id.in_(job_ids), Job.status == JobStatus.RUNNING)
+        .with_for_update()
+    ).all()
+    return {job_id: attempts for job_id, attempts in rows}
+
+
+def take_for_enqueue(session: Session, due: ColumnElement[bool], *, now: datetime, limit: int) -> list[str]:
+    """Up to ``limit`` ids of ``due`` jobs, marked as enqueued ``now`` (on PostgreSQL, rows
+    another sweeper is marking are skipped rather than sent twice)."""
+    ids = list(
+        session.scalars(
+            select(Job.id).where(due).order_by(Job.id).limit(limit).with_for_update(skip_locked=True)
+        )
+    )
+    if ids:
+        session.execute(
+            update(Job)
+            .where(Job.id.in_(ids))
+            .values(enqueued_at=now)
+            .execution_options(synchronize_session=False)
+        )
+    return ids
+
+
+def clear_enqueued(session: Session, job_ids: list[str]) -> None:
+    """Mark active jobs unsent (1,000 ids a statement, however many are given)."""
+    for start in range(0, len(job_ids), 1000):
+        session.execute(
+            update(Job)
+            .where(Job.id.in_(job_ids[start : start + 1000]), Job.status.in_(ACTIVE_STATUSES))
+            .values(enqueued_at=None)
+            .execution_options(synchronize_session=False)
+        )
