@@ -1,7 +1,8 @@
 """Process configuration: one pydantic-settings class, read once at process start.
 
-Nothing else in the project reads ``os.environ``. Unknown ``PCQ_*`` variables are an
-error (a typo such as ``PCQ_RATE_LIMT_PER_MINUTE`` must not be silently ignored).
+Nothing else in the project reads ``os.environ``, and this module reads it through
+pydantic-settings' own environment source. Unknown ``PCQ_*`` variables are an error (a typo
+such as ``PCQ_RATE_LIMT_PER_MINUTE`` must not be silently ignored).
 """
 
 from __future__ import annotations
@@ -9,12 +10,14 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 from pydantic import (
+    AliasGenerator,
     BaseModel,
     ConfigDict,
     Field,
@@ -23,7 +26,8 @@ from pydantic import (
     field_validator,
     model_validator,
 )
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import BaseSettings, EnvSettingsSource, NoDecode, SettingsConfigDict
+from pydantic_settings.sources.utils import parse_env_vars
 
 DEFAULT_SQLITE_FILE = "pcq.sqlite3"
 
@@ -85,7 +89,15 @@ def key_id(api_key: str) -> str:
 class Settings(BaseSettings):
     """Every setting of every pcq process. See the README's configuration table."""
 
-    model_config = SettingsConfigDict(extra="forbid", case_sensitive=False, populate_by_name=True)
+    # Each setting is read from PCQ_<NAME> (its validation alias, so that errors and the README
+    # name the variable), except the four that name their own. Not env_prefix: pydantic-settings
+    # applies that only to fields without an alias. Not populate_by_name: it would also read the
+    # bare field names (LOG_LEVEL, API_KEY) from the environment.
+    model_config = SettingsConfigDict(
+        alias_generator=AliasGenerator(validation_alias=lambda name: f"PCQ_{name.upper()}"),
+        case_sensitive=False,
+        extra="forbid",
+    )
 
     database_url: str = Field(
         default=f"sqlite:///{DEFAULT_SQLITE_FILE}",
@@ -100,125 +112,105 @@ class Settings(BaseSettings):
     )
     parallel_api_key: SecretStr | None = Field(default=None, validation_alias="PARALLEL_API_KEY")
     parallel_base_url: str = Field(default="https://api.parallel.ai", validation_alias="PARALLEL_BASE_URL")
-    upstream_keys: list[UpstreamKey] = Field(
+    # NoDecode: the plain `key1,key2` form is not JSON; _parse_keys reads both forms.
+    upstream_keys: Annotated[list[UpstreamKey], NoDecode] = Field(
         default_factory=list,
-        validation_alias="PCQ_UPSTREAM_KEYS",
         description="More upstream keys, each with its own quota: `key1,key2` or a JSON list "
         'like `[{"key":"...","rate_limit_per_minute":1200,"max_in_flight":500}]`.',
     )
 
-    rate_limit_per_minute: int = Field(default=300, ge=1, validation_alias="PCQ_RATE_LIMIT_PER_MINUTE")
-    rate_limit_burst: int = Field(default=5, ge=0, validation_alias="PCQ_RATE_LIMIT_BURST")
-    max_attempts: int = Field(default=5, ge=1, le=50, validation_alias="PCQ_MAX_ATTEMPTS")
-    retry_base_seconds: float = Field(default=1.0, gt=0, validation_alias="PCQ_RETRY_BASE_SECONDS")
-    retry_max_seconds: float = Field(default=60.0, gt=0, validation_alias="PCQ_RETRY_MAX_SECONDS")
+    rate_limit_per_minute: int = Field(default=300, ge=1)
+    rate_limit_burst: int = Field(default=5, ge=0)
+    max_attempts: int = Field(default=5, ge=1, le=50)
+    retry_base_seconds: float = Field(default=1.0, gt=0)
+    retry_max_seconds: float = Field(default=60.0, gt=0)
 
-    connect_timeout_seconds: float = Field(default=10.0, gt=0, validation_alias="PCQ_CONNECT_TIMEOUT_SECONDS")
+    connect_timeout_seconds: float = Field(default=10.0, gt=0)
     read_timeout_seconds: float = Field(
         default=360.0,
         gt=0,
-        validation_alias="PCQ_READ_TIMEOUT_SECONDS",
         description="Longest silence allowed between bytes of an upstream answer.",
     )
     total_timeout_seconds: float = Field(
         default=900.0,
         gt=0,
-        validation_alias="PCQ_TOTAL_TIMEOUT_SECONDS",
         description="Deadline for one upstream call; `core` can take 5 minutes.",
     )
-    max_response_bytes: int = Field(
-        default=16 * 1024 * 1024, ge=1024, validation_alias="PCQ_MAX_RESPONSE_BYTES"
-    )
+    max_response_bytes: int = Field(default=16 * 1024 * 1024, ge=1024)
 
-    lease_seconds: float = Field(default=120.0, gt=0, validation_alias="PCQ_LEASE_SECONDS")
-    sweep_interval_seconds: float = Field(default=2.0, gt=0, validation_alias="PCQ_SWEEP_INTERVAL_SECONDS")
+    lease_seconds: float = Field(default=120.0, gt=0)
+    sweep_interval_seconds: float = Field(default=2.0, gt=0)
     requeue_after_seconds: float = Field(
         default=300.0,
         gt=0,
-        validation_alias="PCQ_REQUEUE_AFTER_SECONDS",
         description="A queued job whose message was sent this long ago is sent again "
         "(once the broker's queue is empty).",
     )
     max_in_flight: int = Field(
         default=2000,
         ge=1,
-        validation_alias="PCQ_MAX_IN_FLIGHT",
         description="Jobs one worker process holds at once (calls and their short token waits).",
     )
     max_in_flight_per_key: int = Field(
         default=0,
         ge=0,
-        validation_alias="PCQ_MAX_IN_FLIGHT_PER_KEY",
         description="Calls in flight on one upstream key across all workers; 0 = no cap.",
     )
     admission_horizon_seconds: float = Field(
         default=10.0,
         gt=0,
-        validation_alias="PCQ_ADMISSION_HORIZON_SECONDS",
         description="A worker claims only jobs the shared limiter can start within this long; "
         "the rest wait in the queue, not in a worker.",
     )
-    worker_concurrency: int = Field(default=8, ge=1, validation_alias="PCQ_WORKER_CONCURRENCY")
-    visibility_timeout_seconds: int = Field(
-        default=3600, ge=60, validation_alias="PCQ_VISIBILITY_TIMEOUT_SECONDS"
-    )
-    queue_name: str = Field(default="pcq", validation_alias="PCQ_QUEUE_NAME")
+    worker_concurrency: int = Field(default=8, ge=1)
+    visibility_timeout_seconds: int = Field(default=3600, ge=60)
+    queue_name: str = "pcq"
     broker_url: str | None = Field(
         default=None,
-        validation_alias="PCQ_BROKER_URL",
         description="Override the Celery broker (default: REDIS_URL, else an SQLite file).",
     )
 
-    max_request_bytes: int = Field(default=1024 * 1024, ge=1024, validation_alias="PCQ_MAX_REQUEST_BYTES")
-    max_batch_bytes: int = Field(default=256 * 1024 * 1024, ge=1024, validation_alias="PCQ_MAX_BATCH_BYTES")
-    max_batch_lines: int = Field(default=100_000, ge=1, validation_alias="PCQ_MAX_BATCH_LINES")
+    max_request_bytes: int = Field(default=1024 * 1024, ge=1024)
+    max_batch_bytes: int = Field(default=256 * 1024 * 1024, ge=1024)
+    max_batch_lines: int = Field(default=100_000, ge=1)
     # Uploads (batch bodies) cannot hold the API's resources: see api/uploads.py.
     upload_timeout_seconds: float = Field(
         default=60.0,
         gt=0,
-        validation_alias="PCQ_UPLOAD_TIMEOUT_SECONDS",
         description="A request body must arrive whole within this long of the first read; "
         "otherwise 408 and the connection is closed.",
     )
     max_uploads_per_tenant: int = Field(
         default=4,
         ge=1,
-        validation_alias="PCQ_MAX_UPLOADS_PER_TENANT",
         description="Batch uploads one tenant may have in progress at once, per API process; 429 beyond.",
     )
     max_uploads: int = Field(
         default=32,
         ge=1,
-        validation_alias="PCQ_MAX_UPLOADS",
         description="Batch uploads in progress at once, all tenants, per API process; 429 beyond.",
     )
     key_pepper: SecretStr = Field(
         default=SecretStr(""),
-        validation_alias="PCQ_KEY_PEPPER",
         description="Optional secret mixed into API-key hashes.",
     )
     api_url: str = Field(
         default="http://127.0.0.1:8000",
-        validation_alias="PCQ_API_URL",
         description="Where `pcq submit` and `pcq export` find the API.",
     )
-    api_key: SecretStr | None = Field(
-        default=None, validation_alias="PCQ_API_KEY", description="Key for `pcq submit`/`export`."
-    )
-    log_level: str = Field(default="INFO", validation_alias="PCQ_LOG_LEVEL")
+    api_key: SecretStr | None = Field(default=None, description="Key for `pcq submit`/`export`.")
+    log_level: str = "INFO"
 
     # Per-tenant limits of the API (api/tenant_limits.py); 0 = off.
     api_rate_limit_per_minute: int = Field(
         default=0,
         ge=0,
-        validation_alias="PCQ_API_RATE_LIMIT_PER_MINUTE",
         description="Authenticated /v1 requests per minute per tenant, shared by every API "
         "process (a burst of one minute's worth, then this rate); beyond it 429. 0 = off.",
     )
     tenant_max_queued: int = Field(
         default=0,
         ge=0,
-        validation_alias="PCQ_TENANT_MAX_QUEUED",
         description="Queued + running jobs a tenant may have; a submission or retry that "
         "would exceed it answers 429 and stores nothing. 0 = off.",
     )
@@ -302,23 +294,34 @@ class Settings(BaseSettings):
         return self.redis_url is None
 
 
-_KNOWN_ENV = {
-    (f.validation_alias if isinstance(f.validation_alias, str) else name).upper()
-    for name, f in Settings.model_fields.items()
-}
+_KNOWN_ENV = {str(f.validation_alias).upper() for f in Settings.model_fields.values()}
 
 
-def load_settings(environ: dict[str, str] | None = None, **overrides: Any) -> Settings:
-    """Build settings from the environment, refusing unknown ``PCQ_`` variables."""
-    env = dict(os.environ if environ is None else environ)
+class _Environment(EnvSettingsSource):
+    """pydantic-settings' reading of environment variables (aliases, case, decoding), from a
+    given mapping: ``os.environ`` in production, a test's own dict in tests."""
+
+    def __init__(self, environ: Mapping[str, str]) -> None:
+        self._environ = environ
+        super().__init__(Settings)
+
+    def _load_env_vars(self) -> Mapping[str, str | None]:
+        return parse_env_vars(
+            self._environ, self.case_sensitive, self.env_ignore_empty, self.env_parse_none_str
+        )
+
+
+def load_settings(environ: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
+    """Build settings from the environment, refusing unknown ``PCQ_`` variables; ``overrides``
+    are by field name."""
+    env = os.environ if environ is None else environ
+    # pydantic-settings ignores variables no field asks for; a typo must not pass unnoticed.
     unknown = sorted(k for k in env if k.upper().startswith("PCQ_") and k.upper() not in _KNOWN_ENV)
     if unknown:
         raise SettingsError(f"unknown setting(s): {', '.join(unknown)}; see the README's table")
-    values: dict[str, Any] = {k: v for k, v in env.items() if k.upper() in _KNOWN_ENV}
-    values.update(overrides)
-    # Values come from the dict, not from pydantic-settings' own environment reading, so
-    # that tests can pass an explicit environment.
     try:
+        values = _Environment(env)()
+        values.update({str(Settings.model_fields[name].validation_alias): v for name, v in overrides.items()})
         settings = Settings.model_validate(values)
         settings.key_pool()  # duplicate keys are a configuration error, found at start
     except ValidationError as exc:

