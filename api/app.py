@@ -14,6 +14,7 @@ from api.routes import batches, citations, health, jobs
 from api.service import Submitter
 from api.tenant_limits import QueueCap, build_rate_limiter
 from api.uploads import UploadSlots
+from api.webhook_urls import WebhookUrlGuard
 from pcq.db import make_engine, make_session_factory
 from pcq.queue import Enqueuer, make_celery
 from pcq.settings import Settings, get_settings
@@ -46,6 +47,7 @@ def build_resources(settings: Settings) -> Resources:
             max_line_bytes=settings.max_request_bytes,
             queue_cap=QueueCap.from_settings(settings),
             uploads=UploadSlots(settings.max_uploads_per_tenant, settings.max_uploads),
+            webhook_urls=WebhookUrlGuard(allow_private=settings.webhook_allow_private),
         ),
         redis=redis_client,
         rate_limiter=build_rate_limiter(settings, redis_client),
@@ -63,6 +65,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             yield
         finally:
             res.db_engine.dispose()
+            res.submitter.webhook_urls.close()
             if res.redis is not None:
                 res.redis.close()
 

@@ -95,6 +95,13 @@ def string_doc(**keywords: JsonValue) -> Callable[[JsonDict], None]:
 # AnyHttpUrl alone documents any URI. The length is checked once normalized (a bare host gains
 # a trailing "/"), as stored.
 WEBHOOK_URL_DOC = string_doc(pattern="^[Hh][Tt][Tt][Pp][Ss]?://", maxLength=MAX_URL_LENGTH)
+# The SSRF guard (api/webhook_urls.py), which no JSON Schema can say.
+WEBHOOK_URL_RULE = (
+    "Refused (422) unless it goes to a public address over http(s): no user name or password; port "
+    "80, 443 or 1024-65535; a host that is no local name (localhost, *.localhost, *.local, *.internal, "
+    "..., a single label), no non-public address (loopback, private, link-local, CGNAT, multicast, "
+    "reserved, ..., in any spelling) and, for a name, resolves to public addresses only."
+)
 
 
 def check_webhook_url(value: AnyHttpUrl | None) -> str | None:
@@ -118,7 +125,7 @@ class JobCreate(BaseModel):
     webhook_url: AnyHttpUrl | None = Field(
         default=None,
         description="http(s) URL told when the job ends (delivery: coming); at most "
-        f"{MAX_URL_LENGTH} characters once normalized (a bare host gains a trailing /).",
+        f"{MAX_URL_LENGTH} characters once normalized (a bare host gains a trailing /). {WEBHOOK_URL_RULE}",
         json_schema_extra=WEBHOOK_URL_DOC,
     )
 
@@ -168,7 +175,11 @@ class BatchCreate(BaseModel):
         description="The batch's requests; custom_id must be unique within it",
     )
     metadata: dict[str, Any] | None = None
-    webhook_url: AnyHttpUrl | None = Field(default=None, json_schema_extra=WEBHOOK_URL_DOC)
+    webhook_url: AnyHttpUrl | None = Field(
+        default=None,
+        description=f"As a job's webhook_url. {WEBHOOK_URL_RULE}",
+        json_schema_extra=WEBHOOK_URL_DOC,
+    )
 
     _meta = field_validator("metadata")(check_metadata)
 

@@ -30,6 +30,7 @@ from api.intake import BatchSource, NewJob
 from api.schemas import JobCreate, check_webhook_url
 from api.tenant_limits import QueueCap
 from api.uploads import Spooled, UploadSlots, spool
+from api.webhook_urls import WebhookUrlGuard
 from pcq.db import SessionFactory, unit_of_work
 from pcq.jobs import lifecycle
 from pcq.jobs.errors import InvalidInput, NotFound
@@ -50,6 +51,8 @@ class Submitter:
     queue_cap: QueueCap = QueueCap()  # PCQ_TENANT_MAX_QUEUED, checked before each commit that queues jobs
     # PCQ_MAX_UPLOADS_PER_TENANT, PCQ_MAX_UPLOADS: batch bodies received or stored at once
     uploads: UploadSlots = field(default_factory=partial(UploadSlots, 4, 32))
+    # The SSRF guard: a webhook_url must reach a public address (off: PCQ_WEBHOOK_ALLOW_PRIVATE)
+    webhook_urls: WebhookUrlGuard = field(default_factory=WebhookUrlGuard)
 
     def submit_job(self, tenant_id: str, body: JobCreate, raw: bytes, idempotency_key: str | None) -> Job:
         """``body`` is ``raw`` validated; the request and metadata are stored as ``raw`` has them."""
@@ -63,6 +66,7 @@ class Submitter:
             metadata_json=text_of(found, "metadata"),
             webhook_url=check_webhook_url(body.webhook_url),
         )
+        self.webhook_urls.check(item.webhook_url)  # a lookup, before any transaction begins
         with unit_of_work(self.sessions) as session:
             job, created = intake.create_job(session, tenant_id, item, idempotency_key)
             self.queue_cap.check(session, tenant_id, int(created))
@@ -107,6 +111,8 @@ class Submitter:
                 stored = intake.create_batch(
                     session, tenant_id, reader, idempotency_key=idempotency_key, fingerprint=body.sha256
                 )
+                if stored.created:  # a JSON batch may name its webhook_url after its requests
+                    self.webhook_urls.check(stored.batch.webhook_url)
                 self.queue_cap.check(session, tenant_id, stored.total)
         for ids in stored.job_ids():
             self._send(ids)

@@ -214,6 +214,12 @@ class Settings(BaseSettings):
         description="Queued + running jobs a tenant may have; a submission or retry that "
         "would exceed it answers 429 and stores nothing. 0 = off.",
     )
+    # The SSRF guard of webhook URLs (pcq/ssrf.py, api/webhook_urls.py); true turns it off.
+    webhook_allow_private: bool = Field(
+        default=False,
+        description="Let webhook URLs reach any address (loopback, private networks, cloud "
+        "metadata, ...): for local use and tests only. Off: a URL must reach public addresses.",
+    )
 
     @field_validator("upstream_keys", mode="before")
     @classmethod

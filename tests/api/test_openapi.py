@@ -150,6 +150,7 @@ DOCUMENTED_REFUSALS = (
     "cursor is not one this API returned",  # the cursor parameter: only a next_cursor we gave
     "it must be unique within the batch",  # POST /v1/batches: custom_id unique within a batch
     "characters once normalized",  # webhook_url: its length is checked as stored
+    "a webhook must go to a public address",  # webhook_url: the SSRF guard (names resolve: tests/fake_dns.py)
 )
 
 

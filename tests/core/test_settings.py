@@ -124,3 +124,10 @@ def test_errors_name_the_variable_without_echoing_the_value() -> None:
 
 def test_overrides_are_by_field_name() -> None:
     assert load_settings({"PCQ_MAX_ATTEMPTS": "3"}, max_attempts=7).max_attempts == 7
+
+
+def test_the_webhook_ssrf_guard_is_on_unless_turned_off() -> None:
+    assert load_settings({}).webhook_allow_private is False
+    assert load_settings({"PCQ_WEBHOOK_ALLOW_PRIVATE": "true"}).webhook_allow_private is True
+    with pytest.raises(SettingsError, match="webhook_allow_private|PCQ_WEBHOOK_ALLOW_PRIVATE"):
+        load_settings({"PCQ_WEBHOOK_ALLOW_PRIVATE": "perhaps"})
