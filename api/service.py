@@ -9,9 +9,10 @@ at the end); they return models and rows, which api.views shapes into responses.
 from __future__ import annotations
 
 import base64
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from functools import partial
+from typing import TypeVar
 
 from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
@@ -40,6 +41,8 @@ from pcq.repositories import batches as batch_rows
 from pcq.repositories import jobs as job_rows
 from pcq.repositories import results as result_rows
 from pcq.repositories.results import Answers
+
+T = TypeVar("T")
 
 
 @dataclass
@@ -191,9 +194,8 @@ def list_jobs(
         before=before,
         limit=limit + 1,
     )
-    more = len(rows) > limit
-    rows = rows[:limit]
-    return rows, encode_cursor(rows[-1].id) if more and rows else None
+    page = rows[:limit]
+    return page, _next_cursor(page, more=len(rows) > limit, key=lambda job: job.id)
 
 
 def batch_counts(session: Session, batch_id: str) -> dict[str, int]:
@@ -252,11 +254,15 @@ def list_citations(
         after=after,
         limit=limit + 1,
     )
-    more = len(rows) > limit
-    out: list[CitationWith] = [
+    page: list[CitationWith] = [
         (c, custom_id, reasoning, confidence) for c, custom_id, reasoning, confidence in rows[:limit]
     ]
-    return out, encode_cursor(out[-1][0].id) if more and out else None
+    return page, _next_cursor(page, more=len(rows) > limit, key=lambda row: row[0].id)
+
+
+def _next_cursor(page: Sequence[T], *, more: bool, key: Callable[[T], str | int]) -> str | None:
+    """The cursor after ``page`` when a row beyond it was read (pages ask for ``limit + 1``)."""
+    return encode_cursor(key(page[-1])) if more and page else None
 
 
 def encode_cursor(value: str | int) -> str:

@@ -1,15 +1,15 @@
 """How much the worker's row writes cost, by insert method: ``python -m ops.bench.inserts``.
 
-The throughput profile puts ~37% of the pcq worker's CPU in one line of
-``pcq.jobs.lifecycle._store_completions``: ``session.execute(insert(Model), rows)`` for the
-results, usage, basis and citation rows (ORM-enabled bulk INSERT; psycopg 3 runs an
-``executemany`` without RETURNING as one pipelined INSERT per row). This compares, on pcq's
+The throughput profile once put ~37% of the pcq worker's CPU in one line that wrote the
+results, usage, basis and citation rows with ``session.execute(insert(Model), rows)``
+(ORM-enabled bulk INSERT; psycopg 3 runs an ``executemany`` without RETURNING as one pipelined
+INSERT per row); that led the worker to COPY. This compares, on pcq's
 own schema in a fresh database, the same rows (1 result + 1 usage + 1 basis field + 10
 citations per job, 200 jobs per transaction, as the writer batches them) written as:
 
-  orm   session.execute(insert(Model), rows)            what pcq does today
+  orm   session.execute(insert(Model), rows)            what pcq did first
   core  connection.execute(insert(Model.__table__), rows)  Core, still one INSERT per row
-  copy  psycopg COPY ... FROM STDIN, one per table      (the API already uses COPY for jobs)
+  copy  psycopg COPY ... FROM STDIN, one per table      what the worker does (insert_answers)
 
 and reports client CPU (this process) and PostgreSQL backend CPU per job.
 """
@@ -30,6 +30,7 @@ from ops.bench.measure import proc_cpu
 from pcq.db import make_engine, make_session_factory
 from pcq.models import BasisField, Batch, Citation, Job, Result, Tenant, Usage
 from pcq.models.base import new_id
+from pcq.repositories import results as result_rows
 from pcq.wire import parse_completion
 
 TABLES: list[tuple[str, type[Any]]] = [
@@ -119,22 +120,14 @@ def write_core(session: Session, rows: dict[str, list[dict[str, Any]]]) -> None:
 
 
 def write_copy(session: Session, rows: dict[str, list[dict[str, Any]]]) -> None:
-    from psycopg.types.json import Jsonb
-
-    raw = session.connection().connection.dbapi_connection
-    assert raw is not None
-    with raw.cursor() as cur:  # type: ignore[attr-defined]
-        for name, _ in TABLES:
-            data = rows[name]
-            if not data:
-                continue
-            cols = list(data[0])
-            json_cols = {"parsed", "details", "excerpts"} & set(cols)
-            with cur.copy(f"COPY {name} ({', '.join(cols)}) FROM STDIN") as copy:
-                for row in data:
-                    copy.write_row(
-                        [Jsonb(row[c]) if c in json_cols and row[c] is not None else row[c] for c in cols]
-                    )
+    """What the worker runs (pcq.repositories.results.insert_answers: COPY on PostgreSQL)."""
+    result_rows.insert_answers(
+        session,
+        results=rows["results"],
+        usage=rows["usage"],
+        basis=rows["basis_fields"],
+        citations=rows["citations"],
+    )
 
 
 METHODS = {"orm": write_orm, "core": write_core, "copy": write_copy}

@@ -75,7 +75,9 @@ class Answers:
 
 
 def answers_of(session: Session, job_ids: Sequence[str]) -> Answers:
-    """Results, usage, basis and citations of many jobs in four queries."""
+    """Results, usage, basis and citations of many jobs in four queries (none for no jobs)."""
+    if not job_ids:
+        return Answers({}, {}, [], [])
     results = {r.job_id: r for r in session.scalars(select(Result).where(Result.job_id.in_(job_ids)))}
     usage = {u.job_id: u for u in session.scalars(select(Usage).where(Usage.job_id.in_(job_ids)))}
     citations = list(
