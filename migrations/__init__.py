@@ -3,6 +3,8 @@ they and the tests share. This package imports the core (``pcq``); the core neve
 
 from __future__ import annotations
 
+from typing import Any
+
 
 def compare_type(
     context: object,  # noqa: ARG001  (signature fixed by Alembic)
@@ -22,3 +24,21 @@ def compare_type(
     if isinstance(inspected_type, JSON) and isinstance(metadata_type, Text):
         return False
     return None  # the default comparison
+
+
+def include_object_on(dialect: str) -> Any:
+    """Alembic's ``include_object`` for a database of this dialect: leaves out an index the
+    models build on another dialect only (``Index.ddl_if(dialect=...)``), which autogenerate
+    would otherwise ask to add."""
+
+    def include_object(
+        obj: object,
+        name: str | None,  # noqa: ARG001  (signature fixed by Alembic)
+        type_: str,
+        reflected: bool,  # noqa: ARG001
+        compare_to: object,  # noqa: ARG001
+    ) -> bool:
+        only_on = getattr(getattr(obj, "_ddl_if", None), "dialect", None)
+        return type_ != "index" or only_on is None or only_on == dialect
+
+    return include_object

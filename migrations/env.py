@@ -5,7 +5,7 @@ from __future__ import annotations
 from alembic import context
 from sqlalchemy import Connection
 
-from migrations import compare_type
+from migrations import compare_type, include_object_on
 from pcq.db import make_engine
 from pcq.models import Base
 from pcq.settings import get_settings
@@ -19,6 +19,7 @@ def _run(connection: Connection) -> None:
         connection=connection,
         target_metadata=target_metadata,
         compare_type=compare_type,
+        include_object=include_object_on(connection.dialect.name),
         render_as_batch=connection.dialect.name == "sqlite",  # ALTER on SQLite needs batch mode
     )
     with context.begin_transaction():

@@ -8,6 +8,9 @@ enforcer, and deterministic per-request fault directives written into the LAST u
     [[mock:status=429,times=2]]      the first 2 requests with this exact content get it
     [[mock:hang]]  [[mock:truncate]]  [[mock:malformed]]  [[mock:null_usage]]  (+ ",times=N")
     [[mock:latency_ms=1500]]  [[mock:retry_after=2]]  [[mock:big_bytes=20000000]]
+    [[mock:long_fields=4000]]        every free-text field of the answer longer than any column:
+                                     a citation URL of that many random characters, a 300-character
+                                     host, and an id, model, finish_reason and confidence of it
 
 Several blocks may appear in one message; ``times`` applies to the block it is in and is
 counted per (hash of the full content, block). Run it with ``pcq mock-upstream`` (see
@@ -82,6 +85,7 @@ class _Directives:
     latency_ms: float | None = None
     retry_after: float | None = None
     big_bytes: int | None = None
+    long_fields: int | None = None
 
 
 @dataclass
@@ -177,6 +181,8 @@ def _apply_block(d: _Directives, items: dict[str, str]) -> None:
             d.retry_after = float(value)
         elif key == "big_bytes":
             d.big_bytes = int(value)
+        elif key == "long_fields":
+            d.long_fields = int(value)
         else:
             log.warning("ignoring unknown mock directive key %r", key)
 
@@ -610,12 +616,37 @@ def _completion(st: _State, payload: JSON, last_user: str, d: _Directives) -> JS
     basis = _basis(model, out_fields, topic, st.config.citations_per_field)
     if basis or _h("speed-basis", topic) % 2:  # speed: sometimes `basis: []`, sometimes absent
         completion["basis"] = basis
+    if d.long_fields is not None:
+        _lengthen(completion, d.long_fields)
     if d.null_usage:  # both legal forms: null and missing
         if st.rng.random() < 0.5:
             completion["usage"] = None
         else:
             del completion["usage"]
     return completion
+
+
+def _noise(n: int) -> str:
+    """``n`` hex digits that do not compress (PostgreSQL compresses long index entries)."""
+    digits = "".join(hashlib.sha256(str(i).encode()).hexdigest() for i in range(n // 64 + 1))
+    return digits[:n]
+
+
+def _lengthen(completion: JSON, n: int) -> None:
+    """[[mock:long_fields=N]]: strings longer than a store would expect, all legal JSON."""
+    completion["id"] += "i" * n
+    completion["model"] += "-" + "m" * n
+    completion["choices"][0]["finish_reason"] = "stop" + "f" * n
+    host = ".".join(["a" * 60] * 5)  # 304 characters: more than any real hostname
+    basis = completion.setdefault("basis", [])
+    if not basis:
+        basis.append({"field": "content", "reasoning": "long fields", "citations": []})
+    basis[0]["confidence"] = "c" * n
+    basis[0]["citations"] = [
+        {"url": "https://example.com/" + _noise(n), "title": "t" * n, "excerpts": ["e" * n]},
+        {"url": f"https://{host}/page", "title": None, "excerpts": None},
+        *basis[0]["citations"],
+    ]
 
 
 async def _handle(request: web.Request, st: _State, rid: str) -> web.StreamResponse:

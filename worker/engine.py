@@ -22,18 +22,19 @@ import functools
 import logging
 import tempfile
 import threading
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any, TypeVar
 
 from redis.exceptions import RedisError
+from sqlalchemy.exc import DataError, DBAPIError, IntegrityError, ProgrammingError
 from sqlalchemy.orm import Session
 from tenacity import (
     AsyncRetrying,
     RetryCallState,
-    retry_if_exception_type,
+    retry_if_exception,
     stop_after_attempt,
     wait_chain,
     wait_fixed,
@@ -57,6 +58,45 @@ WRITE_BATCH = 200  # outcomes per transaction at most
 WRITE_LINGER = 0.01  # seconds a small batch waits for company
 SWEEP_CHUNK = 1000  # jobs one sweep query sends at most
 RECOVERY_CHUNKS = 50  # after a broker loss, chunks one sweep sends before the next sweep goes on
+# SQLSTATE classes of a statement the database refuses whatever the retry: data exception (a
+# value a column cannot hold), integrity violation, syntax or access, program limit exceeded
+# (an index entry over 2,704 bytes). A restart, a lost connection or a deadlock is none of these.
+REFUSED_SQLSTATE_CLASSES = frozenset({"22", "23", "42", "54"})
+
+
+def refused(exc: BaseException) -> bool:
+    """Whether a database error is one a retry cannot mend: SQLAlchemy's, or the driver's own
+    (the answers go in by COPY, straight through psycopg)."""
+    sqlstate = getattr(exc.orig if isinstance(exc, DBAPIError) else exc, "sqlstate", None)
+    if isinstance(sqlstate, str):  # PostgreSQL
+        return sqlstate[:2] in REFUSED_SQLSTATE_CLASSES
+    return isinstance(exc, (DataError, IntegrityError, ProgrammingError))  # SQLite
+
+
+async def store_apart(
+    store: Callable[[list[Settled]], Awaitable[set[str]]], items: list[Settled]
+) -> set[str]:
+    """Store ``items`` in one transaction; if the database refuses it, in halves, and so on, so
+    that one outcome no column can hold costs its own job only, not the 199 written with it.
+    An outcome refused alone is stored as a failure of its job (``unstorable``): its call is
+    not made again, and its attempt is on record. Returns the ids stored, as ``store`` does."""
+    try:
+        return await store(items)
+    except Exception as exc:
+        if not refused(exc):
+            raise
+        if len(items) > 1:
+            half = len(items) // 2
+            return await store_apart(store, items[:half]) | await store_apart(store, items[half:])
+        item = items[0]
+        if item.completion is None and item.code == "unstorable":
+            raise  # even the failure cannot be stored: the lease expires and the job runs again
+        log.error(
+            "job %s: the database refused its outcome (%s); failing it", item.job.id, type(exc).__name__
+        )
+        error = f"the answer could not be stored: the database refused it ({type(exc).__name__})"
+        failed = Settled(item.job, item.record, code="unstorable", error=error)
+        return await store_apart(store, [failed])
 
 
 def heartbeat_path(settings: Settings) -> Path:
@@ -212,7 +252,7 @@ class Engine:
         retrying = AsyncRetrying(
             stop=stop_after_attempt(len(DB_RETRY_SECONDS) + 1),
             wait=wait_chain(*(wait_fixed(d) for d in DB_RETRY_SECONDS)),
-            retry=retry_if_exception_type(Exception),
+            retry=retry_if_exception(lambda exc: not refused(exc)),
             before_sleep=log_retry,
             reraise=True,
         )
@@ -382,12 +422,7 @@ class Engine:
                 batch.append(self._outbox.get_nowait())
             items = [item for item, _ in batch]
             try:
-                owned = await self._retrying_db(
-                    lambda db, items=items: lifecycle.store_outcomes(  # type: ignore[misc]
-                        db, items, max_attempts=self.settings.max_attempts
-                    ),
-                    what=f"storing {len(items)} outcome(s)",
-                )
+                owned = await store_apart(self._store, items)
                 lost = [i.job.id for i in items if i.job.id not in owned]
                 if lost:
                     log.info("%d outcome(s) discarded: claim lost (taken over or cancelled)", len(lost))
@@ -398,6 +433,12 @@ class Engine:
                 for _, done in batch:
                     if not done.done():
                         done.set_exception(exc)
+
+    async def _store(self, items: list[Settled]) -> set[str]:
+        return await self._retrying_db(
+            lambda db: lifecycle.store_outcomes(db, items, max_attempts=self.settings.max_attempts),
+            what=f"storing {len(items)} outcome(s)",
+        )
 
     # -- background duties -------------------------------------------------------------
     async def _sweep_forever(self) -> None:

@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 from sqlalchemy import ColumnElement, and_, case, or_
 from sqlalchemy.orm import Session
 
-from pcq.models import Job, JobStatus, utcnow
+from pcq.models import BasisField, Citation, Job, JobStatus, Result, utcnow
 from pcq.repositories import jobs as job_rows
 from pcq.repositories import results as result_rows
 from pcq.repositories.jobs import StatusChange
@@ -341,9 +341,9 @@ def _store_completions(session: Session, items: list[Settled]) -> None:
                 "raw_body": c.raw_body,
                 "content": c.content,
                 "parsed": c.parsed,
-                "model": c.model,
-                "finish_reason": c.finish_reason,
-                "upstream_id": c.upstream_id,
+                "model": _fit(c.model, Result.model),
+                "finish_reason": _fit(c.finish_reason, Result.finish_reason),
+                "upstream_id": _fit(c.upstream_id, Result.upstream_id),
                 "created_at": i.record.finished_at,
             }
         )
@@ -364,7 +364,7 @@ def _store_completions(session: Session, items: list[Settled]) -> None:
                     "position": pos,
                     "field": basis.field,
                     "reasoning": basis.reasoning,
-                    "confidence": basis.confidence,
+                    "confidence": _fit(basis.confidence, BasisField.confidence),
                 }
             )
             cites.extend(
@@ -376,7 +376,7 @@ def _store_completions(session: Session, items: list[Settled]) -> None:
                     "field_position": pos,
                     "position": cpos,
                     "url": cite.url,
-                    "domain": cite.domain,
+                    "domain": _fit(cite.domain, Citation.domain),
                     "title": cite.title,
                     "excerpts": cite.excerpts,
                 }
@@ -390,6 +390,13 @@ def _store_completions(session: Session, items: list[Settled]) -> None:
     result_rows.insert_answers(
         session, results=clean(results), usage=clean(usage), basis=clean(fields), citations=clean(cites)
     )
+
+
+def _fit(value: str | None, column: Any) -> str | None:
+    """An upstream string cut to its column's width: PostgreSQL refuses a longer one, and one
+    refused row fails the whole write batch. The raw body keeps the string whole."""
+    width: int = column.type.length
+    return value[:width] if value is not None and len(value) > width else value
 
 
 def _int(value: Any) -> int | None:

@@ -5,7 +5,17 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import ForeignKey, ForeignKeyConstraint, Index, Integer, String, Text, UniqueConstraint
+from sqlalchemy import (
+    ForeignKey,
+    ForeignKeyConstraint,
+    Index,
+    Integer,
+    String,
+    Text,
+    UniqueConstraint,
+    func,
+    text,
+)
 from sqlalchemy.orm import Mapped, mapped_column
 
 from pcq.models.base import Base, BigIntPK, JSONType, UTCDateTime, utcnow
@@ -64,7 +74,13 @@ class Citation(Base):
         ),
         Index("ix_citations_job_field_position", "job_id", "field_position", "position", unique=True),
         Index("ix_citations_tenant_domain", "tenant_id", "domain", "id"),
-        Index("ix_citations_tenant_url", "tenant_id", "url", "id"),
+        # By URL: PostgreSQL indexes the URL's md5, because a btree entry holds at most 2,704
+        # bytes and a URL may be longer (one such row failed its whole write batch). SQLite
+        # has no such limit and no md5(), so it indexes the URL itself.
+        Index("ix_citations_tenant_url", "tenant_id", "url", "id").ddl_if(dialect="sqlite"),
+        Index("ix_citations_tenant_url_md5", "tenant_id", func.md5(text("url")), "id").ddl_if(
+            dialect="postgresql"
+        ),
         Index("ix_citations_tenant_batch", "tenant_id", "batch_id", "id"),
     )
 
