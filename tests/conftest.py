@@ -23,7 +23,9 @@ from mock_upstream import MockConfig, create_app
 from pcq.settings import Settings, load_settings
 
 PG_ADMIN_DSN = os.environ.get("TEST_PG_ADMIN_DSN", "postgresql://postgres@127.0.0.1:5432/postgres")
-REDIS_TEST_URL = "redis://127.0.0.1:6379/14"
+# db 14 belongs to pcq's tests; TEST_REDIS_URL moves a second test run (another checkout running
+# at the same time) to a db of its own, since every test empties its db when it ends.
+REDIS_TEST_URL = os.environ.get("TEST_REDIS_URL", "redis://127.0.0.1:6379/14")
 
 
 def _unavailable(reason: str) -> None:

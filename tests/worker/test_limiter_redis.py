@@ -30,7 +30,7 @@ from pcq.settings import key_id
 from tests import conftest
 from worker.limiter import window_safe
 
-REDIS_URL = "redis://127.0.0.1:6379/14"
+REDIS_URL = conftest.REDIS_TEST_URL
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
