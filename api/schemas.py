@@ -4,24 +4,22 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
-from datetime import datetime
-from typing import Annotated, Any, Literal, get_args
+from typing import Annotated, Any, Literal
 
 from fastapi import Header
 from pydantic import AfterValidator, AnyHttpUrl, BaseModel, ConfigDict, Field, field_validator
 from pydantic.config import JsonDict, JsonValue
 
 from pcq.jobs.errors import InvalidInput
-from pcq.models import BatchStatus, JobStatus
-from pcq.wire import KNOWN_MODELS, ChatCompletionRequest
+from pcq.models import JobStatus
+from pcq.views import BasisOut, BatchOut, CitationOut, JobOut, ResultOut, Usage
+from pcq.wire import ChatCompletionRequest
+
+__all__ = ["BasisOut", "BatchOut", "CitationOut", "JobOut", "ResultOut", "Usage"]  # shown here too
 
 MAX_METADATA_BYTES = 16 * 1024
 MAX_URL_LENGTH = 2048
 NO_NUL = r"^[^\x00]*$"  # a JSON Schema pattern: no NUL character
-
-# Declared as enums in OpenAPI; the stored values stay plain strings.
-Model = Literal["speed", "lite", "base", "core"]
-assert get_args(Model) == KNOWN_MODELS
 
 
 def storable(value: str) -> str:
@@ -182,67 +180,6 @@ class BatchCreate(BaseModel):
     )
 
     _meta = field_validator("metadata")(check_metadata)
-
-
-class Usage(BaseModel):
-    prompt_tokens: int | None
-    completion_tokens: int | None
-    total_tokens: int | None
-
-
-class CitationOut(BaseModel):
-    url: str
-    title: str | None
-    excerpts: list[str] | None
-
-
-class BasisOut(BaseModel):
-    field: str
-    reasoning: str | None
-    confidence: str | None
-    citations: list[CitationOut]
-
-
-class ResultOut(BaseModel):
-    content: str | None
-    parsed: Any | None
-    model: str | None
-    finish_reason: str | None
-    usage: Usage | None
-    basis: list[BasisOut]
-
-
-class JobOut(BaseModel):
-    id: str
-    object: str = "job"
-    status: JobStatus
-    custom_id: str | None
-    batch_id: str | None
-    metadata: dict[str, Any] | None
-    model: Model
-    attempts: int
-    webhook_url: str | None
-    created_at: datetime
-    updated_at: datetime
-    started_at: datetime | None
-    finished_at: datetime | None
-    next_attempt_at: datetime | None
-    error: str | None = Field(description="A safe summary of why the job failed (or last retry)")
-    error_code: str | None
-    result: ResultOut | None = None
-
-
-class BatchOut(BaseModel):
-    id: str
-    object: str = "batch"
-    status: BatchStatus = Field(description="completed once every job ended; queued while all are queued")
-    total: int
-    counts: dict[str, int]
-    done: bool
-    metadata: dict[str, Any] | None
-    webhook_url: str | None
-    created_at: datetime
-    retried: int | None = Field(default=None, description="Jobs requeued by retry-failed")
 
 
 class CitationRow(BaseModel):
