@@ -13,6 +13,7 @@ from pcq.models.job import (
 )
 from pcq.models.result import BasisField, Citation, Result, Usage
 from pcq.models.tenant import ApiKey, Tenant
+from pcq.models.webhook import WebhookSecret
 
 __all__ = [
     "ACTIVE_STATUSES",
@@ -30,6 +31,7 @@ __all__ = [
     "Result",
     "Tenant",
     "Usage",
+    "WebhookSecret",
     "new_id",
     "utcnow",
 ]
