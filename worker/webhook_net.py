@@ -233,7 +233,7 @@ class WebhookPoster:
             return
         try:
             userinfo = target.raw_user is not None or target.raw_password is not None
-            ssrf.vet_target(scheme, host, target.explicit_port, userinfo=userinfo)
+            ssrf.vet_target(scheme, host, target.port, userinfo=userinfo)
         except ssrf.NotPublic as exc:
             raise Refused(exc) from None
 
