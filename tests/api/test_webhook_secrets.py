@@ -121,6 +121,29 @@ def test_the_grace_period_is_the_setting(db_url: str) -> None:
         assert api.signing(api.key) == [new]
 
 
+def test_rotate_with_expire_previous_leaves_only_the_new_secret_signing(api: Api) -> None:
+    first = api.secret()
+    second = api.rotate()
+    assert api.signing(api.key) == [second, first]
+    r = api.client.post("/v1/webhooks/secret/rotate?expire_previous=true", headers=api.h())
+    assert r.status_code == 200, r.text
+    third = r.json()["secret"]
+    assert api.signing(api.key) == [third]
+    headers = signed_headers([third], "evt_1", int(time.time()), BODY)
+    for old in (first, second):
+        with pytest.raises(WebhookVerificationError):
+            Webhook(old).verify(BODY, headers)
+
+
+@pytest.mark.parametrize("query", ["expire_previous=perhaps", "expire_previous=true&expire_previous=false"])
+def test_rotate_refuses_a_bad_expire_previous_and_rotates_nothing(api: Api, query: str) -> None:
+    secret = api.secret()
+    r = api.client.post(f"/v1/webhooks/secret/rotate?{query}", headers=api.h())
+    assert r.status_code == 422
+    assert r.json()["error"] == "invalid_request"
+    assert api.secret() == secret
+
+
 def test_each_tenant_has_its_own_secret(api: Api) -> None:
     mine = api.secret()
     theirs = api.secret(api.other_key)
@@ -161,3 +184,5 @@ def test_the_routes_are_documented(api: Api) -> None:
         assert op["responses"]["200"]["content"]["application/json"]["schema"] == {
             "$ref": "#/components/schemas/WebhookSecretOut"
         }
+    assert "422" in rotate["responses"]
+    assert [p["name"] for p in rotate["parameters"]] == ["expire_previous"]
