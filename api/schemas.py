@@ -223,6 +223,17 @@ class ExportLine(BaseModel):
     error_code: str | None = None
 
 
+class WebhookSecretOut(BaseModel):
+    """The tenant's current webhook signing secret (Standard Webhooks)."""
+
+    secret: str = Field(
+        pattern=r"^whsec_[A-Za-z0-9+/]{43}=$",
+        description="`whsec_` + base64 of 32 random bytes. Verify deliveries with it (for example "
+        "`standardwebhooks.Webhook(secret).verify(body, headers)`): `webhook-signature` holds one "
+        "`v1,<base64 HMAC-SHA256>` of `{webhook-id}.{webhook-timestamp}.{body}` per signing secret.",
+    )
+
+
 class Health(BaseModel):
     status: Literal["ok"]
 

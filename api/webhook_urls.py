@@ -10,9 +10,9 @@ resolves to any address that is not public. Names are resolved with the system's
 
 A lookup that times out or fails for a while (``EAI_AGAIN``: the resolver, not the name, is in
 trouble) lets the URL through, with a warning: the client's input may be fine, and every
-delivery will resolve the name again and refuse a non-public address (the sender of webhooks,
-to come), so a URL stored here is never trusted. This check tells a client early; the delivery's is the one
-that protects.
+delivery resolves the name again and refuses a non-public address (worker/webhook_net.py),
+so a URL stored here is never trusted. This check tells a client early; the delivery's is the
+one that protects.
 """
 
 from __future__ import annotations

@@ -220,6 +220,21 @@ class Settings(BaseSettings):
         description="Let webhook URLs reach any address (loopback, private networks, cloud "
         "metadata, ...): for local use and tests only. Off: a URL must reach public addresses.",
     )
+    # Signed webhooks (pcq/webhooks.py, pcq/repositories/webhooks.py, worker/webhook_net.py).
+    webhook_secret_grace_seconds: int = Field(
+        default=86400,
+        ge=0,
+        le=30 * 86400,
+        description="After POST /v1/webhooks/secret/rotate, the replaced secret keeps signing "
+        "(a second v1 entry) this long, so receivers can switch keys without dropping events.",
+    )
+    webhook_timeout_seconds: float = Field(
+        default=15.0,
+        gt=0,
+        le=300,
+        description="Deadline of one webhook delivery attempt: lookup, connect, send and the "
+        "answer's first 64 KiB.",
+    )
 
     @field_validator("upstream_keys", mode="before")
     @classmethod

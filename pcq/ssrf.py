@@ -3,7 +3,7 @@ hosts and ports a webhook may name.
 
 Pure: no lookups, no connections. The edges resolve names and ask ``vet_addresses``: the API
 once at submission (api/webhook_urls.py), the worker once per delivery, connecting only to the
-addresses vetted (the sender of webhooks, to come). ``PCQ_WEBHOOK_ALLOW_PRIVATE=true`` turns both off;
+addresses vetted (worker/webhook_net.py). ``PCQ_WEBHOOK_ALLOW_PRIVATE=true`` turns both off;
 this module knows nothing of it.
 
 An address is public when no special-purpose range of IANA's registries holds it. The ranges

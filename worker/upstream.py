@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import email.utils
 import json
+import math
 import re
 import time
 from collections.abc import Mapping, Sequence
@@ -34,23 +35,28 @@ RAW_ERROR_CHARS = 4000  # an upstream error body is kept (redacted) up to this m
 _SECRETISH = re.compile(r"(?i)(bearer\s+|x-api-key[\"':\s]+)?\b(sk|pcq|key)[-_][A-Za-z0-9_\-]{8,}")
 
 
-def parse_retry_after(headers: Mapping[str, str], now: float | None = None) -> float | None:
-    """Seconds to wait from ``retry-after-ms`` or ``Retry-After`` (seconds or HTTP date)."""
+def parse_retry_after(
+    headers: Mapping[str, str], now: float | None = None, *, cap: float = MAX_RETRY_AFTER_SECONDS
+) -> float | None:
+    """Seconds to wait from ``retry-after-ms`` or ``Retry-After`` (seconds or HTTP date), at
+    most ``cap``."""
     ms = headers.get("retry-after-ms")
     if ms:
         try:
             value = float(ms) / 1000.0
-            if value >= 0:
-                return min(value, MAX_RETRY_AFTER_SECONDS)
+            if value >= 0:  # False for NaN
+                return min(value, cap)
         except ValueError:
             pass
     ra = headers.get("retry-after")
     if not ra:
         return None
     try:
-        return min(max(float(ra), 0.0), MAX_RETRY_AFTER_SECONDS)
+        seconds = float(ra)
     except ValueError:
         pass
+    else:
+        return None if math.isnan(seconds) else min(max(seconds, 0.0), cap)
     try:
         when = email.utils.parsedate_to_datetime(ra)
     except (TypeError, ValueError):
@@ -58,7 +64,7 @@ def parse_retry_after(headers: Mapping[str, str], now: float | None = None) -> f
     if when.tzinfo is None:
         when = when.replace(tzinfo=UTC)
     delta = when.timestamp() - (time.time() if now is None else now)
-    return min(max(delta, 0.0), MAX_RETRY_AFTER_SECONDS)
+    return min(max(delta, 0.0), cap)
 
 
 def redact(text: str, secrets: Sequence[str]) -> str:

@@ -11,8 +11,9 @@ write; their caller commits.
 Rotation retires the current secret at ``now + grace`` and inserts the new one; secrets whose
 grace has not ended keep signing, newest first after the current one, at most
 ``MAX_SECRETS_IN_GRACE`` of them (a rotation beyond that ends the oldest one's grace at once:
-the header of a delivery, and the HMACs computed for it, stay bounded). Rows past their grace
-are deleted by the tenant's next rotation. The secrets are returned, never logged.
+the header of a delivery, and the HMACs computed for it, stay bounded); a rotation with no
+grace stops every earlier secret at once. Rows past their grace are deleted by the tenant's
+next rotation. The secrets are returned, never logged.
 """
 
 from __future__ import annotations
@@ -69,8 +70,9 @@ def current_secret(session: Session, tenant_id: str, *, now: datetime) -> str:
 
 def rotate_secret(session: Session, tenant_id: str, *, now: datetime, grace_seconds: float) -> str:
     """Make a new current secret and return it; the one it replaces keeps signing until
-    ``now + grace_seconds`` (0: it stops at once). Two rotations at once are two rotations:
-    the later retires the earlier's new secret in turn."""
+    ``now + grace_seconds``. With no grace (0) every earlier secret stops at once, those still
+    in an earlier rotation's grace too: only the new one signs (a secret that leaked). Two
+    rotations at once are two rotations: the later retires the earlier's new secret in turn."""
     session.execute(
         delete(WebhookSecret).where(WebhookSecret.tenant_id == tenant_id, WebhookSecret.retired_at <= now)
     )
@@ -91,17 +93,18 @@ def rotate_secret(session: Session, tenant_id: str, *, now: datetime, grace_seco
             break
     else:
         raise RuntimeError("could not rotate the webhook secret: concurrent rotations kept winning")
-    _trim_grace(session, tenant_id, now)
+    _trim_grace(session, tenant_id, now, keep=MAX_SECRETS_IN_GRACE if grace_seconds > 0 else 0)
     return secret
 
 
-def _trim_grace(session: Session, tenant_id: str, now: datetime) -> None:
-    """End the grace of the oldest secrets beyond ``MAX_SECRETS_IN_GRACE`` (they stop now)."""
+def _trim_grace(session: Session, tenant_id: str, now: datetime, *, keep: int) -> None:
+    """End the grace of the secrets in grace beyond the ``keep`` most recently retired (they
+    stop now)."""
     beyond = session.scalars(
         select(WebhookSecret.id)
         .where(WebhookSecret.tenant_id == tenant_id, WebhookSecret.retired_at > now)
         .order_by(WebhookSecret.retired_at.desc(), WebhookSecret.id.desc())
-        .offset(MAX_SECRETS_IN_GRACE)
+        .offset(keep)
     ).all()
     if beyond:
         session.execute(

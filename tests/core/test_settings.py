@@ -131,3 +131,14 @@ def test_the_webhook_ssrf_guard_is_on_unless_turned_off() -> None:
     assert load_settings({"PCQ_WEBHOOK_ALLOW_PRIVATE": "true"}).webhook_allow_private is True
     with pytest.raises(SettingsError, match="webhook_allow_private|PCQ_WEBHOOK_ALLOW_PRIVATE"):
         load_settings({"PCQ_WEBHOOK_ALLOW_PRIVATE": "perhaps"})
+
+
+def test_webhook_secret_grace_and_delivery_timeout() -> None:
+    defaults = load_settings({})
+    assert defaults.webhook_secret_grace_seconds == 86400
+    assert defaults.webhook_timeout_seconds == 15.0
+    custom = load_settings({"PCQ_WEBHOOK_SECRET_GRACE_SECONDS": "0", "PCQ_WEBHOOK_TIMEOUT_SECONDS": "2.5"})
+    assert (custom.webhook_secret_grace_seconds, custom.webhook_timeout_seconds) == (0, 2.5)
+    for env in ({"PCQ_WEBHOOK_SECRET_GRACE_SECONDS": "-1"}, {"PCQ_WEBHOOK_TIMEOUT_SECONDS": "0"}):
+        with pytest.raises(SettingsError):
+            load_settings(env)

@@ -97,6 +97,17 @@ def test_a_rotation_without_grace_stops_the_old_secret_at_once(sessions: Session
     assert signing(sessions, T0) == {"ten_a": [new]}
 
 
+def test_a_rotation_without_grace_also_stops_secrets_still_in_an_earlier_grace(
+    sessions: SessionFactory,
+) -> None:
+    current(sessions)
+    rotate(sessions, T0, grace=DAY)
+    rotate(sessions, T0 + timedelta(minutes=1), grace=DAY)
+    assert len(signing(sessions, T0 + timedelta(minutes=2))["ten_a"]) == 3
+    newest = rotate(sessions, T0 + timedelta(minutes=3), grace=0)
+    assert signing(sessions, T0 + timedelta(minutes=3))["ten_a"] == [newest]
+
+
 def test_secrets_still_in_grace_sign_newest_first_and_at_most_four_beside_the_current(
     sessions: SessionFactory,
 ) -> None:

@@ -160,6 +160,14 @@ def test_retry_after_forms() -> None:
     assert parse_retry_after(httpx.Headers({})) is None
 
 
+def test_retry_after_is_capped_and_nan_is_no_answer() -> None:
+    assert parse_retry_after(httpx.Headers({"retry-after": "99999"})) == 3600.0
+    assert parse_retry_after(httpx.Headers({"retry-after": "7200"}), cap=86400.0) == 7200.0
+    assert parse_retry_after(httpx.Headers({"retry-after": "inf"}), cap=86400.0) == 86400.0
+    assert parse_retry_after(httpx.Headers({"retry-after": "nan"})) is None
+    assert parse_retry_after(httpx.Headers({"retry-after-ms": "nan"})) is None
+
+
 def test_backoff_grows_is_capped_and_honours_retry_after() -> None:
     delays = [backoff_seconds(n, 1.0, 8.0, None) for n in range(1, 8)]
     assert 0.75 <= delays[0] <= 1.0
