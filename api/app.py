@@ -10,7 +10,7 @@ from fastapi import FastAPI
 
 from api import errors, openapi
 from api.deps import Resources
-from api.routes import batches, citations, health, jobs, webhooks
+from api.routes import batches, citations, deliveries, health, jobs, webhooks
 from api.service import Submitter
 from api.tenant_limits import QueueCap, build_rate_limiter
 from api.uploads import UploadSlots
@@ -77,7 +77,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     errors.install(app)
     openapi.install(app)
-    for module in (jobs, batches, citations, webhooks, health):
+    for module in (jobs, batches, citations, webhooks, deliveries, health):
         app.include_router(module.router)
     app.add_middleware(errors.RejectNul)
     app.add_middleware(

@@ -162,6 +162,7 @@ class JsonlBatch:
 
     metadata_json: str | None = None
     webhook_url: str | None = None
+    webhook_events: str | None = None
 
     def __init__(self, file: IO[bytes], max_lines: int, max_line_bytes: int) -> None:
         self._file = file
@@ -179,7 +180,7 @@ class JsonlBatch:
 _BLANK = re.compile(rb"[ \t\n\r]*")
 _TOKEN = re.compile(rb'[\[\]{}]|"(?:[^"\\]++|\\.)*+("?)', re.S)
 _SCALAR_END = re.compile(rb"[,\]}\[{\" \t\n\r]")
-_JSON_BATCH_KEYS = ("requests", "metadata", "webhook_url")
+_JSON_BATCH_KEYS = ("requests", "metadata", "webhook_url", "webhook_events")
 
 
 class JsonBatch:
@@ -198,6 +199,7 @@ class JsonBatch:
         self.count = 0
         self.metadata_json: str | None = None
         self.webhook_url: str | None = None
+        self.webhook_events: str | None = None  # JSON text of the job event types asked for
         self._file = file
         self._buf = b""
         self._pos = 0  # the next byte of _buf to read
@@ -248,6 +250,10 @@ class JsonBatch:
             raise InvalidInput(describe(exc, "body")) from None
         self.metadata_json = text_of(found, "metadata")
         self.webhook_url = check_webhook_url(body.webhook_url)
+        if body.webhook_events is not None:
+            if self.webhook_url is None:
+                raise InvalidInput("body: webhook_events: needs a webhook_url to send them to")
+            self.webhook_events = json.dumps(sorted(set(body.webhook_events)))
 
     def _requests(self) -> Iterator[NewJob]:
         self._pos += 1  # the "["

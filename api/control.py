@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from sqlalchemy.orm import Session
 
+from pcq.jobs import outbox
 from pcq.jobs.errors import Conflict
 from pcq.models import Job, JobStatus, utcnow
 from pcq.repositories import jobs as job_rows
@@ -21,7 +22,10 @@ def cancel(session: Session, job: Job) -> Job:
     """
     if job.status == JobStatus.CANCELLED:
         return job
-    changed = job_rows.cancel(session, job.id, now=utcnow())
+    now = utcnow()
+    changed = job_rows.cancel(session, job.id, now=now)
+    if changed == 1:
+        outbox.record_finished(session, [(job.id, JobStatus.CANCELLED)], now=now)
     job_rows.reload(session, job)
     if changed != 1 and job.status != JobStatus.CANCELLED:
         raise Conflict(f"job {job.id} already {job.status}; only queued or running jobs can be cancelled")
@@ -32,7 +36,10 @@ def requeue(session: Session, job_ids: list[str]) -> list[str]:
     """Queue failed or cancelled jobs again with a fresh attempt budget; returns those requeued."""
     if not job_ids:
         return []
-    return job_rows.requeue(session, job_ids, statuses=RETRYABLE_BY_USER, now=utcnow())
+    requeued = job_rows.requeue(session, job_ids, statuses=RETRYABLE_BY_USER, now=utcnow())
+    if requeued:
+        outbox.reopen_batches(session, requeued)
+    return requeued
 
 
 def retry(session: Session, job: Job) -> Job:

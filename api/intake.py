@@ -118,6 +118,7 @@ class BatchSource(Protocol):
 
     metadata_json: str | None
     webhook_url: str | None
+    webhook_events: str | None  # JSON text: the job event types the batch's URL also gets
 
     def jobs(self) -> Iterator[NewJob]: ...
 
@@ -173,6 +174,7 @@ def create_batch(
         request_hash=fingerprint,
         metadata_json=body.metadata_json,
         webhook_url=body.webhook_url,
+        webhook_events=body.webhook_events,
     )
     return stored
 

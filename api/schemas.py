@@ -4,18 +4,26 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
-from typing import Annotated, Any, Literal
+from datetime import datetime
+from typing import Annotated, Any, Literal, get_args
 
 from fastapi import Header
 from pydantic import AfterValidator, AnyHttpUrl, BaseModel, ConfigDict, Field, field_validator
 from pydantic.config import JsonDict, JsonValue
 
 from pcq.jobs.errors import InvalidInput
-from pcq.models import JobStatus
+from pcq.models import DeliveryStatus, EventType, JobStatus
 from pcq.views import BasisOut, BatchOut, CitationOut, JobOut, ResultOut, Usage
 from pcq.wire import ChatCompletionRequest
 
 __all__ = ["BasisOut", "BatchOut", "CitationOut", "JobOut", "ResultOut", "Usage"]  # shown here too
+
+# Declared as enums in OpenAPI; the stored values stay plain strings.
+EventTypeName = Literal["job.succeeded", "job.failed", "job.cancelled", "batch.completed"]
+JobEventTypeName = Literal["job.succeeded", "job.failed", "job.cancelled"]
+DeliveryStatusName = Literal["pending", "delivered", "failed", "disabled"]
+assert set(get_args(EventTypeName)) == set(EventType)
+assert set(get_args(DeliveryStatusName)) == set(DeliveryStatus)
 
 MAX_METADATA_BYTES = 16 * 1024
 MAX_URL_LENGTH = 2048
@@ -178,6 +186,11 @@ class BatchCreate(BaseModel):
         description=f"As a job's webhook_url. {WEBHOOK_URL_RULE}",
         json_schema_extra=WEBHOOK_URL_DOC,
     )
+    webhook_events: list[JobEventTypeName] | None = Field(
+        default=None,
+        max_length=3,
+        description="Job events also sent to the batch's webhook_url (batch.completed always is)",
+    )
 
     _meta = field_validator("metadata")(check_metadata)
 
@@ -241,3 +254,31 @@ class Health(BaseModel):
 class Readiness(BaseModel):
     status: Literal["ok", "unavailable"]
     checks: dict[str, str] = Field(description='Per dependency: "ok" or "unreachable: <why>"')
+
+
+class DeliveryAttemptOut(BaseModel):
+    at: datetime
+    status_code: int | None = Field(description="The receiver's status; null when none came back")
+    latency_ms: int
+    error: str | None = Field(
+        description="null for a 2xx; else why: http_<status>, redirect, timeout, connect, dns, "
+        "ssrf_refused, ..."
+    )
+
+
+class DeliveryOut(BaseModel):
+    id: str = Field(description="The event's webhook-id header, the same on every attempt")
+    object: str = "webhook_delivery"
+    type: EventTypeName
+    url: str
+    status: DeliveryStatusName
+    job_id: str | None
+    batch_id: str | None
+    created_at: datetime
+    next_attempt_at: datetime | None = Field(description="When a pending event is tried next")
+    attempts: list[DeliveryAttemptOut]
+
+
+class DeliveryPage(BaseModel):
+    data: list[DeliveryOut]
+    next_cursor: str | None

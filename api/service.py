@@ -12,7 +12,7 @@ import base64
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from functools import partial
-from typing import TypeVar
+from typing import TypeVar, cast
 
 from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
@@ -28,19 +28,28 @@ from api.batch_input import (
     text_of,
 )
 from api.intake import BatchSource, NewJob
-from api.schemas import JobCreate, check_webhook_url
+from api.schemas import (
+    DeliveryAttemptOut,
+    DeliveryOut,
+    DeliveryStatusName,
+    EventTypeName,
+    JobCreate,
+    check_webhook_url,
+)
 from api.tenant_limits import QueueCap
 from api.uploads import Spooled, UploadSlots, spool
 from api.webhook_urls import WebhookUrlGuard
 from pcq.db import SessionFactory, unit_of_work
-from pcq.jobs import lifecycle
+from pcq.jobs import lifecycle, outbox
 from pcq.jobs.errors import InvalidInput, NotFound
-from pcq.models import JOB_STATUSES, Batch, Citation, Job, JobStatus
+from pcq.models import JOB_STATUSES, Batch, Citation, DeliveryStatus, Job, JobStatus, utcnow
 from pcq.queue import Enqueuer
 from pcq.repositories import batches as batch_rows
+from pcq.repositories import deliveries as delivery_rows
 from pcq.repositories import jobs as job_rows
 from pcq.repositories import results as result_rows
 from pcq.repositories.results import Answers
+from pcq.views import all_counts
 
 T = TypeVar("T")
 
@@ -125,6 +134,14 @@ class Submitter:
         with unit_of_work(self.sessions) as session:
             return control.cancel(session, get_job(session, tenant_id, job_id))
 
+    def redeliver(self, tenant_id: str, event_id: str) -> None:
+        """Deliver the tenant's webhook event again, now; another tenant's event is a 404."""
+        with unit_of_work(self.sessions) as session:
+            event = delivery_rows.event_of_tenant(session, tenant_id, event_id)
+            if event is None:
+                raise NotFound(f"no webhook delivery {event_id!r}")
+            outbox.redeliver(session, event, now=utcnow())
+
     def retry_job(self, tenant_id: str, job_id: str) -> Job:
         with unit_of_work(self.sessions) as session:
             job = control.retry(session, get_job(session, tenant_id, job_id))
@@ -200,10 +217,7 @@ def list_jobs(
 
 def batch_counts(session: Session, batch_id: str) -> dict[str, int]:
     """The batch's jobs per status, every status present."""
-    counts: dict[str, int] = {s.value: 0 for s in JOB_STATUSES}
-    for status, n in job_rows.status_counts(session, batch_id):
-        counts[status] = n
-    return counts
+    return all_counts(job_rows.status_counts(session, batch_id))
 
 
 def batch_results(session: Session, batch_id: str, chunk: int = 500) -> Iterator[tuple[list[Job], Answers]]:
@@ -274,3 +288,53 @@ def decode_cursor(cursor: str) -> str:
         return base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
     except (ValueError, UnicodeDecodeError) as exc:
         raise InvalidInput("cursor is not one this API returned") from exc
+
+
+# --- webhook deliveries
+
+
+def list_deliveries(
+    session: Session,
+    tenant_id: str,
+    *,
+    job_id: str | None,
+    batch_id: str | None,
+    status: str | None,
+    cursor: str | None,
+    limit: int,
+) -> tuple[list[DeliveryOut], str | None]:
+    """A page of the tenant's webhook events, oldest first, each with its attempts."""
+    if job_id is not None:
+        get_job(session, tenant_id, job_id)
+    if batch_id is not None:
+        get_batch(session, tenant_id, batch_id)
+    after = None
+    if cursor is not None:
+        try:
+            after = decode_cursor(cursor)
+        except ValueError as exc:
+            raise InvalidInput("cursor is not one this API returned") from exc
+    rows = delivery_rows.events_of_tenant(
+        session, tenant_id, job_id=job_id, batch_id=batch_id, status=status, after=after, limit=limit + 1
+    )
+    page = rows[:limit]
+    attempts: dict[str, list[DeliveryAttemptOut]] = {e.id: [] for e in page}
+    for a in delivery_rows.attempts_of(session, [e.id for e in page]):
+        attempts[a.event_id].append(
+            DeliveryAttemptOut(at=a.at, status_code=a.status_code, latency_ms=a.latency_ms, error=a.error)
+        )
+    shown = [
+        DeliveryOut(
+            id=e.id,
+            type=cast(EventTypeName, e.type),
+            url=e.url,
+            status=cast(DeliveryStatusName, e.status),
+            job_id=e.job_id,
+            batch_id=e.batch_id,
+            created_at=e.created_at,
+            next_attempt_at=e.next_attempt_at if e.status == DeliveryStatus.PENDING else None,
+            attempts=attempts[e.id],
+        )
+        for e in page
+    ]
+    return shown, _next_cursor(page, more=len(rows) > limit, key=lambda e: e.id)

@@ -235,6 +235,18 @@ class Settings(BaseSettings):
         description="Deadline of one webhook delivery attempt: lookup, connect, send and the "
         "answer's first 64 KiB.",
     )
+    # Webhook deliveries (pcq/jobs/outbox.py, worker/deliverer.py).
+    webhook_retry_schedule: Annotated[list[float], NoDecode] = Field(
+        default=[5, 300, 1800, 7200, 18000, 36000, 50400, 72000, 86400],
+        description="When a failed webhook delivery is tried again: seconds after its first "
+        "failure, comma-separated (with jitter); after the last, the delivery is failed.",
+    )
+    webhook_max_inline_bytes: int = Field(
+        default=262144,
+        ge=1024,
+        description="A job event carries the job's result when the job's JSON is at most this "
+        "many bytes; else it carries the job without it, and a result_url.",
+    )
 
     @field_validator("upstream_keys", mode="before")
     @classmethod
@@ -251,6 +263,19 @@ class Settings(BaseSettings):
                 # Say where, never what: the text holds secrets.
                 raise ValueError("PCQ_UPSTREAM_KEYS is not valid JSON") from None
         return [{"key": part.strip()} for part in text.split(",") if part.strip()]
+
+    @field_validator("webhook_retry_schedule", mode="before")
+    @classmethod
+    def _parse_schedule(cls, value: Any) -> Any:
+        if not isinstance(value, str):
+            return value
+        try:
+            delays = [float(part) for part in value.split(",") if part.strip()]
+        except ValueError:
+            raise ValueError("PCQ_WEBHOOK_RETRY_SCHEDULE: not comma-separated numbers of seconds") from None
+        if any(not 0 <= d < 10**8 for d in delays) or delays != sorted(delays):
+            raise ValueError("PCQ_WEBHOOK_RETRY_SCHEDULE: seconds must be non-negative and ascending")
+        return delays
 
     @field_validator("database_url")
     @classmethod

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 from collections import defaultdict
+from collections.abc import Iterable
 from datetime import datetime
 from typing import Any, Literal, cast, get_args
 
@@ -78,6 +79,9 @@ class BatchOut(BaseModel):
     done: bool
     metadata: dict[str, Any] | None
     webhook_url: str | None
+    webhook_events: list[str] | None = Field(
+        default=None, description="Job events also sent to webhook_url (batch.completed always is)"
+    )
     created_at: datetime
     retried: int | None = Field(default=None, description="Jobs requeued by retry-failed")
 
@@ -150,6 +154,14 @@ def results_out(answers: Answers) -> dict[str, ResultOut]:
     return out
 
 
+def all_counts(pairs: Iterable[tuple[str, int]]) -> dict[str, int]:
+    """A batch's jobs per status, every status present, from (status, jobs) pairs."""
+    counts: dict[str, int] = {s.value: 0 for s in JobStatus}
+    for status, n in pairs:
+        counts[status] = n
+    return counts
+
+
 def batch_out(batch: Batch, counts: dict[str, int], retried: int | None = None) -> BatchOut:
     """A batch and its progress (``counts``: its jobs per status, every status present)."""
     done = sum(counts[s] for s in TERMINAL_STATUSES) >= batch.total
@@ -167,6 +179,7 @@ def batch_out(batch: Batch, counts: dict[str, int], retried: int | None = None) 
         done=done,
         metadata=parse_metadata(batch.metadata_json),
         webhook_url=batch.webhook_url,
+        webhook_events=json.loads(batch.webhook_events) if batch.webhook_events else None,
         created_at=batch.created_at,
         retried=retried,
     )

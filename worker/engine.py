@@ -47,8 +47,10 @@ from pcq.jobs.lifecycle import ClaimedJob, Settled
 from pcq.models import utcnow
 from pcq.queue import Enqueuer
 from pcq.settings import Settings
+from worker.deliverer import Deliverer
 from worker.limiter import KeyPool, PoolKey
 from worker.upstream import UpstreamClient
+from worker.webhook_net import WebhookPoster
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -219,7 +221,11 @@ class Engine:
             )
         writers = 1 if s.database_url.startswith("sqlite") else 2  # SQLite has one writer anyway
         self._sweeper = asyncio.create_task(self._sweep_forever(), name="sweeper")
+        # Webhooks go out from the same loop, with their own cap: never an upstream slot.
+        poster = WebhookPoster(allow_private=s.webhook_allow_private, timeout=s.webhook_timeout_seconds)
+        deliverer = Deliverer(s, self._db, poster)
         background = [
+            asyncio.create_task(deliverer.run(), name="webhook-deliverer"),
             self._sweeper,
             asyncio.create_task(self._renew_forever(), name="lease-renewer"),
             asyncio.create_task(self._pool.run(), name="limiter-permits"),

@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any
 from sqlalchemy import ColumnElement, and_, case, or_
 from sqlalchemy.orm import Session
 
+from pcq.jobs import outbox
 from pcq.models import BasisField, Citation, Job, JobStatus, Result, utcnow
 from pcq.repositories import jobs as job_rows
 from pcq.repositories import results as result_rows
@@ -274,7 +275,8 @@ def _set_status(
     now: datetime,
 ) -> None:
     """Move owned jobs to their new status: (job, status, next_attempt_at, code, error). A
-    queued job is not finished; any other status finishes it now."""
+    queued job is not finished; any other status finishes it now, and writes its webhook events
+    in this same transaction (pcq.jobs.outbox)."""
     job_rows.set_statuses(
         session,
         [
@@ -284,6 +286,9 @@ def _set_status(
             for job, status, nxt, code, error in changes
         ],
         now=now,
+    )
+    outbox.record_finished(
+        session, [(job.id, status) for job, status, *_ in changes if status != JobStatus.QUEUED], now=now
     )
 
 

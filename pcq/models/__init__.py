@@ -1,6 +1,14 @@
 """All tables; importing this package registers them on ``Base.metadata``."""
 
 from pcq.models.base import Base, new_id, utcnow
+from pcq.models.delivery import (
+    JOB_EVENT_TYPES,
+    DeliveryStatus,
+    DisabledWebhookUrl,
+    EventType,
+    WebhookAttempt,
+    WebhookEvent,
+)
 from pcq.models.job import (
     ACTIVE_STATUSES,
     JOB_STATUSES,
@@ -17,6 +25,12 @@ from pcq.models.webhook import WebhookSecret
 
 __all__ = [
     "ACTIVE_STATUSES",
+    "JOB_EVENT_TYPES",
+    "DeliveryStatus",
+    "DisabledWebhookUrl",
+    "EventType",
+    "WebhookAttempt",
+    "WebhookEvent",
     "JOB_STATUSES",
     "TERMINAL_STATUSES",
     "ApiKey",

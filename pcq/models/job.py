@@ -53,6 +53,10 @@ class Batch(Base):
     # The submitted JSON text, verbatim (key order, numbers, escapes), never re-serialised.
     metadata_json: Mapped[str | None] = mapped_column("metadata", Text, default=None)
     webhook_url: Mapped[str | None] = mapped_column(Text, default=None)
+    # The job events also sent to webhook_url: JSON text of a list of event types, or None.
+    webhook_events: Mapped[str | None] = mapped_column(Text, default=None)
+    # When its batch.completed event was written; cleared when a retry reopens the batch.
+    completion_notified_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), default=None)
     idempotency_key: Mapped[str | None] = mapped_column(String(255), default=None)
     request_hash: Mapped[str | None] = mapped_column(String(64), default=None)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)

@@ -28,9 +28,11 @@ def finish(
     request_hash: str,
     metadata_json: str | None,
     webhook_url: str | None,
+    webhook_events: str | None = None,
 ) -> None:
     """Write what is known once all of a batch's jobs are in (one UPDATE)."""
     batch.metadata_json, batch.webhook_url = metadata_json, webhook_url
+    batch.webhook_events = webhook_events
     batch.total = total
     batch.request_hash = request_hash
     session.flush()

@@ -113,6 +113,11 @@ def newest_first(
     return list(session.scalars(q.order_by(Job.id.desc()).limit(limit)))
 
 
+def many(session: Session, job_ids: Sequence[str]) -> list[Job]:
+    """These jobs, whoever's (the caller scoped the ids)."""
+    return list(session.scalars(select(Job).where(Job.id.in_(job_ids)))) if job_ids else []
+
+
 def status_counts(session: Session, batch_id: str) -> list[tuple[str, int]]:
     """(status, jobs) of a batch, for the statuses it has jobs in."""
     rows = session.execute(

@@ -142,3 +142,11 @@ def test_webhook_secret_grace_and_delivery_timeout() -> None:
     for env in ({"PCQ_WEBHOOK_SECRET_GRACE_SECONDS": "-1"}, {"PCQ_WEBHOOK_TIMEOUT_SECONDS": "0"}):
         with pytest.raises(SettingsError):
             load_settings(env)
+
+
+def test_the_webhook_retry_schedule_is_read_from_comma_separated_seconds() -> None:
+    assert load_settings({}).webhook_retry_schedule == [5, 300, 1800, 7200, 18000, 36000, 50400, 72000, 86400]
+    assert load_settings({"PCQ_WEBHOOK_RETRY_SCHEDULE": " 1, 2.5,60 "}).webhook_retry_schedule == [1, 2.5, 60]
+    for bad in ("5,x", "10,5", "-1,5"):
+        with pytest.raises(SettingsError, match="PCQ_WEBHOOK_RETRY_SCHEDULE"):
+            load_settings({"PCQ_WEBHOOK_RETRY_SCHEDULE": bad})
