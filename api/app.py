@@ -10,6 +10,7 @@ from fastapi import FastAPI
 
 from api import errors, openapi
 from api.deps import Resources
+from api.events import StreamSlots
 from api.routes import batches, citations, health, jobs
 from api.service import Submitter
 from api.tenant_limits import QueueCap, build_rate_limiter
@@ -50,6 +51,7 @@ def build_resources(settings: Settings) -> Resources:
             webhook_urls=WebhookUrlGuard(allow_private=settings.webhook_allow_private),
         ),
         redis=redis_client,
+        event_streams=StreamSlots(settings.sse_max_streams_per_tenant),
         rate_limiter=build_rate_limiter(settings, redis_client),
     )
 

@@ -11,6 +11,7 @@ from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBea
 from sqlalchemy import Engine
 from sqlalchemy.orm import Session
 
+from api.events import StreamSlots
 from api.service import Submitter
 from api.tenant_limits import TenantRateLimiter
 from pcq.db import SessionFactory
@@ -29,6 +30,7 @@ class Resources:
     sessions: SessionFactory
     submitter: Submitter
     redis: Any | None  # a redis.Redis for readiness checks, when REDIS_URL is set
+    event_streams: StreamSlots  # PCQ_SSE_MAX_STREAMS_PER_TENANT (api.events)
     rate_limiter: TenantRateLimiter | None = None  # PCQ_API_RATE_LIMIT_PER_MINUTE; None = off
 
 

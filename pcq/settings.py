@@ -220,6 +220,18 @@ class Settings(BaseSettings):
         description="Let webhook URLs reach any address (loopback, private networks, cloud "
         "metadata, ...): for local use and tests only. Off: a URL must reach public addresses.",
     )
+    # Live progress (GET /v1/batches/{id}/events, api/events.py).
+    sse_ping_seconds: float = Field(
+        default=15.0,
+        gt=0,
+        description="A `: ping` comment is sent on an event stream this long after the last "
+        "thing written, so proxies and clients see a live connection.",
+    )
+    sse_max_streams_per_tenant: int = Field(
+        default=16,
+        ge=1,
+        description="Event streams one tenant may hold open at once, per API process; 429 beyond.",
+    )
 
     @field_validator("upstream_keys", mode="before")
     @classmethod
