@@ -81,7 +81,9 @@ def frame(kind: str, event_id: EventId, data: str) -> bytes:
     return f"id: {event_id}\nevent: {kind}\ndata: {data}\n\n".encode()
 
 
-PING = b": ping\n\n"
+# A comment line alone, no blank line after it: a blank line ends an event, and some clients
+# (httpx-sse among them) then hand over an empty event carrying the last id.
+PING = b": ping\n"
 
 
 class StreamSlots:
