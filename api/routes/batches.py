@@ -67,7 +67,27 @@ EVENTS_DOC: dict[int | str, dict[str, Any]] = {
         "(at most once a second); then one `batch.completed` (the batch, every job ended) and the "
         "stream ends. Every event has an `id`; a `: ping` comment comes after PCQ_SSE_PING_SECONDS "
         "without one.",
-        "content": {"text/event-stream": {"schema": {"type": "string"}}},
+        # Before OpenAPI 3.2 (itemSchema), a text/event-stream schema describes each event.
+        "content": {
+            "text/event-stream": {
+                "schema": {
+                    "type": "object",
+                    "required": ["event", "id", "data"],
+                    "properties": {
+                        "event": {"type": "string", "enum": [events.PROGRESS, events.COMPLETED]},
+                        "id": {
+                            "type": "string",
+                            "description": "Send it back as Last-Event-ID (or last_event_id) to resume",
+                        },
+                        "data": {
+                            "type": "string",
+                            "contentMediaType": "application/json",
+                            "contentSchema": {"$ref": "#/components/schemas/BatchOut"},
+                        },
+                    },
+                }
+            }
+        },
     },
     204: {
         "description": "The batch has ended and the Last-Event-ID given is its final event: nothing "
@@ -144,6 +164,7 @@ def batch_results(
 
 @router.get(
     "/{batch_id}/events",
+    status_code=200,
     response_class=events.EventStreamResponse,
     responses=EVENTS_DOC,
 )
