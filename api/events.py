@@ -153,6 +153,7 @@ async def batch_events(
     *,
     last: EventId | None,
     ping_seconds: float,
+    draining: threading.Event,
 ) -> AsyncIterator[bytes]:
     """The events of one connection: the state now unless the client saw it (``last``), then
     each change, at most one a poll; ``batch.completed`` ends it. ``first``: the counts the
@@ -175,6 +176,8 @@ async def batch_events(
         if out.done:
             return
         await asyncio.sleep(POLL_SECONDS)
+        if draining.is_set():  # the server is shutting down: the client resumes elsewhere
+            return
         counts = await run_in_threadpool(load)
 
 

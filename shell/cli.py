@@ -107,12 +107,10 @@ def cmd_keys_upstream(args: argparse.Namespace) -> int:  # noqa: ARG001
 
 
 def cmd_api(args: argparse.Namespace) -> int:
-    import uvicorn
-
-    from api.app import create_app
+    from api.app import create_app, serve
 
     settings = _settings()
-    uvicorn.run(create_app(settings), host=args.host, port=args.port, log_level=settings.log_level.lower())
+    serve(create_app(settings), host=args.host, port=args.port, log_level=settings.log_level.lower())
     return 0
 
 

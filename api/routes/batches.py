@@ -196,5 +196,7 @@ async def batch_progress_events(
     if events.nothing_new(now, batch.total, last):
         return Response(status_code=204)
     release = res.event_streams.take(tenant)
-    stream = events.batch_events(batch, now, counts, last=last, ping_seconds=res.settings.sse_ping_seconds)
+    stream = events.batch_events(
+        batch, now, counts, last=last, ping_seconds=res.settings.sse_ping_seconds, draining=res.draining
+    )
     return events.EventStreamResponse(stream, on_close=release)
