@@ -27,6 +27,7 @@ Open streams are capped per tenant and per API process (``PCQ_SSE_MAX_STREAMS_PE
 from __future__ import annotations
 
 import asyncio
+import re
 import threading
 import time
 from collections.abc import AsyncIterator, Callable
@@ -47,6 +48,7 @@ MAX_ID_CHARS = 200  # a longer Last-Event-ID is none of ours: ignored
 RETRY_AFTER_SECONDS = 5
 
 Counts = dict[str, int]
+_ID = re.compile(rf"(?P<seq>[0-9]+)-(?P<counts>[0-9]+(?:\.[0-9]+){{{len(JOB_STATUSES) - 1}}})")
 
 
 @dataclass(frozen=True)
@@ -65,11 +67,10 @@ class EventId:
         stream starts afresh, as for a first connection)."""
         if not text or len(text) > MAX_ID_CHARS:
             return None
-        seq, _, counts = text.strip().partition("-")
-        parts = counts.split(".")
-        if not seq.isdigit() or len(parts) != len(JOB_STATUSES) or not all(p.isdigit() for p in parts):
+        match = _ID.fullmatch(text.strip())
+        if match is None:
             return None
-        return cls(int(seq), tuple(int(p) for p in parts))
+        return cls(int(match["seq"]), tuple(int(p) for p in match["counts"].split(".")))
 
 
 def state_of(counts: Counts) -> tuple[int, ...]:
