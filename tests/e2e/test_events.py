@@ -21,6 +21,7 @@ from httpx_sse import ServerSentEvent, connect_sse
 
 from migrations.migrate import upgrade_to_head
 from pcq.tenants import create_key_at
+from shell.procs import free_port, spawn, stop, wait_http
 from tests.conftest import REDIS_TEST_URL, require_redis
 from tests.stack import Stack, stack_env
 
@@ -275,3 +276,24 @@ def test_streams_beyond_the_tenant_cap_answer_429_and_a_closed_stream_frees_its_
         httpx.stream("GET", events_url(s, batch_id), headers=h) as b,
     ):
         assert (a.status_code, b.status_code) == (200, 200)  # both slots came back
+
+
+def test_a_stream_resumes_on_another_api_process(sse_stack: tuple[Stack, str]) -> None:
+    """The id is all a process needs: a second API process, which never saw this client,
+    sends only states newer than the one the first process showed it."""
+    s, db = sse_stack
+    h = tenant_key(db)
+    port = free_port()
+    s.procs["api-b"] = spawn(["api", "--port", str(port)], s.env, s.log("api-b"), cwd=s.workdir)
+    other = Stack(s.env, s.workdir, api_url=f"http://127.0.0.1:{port}")
+    wait_http(f"{other.api_url}/healthz", proc=s.procs["api-b"])
+    try:
+        batch_id = submit(s, h, [0, 2000, 4000])
+        seen = first_event(s, batch_id, h)
+        rest = read_all(other, batch_id, {**h, "Last-Event-ID": seen.id})
+        assert counts(rest[0]) != counts(seen)
+        assert [seq(e) for e in rest] == sorted({seq(e) for e in rest})
+        assert seq(rest[0]) > seq(seen)
+        assert rest[-1].event == "batch.completed"
+    finally:
+        stop(s.procs.pop("api-b"))
