@@ -27,6 +27,7 @@ Open streams are capped per tenant and per API process (``PCQ_SSE_MAX_STREAMS_PE
 from __future__ import annotations
 
 import asyncio
+import logging
 import re
 import threading
 import time
@@ -34,12 +35,16 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
 from fastapi.responses import StreamingResponse
+from sqlalchemy.exc import DBAPIError
+from sqlalchemy.exc import TimeoutError as PoolTimeout
 from starlette.concurrency import run_in_threadpool
 from starlette.types import Receive, Scope, Send
 
 from api import views
 from pcq.jobs.errors import TooManyStreams
 from pcq.models import JOB_STATUSES, Batch
+
+log = logging.getLogger(__name__)
 
 PROGRESS = "batch.progress"
 COMPLETED = "batch.completed"
@@ -179,7 +184,14 @@ async def batch_events(
         await asyncio.sleep(POLL_SECONDS)
         if draining.is_set():  # the server is shutting down: the client resumes elsewhere
             return
-        counts = await run_in_threadpool(load)
+        try:
+            counts = await run_in_threadpool(load)
+        except (DBAPIError, PoolTimeout) as exc:
+            # Too late for a 503: the stream ends and the client resumes with its last id.
+            log.warning(
+                "event stream of %s ended: the database did not answer (%s)", batch.id, type(exc).__name__
+            )
+            return
 
 
 def nothing_new(counts: Counts, total: int, last: EventId | None) -> bool:

@@ -3,10 +3,16 @@ stream itself runs against real processes in tests/e2e/test_events.py."""
 
 from __future__ import annotations
 
-import pytest
+import asyncio
+import threading
+from datetime import UTC, datetime
 
-from api.events import EventId, StreamSlots, nothing_new, state_of
+import pytest
+from sqlalchemy.exc import OperationalError
+
+from api.events import EventId, StreamSlots, batch_events, nothing_new, state_of
 from pcq.jobs.errors import TooManyStreams
+from pcq.models import Batch
 
 ENDED = {"queued": 0, "running": 0, "succeeded": 3, "failed": 1, "cancelled": 0}
 UNDER_WAY = {"queued": 1, "running": 1, "succeeded": 2, "failed": 0, "cancelled": 0}
@@ -58,3 +64,20 @@ def test_a_tenant_holds_at_most_its_streams_and_a_released_slot_is_free_again() 
     slots.take("acme")
     with pytest.raises(TooManyStreams):
         slots.take("acme")
+
+
+def test_a_database_that_stops_answering_ends_the_stream_after_what_it_sent() -> None:
+    """Past the first event a 503 can no longer be sent: the stream ends (the client resumes
+    with its last id) instead of failing in the middle of the response."""
+
+    def load() -> dict[str, int]:
+        raise OperationalError("SELECT", {}, Exception("connection refused"))
+
+    async def collect() -> list[bytes]:
+        batch = Batch(id="bat_x", total=4, created_at=datetime.now(UTC))
+        stream = batch_events(batch, UNDER_WAY, load, last=None, ping_seconds=60, draining=threading.Event())
+        return [chunk async for chunk in stream]
+
+    (only,) = asyncio.run(collect())
+    assert only.startswith(b"id: ")
+    assert b"event: batch.progress" in only
