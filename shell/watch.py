@@ -10,8 +10,8 @@ waited out (``Retry-After``) like a drop; any other refusal ends the watch at on
 Exit status of ``pcq watch``: 0 when the batch completed and every job succeeded; 1 when it
 completed with failed or cancelled jobs (as ``pcq submit --wait``: a script can tell "all
 answers are in" from "some are missing" without parsing); 2 when the watch could not see the
-batch to its end (unknown batch, bad key, the API unreachable past the retry budget): the
-batch's outcome is then unknown, which is neither of the others.
+batch to its end (unknown batch, bad key, the API unreachable past the retry budget, Ctrl-C):
+the batch's outcome is then unknown, which is neither of the others.
 """
 
 from __future__ import annotations
@@ -105,6 +105,8 @@ def watch_command(client: PcqClient, batch_id: str) -> int:
         batch = watch_batch(client, batch_id)
     except WatchFailed as exc:
         print(f"pcq: cannot watch batch {batch_id}: {exc}", file=sys.stderr)  # noqa: T201
+        return EXIT_UNKNOWN
+    except KeyboardInterrupt:  # the user stopped watching; the batch goes on
         return EXIT_UNKNOWN
     finally:
         client.close()
