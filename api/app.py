@@ -4,12 +4,14 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from types import FrameType
 from typing import Any
 
 from fastapi import FastAPI
 
 from api import errors, openapi
 from api.deps import Resources
+from api.events import StreamSlots
 from api.routes import batches, citations, deliveries, health, jobs, webhooks
 from api.service import Submitter
 from api.tenant_limits import QueueCap, build_rate_limiter
@@ -50,6 +52,7 @@ def build_resources(settings: Settings) -> Resources:
             webhook_urls=WebhookUrlGuard(allow_private=settings.webhook_allow_private),
         ),
         redis=redis_client,
+        event_streams=StreamSlots(settings.sse_max_streams_per_tenant),
         rate_limiter=build_rate_limiter(settings, redis_client),
     )
 
@@ -87,3 +90,20 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         upload_timeout=settings.upload_timeout_seconds,
     )
     return app
+
+
+def serve(app: FastAPI, *, host: str, port: int, log_level: str) -> None:
+    """Run the app with uvicorn (``pcq api``). On SIGTERM or SIGINT uvicorn waits for open
+    responses to finish; an event stream would hold it until its batch ends, so the streams are
+    told first (``Resources.draining``) and end at their next poll: their clients reconnect,
+    with Last-Event-ID, to another API process."""
+    import uvicorn
+
+    class Server(uvicorn.Server):
+        def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+            res: Resources | None = getattr(app.state, "resources", None)
+            if res is not None:
+                res.draining.set()
+            super().handle_exit(sig, frame)
+
+    Server(uvicorn.Config(app, host=host, port=port, log_level=log_level)).run()

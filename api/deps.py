@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Annotated, Any
 
 from fastapi import Depends, Query, Request, Security
@@ -11,6 +12,7 @@ from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBea
 from sqlalchemy import Engine
 from sqlalchemy.orm import Session
 
+from api.events import StreamSlots
 from api.service import Submitter
 from api.tenant_limits import TenantRateLimiter
 from pcq.db import SessionFactory
@@ -29,7 +31,11 @@ class Resources:
     sessions: SessionFactory
     submitter: Submitter
     redis: Any | None  # a redis.Redis for readiness checks, when REDIS_URL is set
+    event_streams: StreamSlots  # PCQ_SSE_MAX_STREAMS_PER_TENANT (api.events)
     rate_limiter: TenantRateLimiter | None = None  # PCQ_API_RATE_LIMIT_PER_MINUTE; None = off
+    # Set when the server begins to shut down (api.app.serve): event streams end at their next
+    # poll, so their clients reconnect to another process instead of holding this one up.
+    draining: threading.Event = field(default_factory=threading.Event)
 
 
 def resources(request: Request) -> Resources:

@@ -29,7 +29,8 @@ ERROR_DESCRIPTIONS: dict[int, str] = {
     422: "Invalid input; nothing was stored",
     429: "Too many requests for this tenant (`rate_limited`), or a submission or retry would take its "
     "queued and running jobs over their cap (`too_many_queued`), or too many batch uploads are in "
-    "progress (`too_many_uploads`); nothing was stored. Retry after `Retry-After` seconds",
+    "progress (`too_many_uploads`); nothing was stored. Or the tenant holds as many event streams as it "
+    "may (`too_many_streams`). Retry after `Retry-After` seconds",
     503: "The database is unavailable; retry",
 }
 _ERROR_HEADERS: dict[int, dict[str, object]] = {

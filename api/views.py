@@ -9,9 +9,10 @@ from typing import Any
 from api.schemas import CitationRow
 from pcq.models import Citation, Job, JobStatus
 from pcq.repositories.results import Answers
-from pcq.views import batch_out, job_out, job_with_result, parse_metadata, results_out
+from pcq.views import batch_done, batch_out, job_out, job_with_result, parse_metadata, results_out
 
-__all__ = ["batch_out", "job_out", "job_with_result", "parse_metadata", "results_out"]  # shown here too
+# Shown here too: the routes build every response through this module.
+__all__ = ["batch_done", "batch_out", "job_out", "job_with_result", "parse_metadata", "results_out"]
 
 
 def export_rows(chunks: Iterable[tuple[list[Job], Answers]]) -> Iterator[dict[str, Any]]:

@@ -247,6 +247,18 @@ class Settings(BaseSettings):
         description="A job event carries the job's result when the job's JSON is at most this "
         "many bytes; else it carries the job without it, and a result_url.",
     )
+    # Live progress (GET /v1/batches/{id}/events, api/events.py).
+    sse_ping_seconds: float = Field(
+        default=15.0,
+        gt=0,
+        description="A `: ping` comment is sent on an event stream this long after the last "
+        "thing written, so proxies and clients see a live connection.",
+    )
+    sse_max_streams_per_tenant: int = Field(
+        default=16,
+        ge=1,
+        description="Event streams one tenant may hold open at once, per API process; 429 beyond.",
+    )
 
     @field_validator("upstream_keys", mode="before")
     @classmethod

@@ -162,9 +162,14 @@ def all_counts(pairs: Iterable[tuple[str, int]]) -> dict[str, int]:
     return counts
 
 
+def batch_done(counts: dict[str, int], total: int) -> bool:
+    """Every job of the batch has ended."""
+    return sum(counts[s] for s in TERMINAL_STATUSES) >= total
+
+
 def batch_out(batch: Batch, counts: dict[str, int], retried: int | None = None) -> BatchOut:
     """A batch and its progress (``counts``: its jobs per status, every status present)."""
-    done = sum(counts[s] for s in TERMINAL_STATUSES) >= batch.total
+    done = batch_done(counts, batch.total)
     if done:
         status = BatchStatus.COMPLETED
     elif counts[JobStatus.QUEUED] == batch.total:

@@ -14,7 +14,6 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from pcq.models import JobStatus
 from pcq.settings import Settings, SettingsError, load_settings
 
 
@@ -108,12 +107,10 @@ def cmd_keys_upstream(args: argparse.Namespace) -> int:  # noqa: ARG001
 
 
 def cmd_api(args: argparse.Namespace) -> int:
-    import uvicorn
-
-    from api.app import create_app
+    from api.app import create_app, serve
 
     settings = _settings()
-    uvicorn.run(create_app(settings), host=args.host, port=args.port, log_level=settings.log_level.lower())
+    serve(create_app(settings), host=args.host, port=args.port, log_level=settings.log_level.lower())
     return 0
 
 
@@ -229,7 +226,7 @@ def _api_call(client: Any) -> Iterator[None]:
 
 
 def cmd_submit(args: argparse.Namespace) -> int:
-    from shell.progress import wait_with_bar
+    from shell.watch import exit_status, summary, watch_batch
 
     path = Path(args.file)
     if not path.is_file():
@@ -239,12 +236,10 @@ def cmd_submit(args: argparse.Namespace) -> int:
         batch = client.submit_batch_jsonl(path.read_bytes(), idempotency_key=args.idempotency_key)
         print(f"batch {batch['id']}: {batch['total']} job(s) queued", file=sys.stderr)  # noqa: T201
         if args.wait:
-            batch = wait_with_bar(client, batch["id"], batch["total"])
-            failed = batch["counts"][JobStatus.FAILED] + batch["counts"][JobStatus.CANCELLED]
-            summary = ", ".join(f"{k} {v}" for k, v in batch["counts"].items() if v)
-            print(f"batch {batch['id']} done: {summary}", file=sys.stderr)  # noqa: T201
+            batch = watch_batch(client, batch["id"])
+            print(summary(batch), file=sys.stderr)  # noqa: T201
             print(batch["id"])  # noqa: T201
-            return 1 if failed else 0
+            return exit_status(batch)
         print(batch["id"])  # noqa: T201
         return 0
 
@@ -302,6 +297,12 @@ def _csv_row(row: dict[str, Any]) -> dict[str, Any]:
         "error": row.get("error"),
     }
     return {k: csv_safe(v) for k, v in cells.items()}
+
+
+def cmd_watch(args: argparse.Namespace) -> int:
+    from shell.watch import watch_command
+
+    return watch_command(_client(args), args.batch_id)
 
 
 def cmd_export(args: argparse.Namespace) -> int:
@@ -409,6 +410,17 @@ def build_parser() -> argparse.ArgumentParser:
             help="avoid: shows in `ps` and shell history; default: PCQ_API_KEY, else a prompt at a terminal",
         )
         c.set_defaults(fn=fn)
+    w = sub.add_parser(
+        "watch",
+        help="follow a batch to its end with a progress bar; exit 0 all succeeded, "
+        "1 some failed or cancelled, 2 not followed to the end",
+    )
+    w.add_argument("batch_id")
+    w.add_argument("--api-url", default=None, help="default: PCQ_API_URL")
+    w.add_argument(
+        "--api-key", default=None, help="avoid: shows in `ps`; default: PCQ_API_KEY, else a prompt"
+    )
+    w.set_defaults(fn=cmd_watch)
     return p
 
 

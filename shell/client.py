@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import httpx
@@ -11,6 +11,11 @@ import httpx
 
 class ApiError(Exception):
     """The API refused a request; the message is its own error text."""
+
+    def __init__(self, message: str, status: int = 0, retry_after: float | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.retry_after = retry_after
 
 
 class PcqClient:
@@ -31,7 +36,12 @@ class PcqClient:
                 detail = f"{body.get('error')}: {body.get('detail')}"
             except ValueError:
                 detail = resp.text[:300]
-            raise ApiError(f"HTTP {resp.status_code} {detail}")
+            retry_after = resp.headers.get("retry-after", "")
+            raise ApiError(
+                f"HTTP {resp.status_code} {detail}",
+                status=resp.status_code,
+                retry_after=float(retry_after) if retry_after.isdigit() else None,
+            )
         return resp.json()
 
     def submit_batch_jsonl(self, data: bytes, idempotency_key: str | None = None) -> dict[str, Any]:
@@ -62,20 +72,15 @@ class PcqClient:
                 self._check(resp)
             yield from resp.iter_lines()
 
-    def wait(
-        self,
-        batch_id: str,
-        on_progress: Callable[[dict[str, Any]], None] | None = None,
-        poll: float = 0.5,
-        timeout: float | None = None,
-    ) -> dict[str, Any]:
-        deadline = None if timeout is None else time.monotonic() + timeout
-        while True:
-            state = self.batch(batch_id)
-            if on_progress:
-                on_progress(state)
-            if state["done"]:
-                return state
-            if deadline is not None and time.monotonic() > deadline:
-                raise TimeoutError(f"batch {batch_id} not done after {timeout} s")
-            time.sleep(poll)
+    @contextmanager
+    def batch_events(self, batch_id: str, last_event_id: str | None = None) -> Iterator[httpx.Response]:
+        """The batch's event stream (``GET /v1/batches/{id}/events``), resumed after
+        ``last_event_id``; an error answer raises ApiError, a 204 is handed back as it is."""
+        headers = {"Accept": "text/event-stream", "Cache-Control": "no-store"}
+        if last_event_id:
+            headers["Last-Event-ID"] = last_event_id
+        with self._http.stream("GET", f"/v1/batches/{batch_id}/events", headers=headers) as resp:
+            if resp.status_code >= 400:
+                resp.read()
+                self._check(resp)
+            yield resp

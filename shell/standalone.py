@@ -24,7 +24,7 @@ from pcq.settings import Settings
 from pcq.tenants import create_key_at
 from shell.client import PcqClient
 from shell.procs import free_port, spawn, stop, wait_http
-from shell.progress import wait_with_bar
+from shell.watch import watch_batch
 
 
 def _say(text: str) -> None:
@@ -82,7 +82,7 @@ def _demo(base: str, key: str) -> int:
         sample = resources.files("shell").joinpath("samples/demo.jsonl").read_bytes()
         batch = client.submit_batch_jsonl(sample)
         _say(f"\nsubmitted batch {batch['id']} with {batch['total']} jobs; waiting for answers...")
-        state = wait_with_bar(client, batch["id"], batch["total"])
+        state = watch_batch(client, batch["id"])
         for line in client.results(batch["id"]):
             if line:
                 _print_job(client, line)

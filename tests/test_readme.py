@@ -15,10 +15,20 @@ def test_every_setting_is_documented() -> None:
 
 
 def test_every_cli_command_is_shown() -> None:
-    for cmd in ("migrate", "keys create", "api", "worker", "standalone", "mock-upstream", "submit", "export"):
+    for cmd in (
+        "migrate",
+        "keys create",
+        "api",
+        "worker",
+        "standalone",
+        "mock-upstream",
+        "submit",
+        "export",
+        "watch",
+    ):
         assert f"pcq {cmd}" in README, cmd
 
 
 def test_every_route_has_a_curl_example() -> None:
-    for route in ("/v1/jobs", "/v1/batches", "/results", "/v1/citations", "/healthz", "/readyz"):
+    for route in ("/v1/jobs", "/v1/batches", "/results", "/events", "/v1/citations", "/healthz", "/readyz"):
         assert f"$API{route}" in README or route in README, route

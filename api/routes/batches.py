@@ -4,17 +4,18 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator
-from typing import Any
+from typing import Annotated, Any
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Header, Query, Request, Response
 from fastapi.responses import StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
-from api import service, views
+from api import events, service, views
 from api.batch_input import JSONL_TYPES
 from api.deps import ResourcesDep, SessionDep, TenantDep
 from api.errors import error_responses
 from api.schemas import BatchOut, IdempotencyKeyHeader
+from pcq.models import Batch
 
 router = APIRouter(prefix="/v1/batches", tags=["batches"])
 
@@ -58,6 +59,46 @@ RESULTS_DOC: dict[int | str, dict[str, Any]] = {
     },
     **error_responses(401, 404, 503),
 }
+
+EVENTS_DOC: dict[int | str, dict[str, Any]] = {
+    200: {
+        "description": "Server-Sent Events. `batch.progress`: the batch (a BatchOut, as `GET "
+        "/v1/batches/{batch_id}` shows it) as `data`, sent at connect and whenever its counts change "
+        "(at most once a second); then one `batch.completed` (the batch, every job ended) and the "
+        "stream ends. Every event has an `id`; a `: ping` comment comes after PCQ_SSE_PING_SECONDS "
+        "without one.",
+        # Before OpenAPI 3.2 (itemSchema), a text/event-stream schema describes each event.
+        "content": {
+            "text/event-stream": {
+                "schema": {
+                    "type": "object",
+                    "required": ["event", "id", "data"],
+                    "properties": {
+                        "event": {"type": "string", "enum": [events.PROGRESS, events.COMPLETED]},
+                        "id": {
+                            "type": "string",
+                            "description": "Send it back as Last-Event-ID (or last_event_id) to resume",
+                        },
+                        "data": {
+                            "type": "string",
+                            "contentMediaType": "application/json",
+                            "contentSchema": {"$ref": "#/components/schemas/BatchOut"},
+                        },
+                    },
+                }
+            }
+        },
+    },
+    204: {
+        "description": "The batch has ended and the Last-Event-ID given is its final event: nothing "
+        "newer will come (an EventSource stops reconnecting)"
+    },
+    **error_responses(401, 404, 429, 503),
+}
+LAST_EVENT_ID_DOC = (
+    "The id of the last event received: only newer events are sent (not the state it showed "
+    "again). An id this API did not send is ignored."
+)
 
 
 class JsonlResponse(StreamingResponse):
@@ -119,3 +160,43 @@ def batch_results(
                 yield (json.dumps(row, ensure_ascii=False) + "\n").encode()
 
     return JsonlResponse(lines())
+
+
+@router.get(
+    "/{batch_id}/events",
+    status_code=200,
+    response_class=events.EventStreamResponse,
+    responses=EVENTS_DOC,
+)
+async def batch_progress_events(
+    batch_id: str,
+    res: ResourcesDep,
+    tenant: TenantDep,
+    last_event_id_header: Annotated[
+        str | None, Header(alias="Last-Event-ID", description=LAST_EVENT_ID_DOC + " Wins over the query's.")
+    ] = None,
+    last_event_id: Annotated[
+        str | None, Query(description=LAST_EVENT_ID_DOC + " For clients that cannot set the header.")
+    ] = None,
+) -> Response:
+    """Live progress of a batch as Server-Sent Events, until every job has ended."""
+
+    def first_read() -> tuple[Batch, dict[str, int]]:
+        # Sessions of its own, each closed at once: the stream holds no connection between polls.
+        with res.sessions() as session:
+            return service.get_batch(session, tenant, batch_id), service.batch_counts(session, batch_id)
+
+    def counts() -> dict[str, int]:
+        with res.sessions() as session:
+            return service.batch_counts(session, batch_id)
+
+    batch, now = await run_in_threadpool(first_read)
+    # The header is what an EventSource sends on reconnecting, the query what it was opened with.
+    last = events.EventId.parse(last_event_id_header) or events.EventId.parse(last_event_id)
+    if events.nothing_new(now, batch.total, last):
+        return Response(status_code=204)
+    release = res.event_streams.take(tenant)
+    stream = events.batch_events(
+        batch, now, counts, last=last, ping_seconds=res.settings.sse_ping_seconds, draining=res.draining
+    )
+    return events.EventStreamResponse(stream, on_close=release)

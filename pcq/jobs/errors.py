@@ -72,3 +72,9 @@ class TooManyUploads(TooManyRequests):
     """429: too many batch uploads in progress (PCQ_MAX_UPLOADS_PER_TENANT, PCQ_MAX_UPLOADS)."""
 
     code = "too_many_uploads"
+
+
+class TooManyStreams(TooManyRequests):
+    """429: the tenant holds as many event streams as it may (PCQ_SSE_MAX_STREAMS_PER_TENANT)."""
+
+    code = "too_many_streams"

@@ -252,3 +252,24 @@ def test_answers_about_real_objects_keep_to_the_document(key: str) -> None:
         check("GET", "/v1/citations", "/v1/citations", 404, params={"job_id": "job_nope"}, headers=h)
         check("GET", "/healthz", "/healthz", 200)
         check("GET", "/readyz", "/readyz", 200)
+
+        # The event stream of a batch whose every job has ended: one batch.completed, then the
+        # end; given that event's id, nothing newer is left (204).
+        ended = check(
+            "POST",
+            "/v1/batches",
+            "/v1/batches",
+            202,
+            json={"requests": [{"custom_id": "e", "body": REQ}]},
+            headers=h,
+        )
+        (only,) = client.get("/v1/jobs", params={"batch_id": ended.json()["id"]}, headers=h).json()["data"]
+        check("POST", f"/v1/jobs/{only['id']}/cancel", one + "/cancel", 200, headers=h)
+        events = bat + "/events"
+        stream = check("GET", f"/v1/batches/{ended.json()['id']}/events", events, 200, headers=h)
+        assert stream.headers["content-type"].startswith("text/event-stream")
+        (last_id,) = [line[4:] for line in stream.text.splitlines() if line.startswith("id: ")]
+        assert "event: batch.completed" in stream.text
+        after = {**h, "Last-Event-ID": last_id}
+        check("GET", f"/v1/batches/{ended.json()['id']}/events", events, 204, headers=after)
+        check("GET", "/v1/batches/bat_nope/events", events, 404, headers=h)
