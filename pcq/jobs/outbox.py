@@ -139,6 +139,10 @@ def take_due(
         events = [e for e in events if (e.tenant_id, e.url) not in off]
     bodies = _bodies(session, [e for e in events if e.body is None], max_inline_bytes, api_url)
     rows.set_bodies(session, bodies)
+    lost = [e.id for e in events if e.body is None and e.id not in bodies]
+    if lost:  # what it reports is gone (cannot happen while events cascade with their job)
+        rows.set_status(session, lost, DeliveryStatus.FAILED)
+        events = [e for e in events if e.id not in lost]
     secrets = secret_rows.signing_secrets(session, {e.tenant_id for e in events}, now=now)
     return [
         Delivery(
