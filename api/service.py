@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import base64
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from functools import partial
 from typing import TypeVar
@@ -40,7 +41,8 @@ from pcq.queue import Enqueuer
 from pcq.repositories import batches as batch_rows
 from pcq.repositories import jobs as job_rows
 from pcq.repositories import results as result_rows
-from pcq.repositories.results import Answers
+from pcq.repositories.jobs import ExportJob
+from pcq.repositories.results import Answers, ExportAnswers
 
 T = TypeVar("T")
 
@@ -206,16 +208,42 @@ def batch_counts(session: Session, batch_id: str) -> dict[str, int]:
     return counts
 
 
-def batch_results(session: Session, batch_id: str, chunk: int = 500) -> Iterator[tuple[list[Job], Answers]]:
-    """The batch's jobs in submission order with the answers of those that succeeded, loaded
-    ``chunk`` jobs at a time."""
-    last = ""
-    while True:
-        jobs = job_rows.of_batch(session, batch_id, after=last, limit=chunk)
-        if not jobs:
-            return
-        yield jobs, result_rows.answers_of(session, [j.id for j in jobs if j.status == JobStatus.SUCCEEDED])
-        last = jobs[-1].id
+EXPORT_PAGE = 1000  # jobs per page of an export: 4 queries each; ~3 MB of rows with 12 citations a job
+
+
+def batch_results(
+    sessions: SessionFactory, batch_id: str, page: int = EXPORT_PAGE
+) -> Iterator[tuple[Sequence[ExportJob], ExportAnswers]]:
+    """The batch's jobs in submission order with the answers of those that succeeded, ``page``
+    jobs at a time: keyset pages, each two index-range queries on PostgreSQL (four elsewhere),
+    none per job.
+
+    One page is read ahead in a thread of its own while the caller encodes the current one:
+    the database's time (most of it: it builds the basis JSON) and the API's overlap, on two
+    cores. Each page is read in a session of its own, closed before the page is handed on,
+    so no transaction is held while the client reads (a slow reader would trip the
+    idle-in-transaction timeout). When the caller stops (the client went away: the generator
+    is closed), the read in flight ends on its own and nothing further is read.
+    """
+
+    def read(after: str) -> tuple[Sequence[ExportJob], ExportAnswers | None]:
+        with sessions() as session:
+            jobs = job_rows.page_of_batch(session, batch_id, after=after, limit=page)
+            answers = result_rows.export_answers(session, batch_id, jobs[0][0], jobs[-1][0]) if jobs else None
+            session.rollback()
+        return jobs, answers
+
+    ahead = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pcq-export")
+    try:
+        next_page = ahead.submit(read, "")
+        while True:
+            jobs, answers = next_page.result()
+            if answers is None:
+                return
+            next_page = ahead.submit(read, jobs[-1][0])
+            yield jobs, answers
+    finally:
+        ahead.shutdown(wait=False, cancel_futures=True)
 
 
 CitationWith = tuple[Citation, str | None, str | None, str | None]  # custom_id, reasoning, confidence
