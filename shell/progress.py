@@ -22,3 +22,8 @@ def wait_with_bar(client: PcqClient, batch_id: str, total: int) -> dict[str, Any
             bar.update(finished - bar.n)
 
         return client.wait(batch_id, on_progress=update)
+
+
+def export_bar(total: int, batch_id: str) -> tqdm[Any]:
+    """Jobs written by ``pcq export``, on stderr; shown only when stderr is a terminal."""
+    return tqdm(total=total, unit="job", desc=batch_id[:16], file=sys.stderr, disable=None)
