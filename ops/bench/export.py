@@ -36,7 +36,7 @@ from typing import Any
 import httpx
 from sqlalchemy import text
 
-from ops.bench.common import Database, fresh_database
+from ops.bench.common import REPO, Database, fresh_database
 from ops.bench.measure import proc_status_kb
 from pcq.db import make_engine, make_session_factory
 from pcq.models import JobStatus
@@ -211,11 +211,11 @@ def cli_export_once(api_url: str, key: str, batch_id: str, workdir: Path) -> dic
     """``pcq export BATCH --format csv --citations FILE -o FILE`` as a user runs it, timed whole."""
     out, cites = workdir / "export.csv", workdir / "citations.csv"
     env = {k: v for k, v in os.environ.items() if not k.startswith("PCQ_")}
-    env.update(PCQ_API_URL=api_url, PCQ_API_KEY=key)
+    env.update(PCQ_API_URL=api_url, PCQ_API_KEY=key, PYTHONPATH=str(REPO))
     cmd = [sys.executable, "-m", "shell.cli", "export", batch_id, "--format", "csv"]
     cmd += ["--citations", str(cites), "-o", str(out)]
     t0 = time.perf_counter()
-    done = subprocess.run(cmd, env=env, capture_output=True, check=False)  # noqa: S603  (our interpreter)
+    done = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, check=False)  # noqa: S603  (our interpreter)
     took = time.perf_counter() - t0
     if done.returncode != 0:
         raise RuntimeError(f"pcq export failed ({done.returncode}): {done.stderr.decode()[-2000:]}")
@@ -244,7 +244,8 @@ def run_export(args: argparse.Namespace) -> dict[str, Any]:
         key, batch_id = seed(db, args.jobs, args.fields, args.citations)
         seeded = time.perf_counter() - t0
         print(f"seeded {args.jobs} jobs in {seeded:.1f} s", file=sys.stderr, flush=True)  # noqa: T201
-        stack = Stack(stack_env(db.url, args.redis_url), workdir)
+        # This checkout's code, whatever the interpreter has installed (the API runs in workdir).
+        stack = Stack({**stack_env(db.url, args.redis_url), "PYTHONPATH": str(REPO)}, workdir)
         try:
             stack.start_api()
             api_pid = stack.procs["api"].pid
