@@ -9,8 +9,9 @@ at the end); they return models and rows, which api.views shapes into responses.
 from __future__ import annotations
 
 import base64
+from collections import deque
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from functools import partial
 from typing import TypeVar
@@ -208,7 +209,8 @@ def batch_counts(session: Session, batch_id: str) -> dict[str, int]:
     return counts
 
 
-EXPORT_PAGE = 1000  # jobs per page of an export: 4 queries each; ~3 MB of rows with 12 citations a job
+EXPORT_READ_AHEAD = 2  # pages of an export read at once, each in a thread and a connection of its own
+EXPORT_PAGE = 1000  # jobs per page of an export: ~5 MB of answers with 12 citations each
 
 
 def batch_results(
@@ -218,32 +220,43 @@ def batch_results(
     jobs at a time: keyset pages, each two index-range queries on PostgreSQL (four elsewhere),
     none per job.
 
-    One page is read ahead in a thread of its own while the caller encodes the current one:
-    the database's time (most of it: it builds the basis JSON) and the API's overlap, on two
-    cores. Each page is read in a session of its own, closed before the page is handed on,
-    so no transaction is held while the client reads (a slow reader would trip the
-    idle-in-transaction timeout). When the caller stops (the client went away: the generator
-    is closed), the read in flight ends on its own and nothing further is read.
+    The answers of EXPORT_READ_AHEAD pages are read at once, in threads of their own, while the
+    caller encodes the page before them: PostgreSQL builds the basis JSON (most of an export's
+    CPU) on other cores meanwhile. Each read is a session of its own, closed before its page is
+    handed on, so no transaction is held while the client reads (a slow reader would trip the
+    idle-in-transaction timeout); an export holds at most EXPORT_READ_AHEAD + 1 connections.
+    When the caller stops (the client went away: the generator is closed), the reads in flight
+    end on their own and nothing further is read.
     """
 
-    def read(after: str) -> tuple[Sequence[ExportJob], ExportAnswers | None]:
+    def jobs_after(after: str) -> Sequence[ExportJob]:
         with sessions() as session:
-            jobs = job_rows.page_of_batch(session, batch_id, after=after, limit=page)
-            answers = result_rows.export_answers(session, batch_id, jobs[0][0], jobs[-1][0]) if jobs else None
-            session.rollback()
-        return jobs, answers
+            return job_rows.page_of_batch(session, batch_id, after=after, limit=page)
 
-    ahead = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pcq-export")
+    def answers_of_page(jobs: Sequence[ExportJob]) -> ExportAnswers:
+        with sessions() as session:
+            answers = result_rows.export_answers(session, batch_id, jobs[0][0], jobs[-1][0])
+            session.rollback()
+        return answers
+
+    readers = ThreadPoolExecutor(max_workers=EXPORT_READ_AHEAD, thread_name_prefix="pcq-export")
+    pending: deque[tuple[Sequence[ExportJob], Future[ExportAnswers]]] = deque()
+    after: str | None = ""
     try:
-        next_page = ahead.submit(read, "")
         while True:
-            jobs, answers = next_page.result()
-            if answers is None:
+            while after is not None and len(pending) < EXPORT_READ_AHEAD:
+                jobs = jobs_after(after)
+                if not jobs:
+                    after = None
+                    break
+                pending.append((jobs, readers.submit(answers_of_page, jobs)))
+                after = jobs[-1][0]
+            if not pending:
                 return
-            next_page = ahead.submit(read, jobs[-1][0])
-            yield jobs, answers
+            jobs, answers = pending.popleft()
+            yield jobs, answers.result()
     finally:
-        ahead.shutdown(wait=False, cancel_futures=True)
+        readers.shutdown(wait=False, cancel_futures=True)
 
 
 CitationWith = tuple[Citation, str | None, str | None, str | None]  # custom_id, reasoning, confidence
