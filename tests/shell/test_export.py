@@ -20,10 +20,10 @@ from pcq.db import make_engine, make_session_factory, unit_of_work
 from pcq.jobs.lifecycle import AttemptRecord
 from pcq.models import utcnow
 from pcq.tenants import create_key_at
-from pcq.wire import BasisData, CitationData, ParsedCompletion
+from pcq.wire import BasisData, CitationData, ParsedCompletion, url_domain
 from shell import cli
 from shell.client import PcqClient
-from shell.export import CITATION_COLUMNS, JOB_COLUMNS, PARQUET_MISSING
+from shell.export import CITATION_COLUMNS, JOB_COLUMNS, PARQUET_MISSING, citation_domain
 from shell.procs import free_port
 from tests.conftest import make_settings
 from tests.core import lifecycle_helpers as one
@@ -267,3 +267,24 @@ def test_an_unreachable_api_stops_with_one_line(
     with pytest.raises(SystemExit, match="cannot reach the API"):
         cli.main(["export", "bat_x", "-o", str(tmp_path / "out.jsonl")])
     assert not list(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "https://Docs.Example.com/a/b?x=1#f",
+        "http://user:pw@Host.COM:8080/x",
+        "https://[::1]:80/p",
+        "https://[bad/x",
+        "mailto:a//b",
+        "http:x//y/z",
+        "nohost",
+        "https://a.com?q=//x",
+        "https://a.com#//x",
+        "//b.org/x",
+        "HTTPS://Ü.de/x",
+        " https://a.b/",
+    ],
+)
+def test_the_cached_citation_domain_is_the_apis_domain(url: str) -> None:
+    assert citation_domain(url) == url_domain(url)
