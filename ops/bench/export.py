@@ -12,6 +12,9 @@ and, ``--repeat`` times:
 - runs ``pcq export BATCH --format csv --citations FILE -o FILE`` as a process, end to end
   (its own interpreter start included), and counts the rows it wrote.
 
+Before each stream it waits (up to 60 s) for the machine to be nearly idle, as the other
+modes do, and records the busy cores it saw (``busy_cores_before``).
+
 Medians over the repeats go in the table. Everything it starts is stopped and the database is
 dropped at the end.
 """
@@ -37,7 +40,7 @@ import httpx
 from sqlalchemy import text
 
 from ops.bench.common import REPO, Database, fresh_database
-from ops.bench.measure import proc_status_kb
+from ops.bench.measure import proc_status_kb, wait_quiet
 from pcq.db import make_engine, make_session_factory
 from pcq.models import JobStatus
 from pcq.models.base import new_id
@@ -251,7 +254,11 @@ def run_export(args: argparse.Namespace) -> dict[str, Any]:
             api_pid = stack.procs["api"].pid
             streams, exports = [], []
             for k in range(args.repeat):
-                streams.append(stream_once(stack.api_url, key, batch_id, api_pid))
+                # Other work on the machine slows both sides of the stream: wait for a quiet
+                # moment (up to 60 s), and record how busy it was.
+                busy = wait_quiet(max_wait_s=60)
+                stream = stream_once(stack.api_url, key, batch_id, api_pid)
+                streams.append({**stream, "busy_cores_before": busy})
                 print(f"[{k + 1}/{args.repeat}] stream: {streams[-1]}", file=sys.stderr, flush=True)  # noqa: T201
                 exports.append(cli_export_once(stack.api_url, key, batch_id, workdir))
                 print(f"[{k + 1}/{args.repeat}] pcq export: {exports[-1]}", file=sys.stderr, flush=True)  # noqa: T201
@@ -275,11 +282,12 @@ def export_table(res: dict[str, Any]) -> str:
             f"{res['jobs']} succeeded jobs, {res['fields']} basis fields x {res['citations_per_field']} "
             f"citations each (medians of {len(res['rounds'])})",
             "",
-            "| what | lines/s | seconds | first byte s | MB | API RSS before -> peak (MB) |",
-            "|---|---|---|---|---|---|",
+            "| what | lines/s | seconds | first byte s | MB | API RSS before -> peak (MB) | busy cores |",
+            "|---|---|---|---|---|---|---|",
             f"| GET /v1/batches/{{id}}/results | {s['lines_per_s']:,.0f} | {s['seconds']} | "
-            f"{s['first_byte_s']} | {s['mb']} | {s['api_rss_before_mb']} -> {s['api_rss_peak_mb']} |",
+            f"{s['first_byte_s']} | {s['mb']} | {s['api_rss_before_mb']} -> {s['api_rss_peak_mb']} | "
+            f"{s['busy_cores_before']} |",
             f"| pcq export --format csv --citations | {e['rows_per_s']:,.0f} | {e['seconds']} | - | "
-            f"{e['mb']} | - |",
+            f"{e['mb']} | - | - |",
         ]
     )
