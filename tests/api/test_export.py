@@ -5,6 +5,7 @@ jobs of another batch (or tenant) whose ids fall between its own."""
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -192,3 +193,19 @@ def test_an_empty_page_set_yields_nothing_and_a_stopped_export_reads_no_further(
     pages.close()  # what Starlette's iterator does when the client goes away
     with pytest.raises(StopIteration):
         next(pages)
+
+
+def test_an_export_reads_only_a_few_pages_ahead_of_its_reader(stored: Stored) -> None:
+    """Memory stays flat: the reader gets a page while at most EXPORT_READ_AHEAD are read."""
+    opened: list[int] = []
+
+    def sessions() -> Any:
+        opened.append(1)
+        return stored.sessions()
+
+    pages = service.batch_results(sessions, stored.batch_id, page=1)  # type: ignore[arg-type]  (a counting stand-in for the sessionmaker)
+    next(pages)
+    time.sleep(0.3)  # the reads in flight end
+    assert len(opened) == 2 * service.EXPORT_READ_AHEAD  # each page: its jobs, then its answers
+    assert len(list(pages)) == 8  # and the rest follow, one page per job
+    pages.close()
