@@ -10,7 +10,7 @@ from starlette.concurrency import run_in_threadpool
 
 from api import service, views
 from api.batch_input import JSONL_TYPES
-from api.deps import ResourcesDep, SessionDep, TenantDep
+from api.deps import ResourcesDep, SessionDep, StreamingSessionDep, TenantDep
 from api.errors import error_responses
 from api.schemas import BatchOut, IdempotencyKeyHeader
 
@@ -105,7 +105,7 @@ async def retry_failed(batch_id: str, res: ResourcesDep, session: SessionDep, te
 
 @router.get("/{batch_id}/results", response_class=JsonlResponse, responses=RESULTS_DOC)
 def batch_results(
-    batch_id: str, res: ResourcesDep, session: SessionDep, tenant: TenantDep
+    batch_id: str, res: ResourcesDep, session: StreamingSessionDep, tenant: TenantDep
 ) -> StreamingResponse:
     """JSONL, one line per job: ``{"custom_id", "job_id", "status", "result" | "error"}``."""
     service.get_batch(session, tenant, batch_id)

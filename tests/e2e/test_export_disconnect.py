@@ -68,6 +68,13 @@ def test_a_client_that_disconnects_mid_export_stops_the_reads(
         )
         first = sock.recv(65536)
         assert first.startswith(b"HTTP/1.1 200")
+        time.sleep(0.5)  # a slow reader: the API waits on the socket with no transaction open
+        with psycopg.connect(dsn) as c:
+            (waiting,) = c.execute(
+                "SELECT count(*) FROM pg_stat_activity"
+                " WHERE datname = current_database() AND state LIKE 'idle in transaction%'"
+            ).fetchone() or (None,)
+        assert waiting == 0
         sock.close()  # gone, with ~160 MB unread
 
         # A backend publishes its statistics at most once a second, and an idle one 10 s after
