@@ -35,6 +35,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import IO, Any, Literal, Protocol
 
+import httpx
 import orjson
 
 from pcq.wire import url_domain
@@ -308,8 +309,14 @@ def export_batch(
                 written += 1
                 bar.update(1)
             if written != total:
-                kept = "the output is incomplete" if output is None else "no file was written"
-                raise SystemExit(f"pcq: the export stream ended after {written} of {total} jobs; {kept}")
+                raise _cut_short(written, total, output, "it ended")
+    except httpx.TransportError as exc:  # the API went away mid-stream (or the network did)
+        raise _cut_short(written, total, output, f"it broke off: {type(exc).__name__}") from None
     except OSError as exc:  # a full disk, a closed pipe
         raise SystemExit(f"pcq: cannot write the export: {exc.strerror or exc}") from None
     return 0
+
+
+def _cut_short(written: int, total: int, output: str | None, how: str) -> SystemExit:
+    kept = "the output is incomplete" if output is None else "no file was written"
+    return SystemExit(f"pcq: the export stream stopped after {written} of {total} jobs ({how}); {kept}")

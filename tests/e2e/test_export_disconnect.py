@@ -3,7 +3,11 @@ the real API process (uvicorn) reads a few pages more at most, not the rest of t
 
 from __future__ import annotations
 
+import os
+import re
 import socket
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -95,3 +99,42 @@ def test_a_client_that_disconnects_mid_export_stops_the_reads(
         assert _results_rows_read(dsn) >= read + JOBS
     finally:
         stack.stop_all()
+
+
+@pytest.mark.e2e
+def test_pcq_export_cut_short_by_a_dying_api_exits_1_and_leaves_no_file(
+    pg_url: str, redis_url: str, tmp_path: Path
+) -> None:
+    dsn = pg_url.replace("postgresql+psycopg://", "postgresql://")
+    key = create_key_at(pg_url, "acme")
+    batch_id = _seed(dsn)
+    stack = Stack(stack_env(dsn, redis_url), tmp_path)
+    out = tmp_path / "out.jsonl"
+    part = tmp_path / "out.jsonl.part"
+    try:
+        stack.start_api()
+        env = {k: v for k, v in os.environ.items() if not k.startswith("PCQ_")}
+        env.update(PCQ_API_URL=stack.api_url, PCQ_API_KEY=key)
+        cli = subprocess.Popen(  # noqa: S603
+            [sys.executable, "-m", "shell.cli", "export", batch_id, "-o", str(out)],
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        deadline = time.monotonic() + 60
+        while not (part.exists() and part.stat().st_size > 0):  # rows are being written
+            assert cli.poll() is None, cli.communicate()
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        stack.procs["api"].kill()
+        _, err = cli.communicate(timeout=60)
+    finally:
+        stack.stop_all()
+    assert cli.returncode == 1
+    said = rf"stopped after \d+ of {JOBS} jobs \(it broke off: \w+\); no file was written"
+    assert re.search(said, err), err
+    assert "Traceback" not in err
+    assert not out.exists()
+    assert not part.exists()
