@@ -56,6 +56,10 @@ def read_session(res: ResourcesDep) -> Iterator[Session]:
 
 
 SessionDep = Annotated[Session, Depends(read_session)]
+# For a route that streams its answer: the session ends when the route function returns, before
+# the stream starts (a "request" scope would keep its connection idle in a transaction for as
+# long as the client reads, and PostgreSQL ends such a session after a minute).
+StreamingSessionDep = Annotated[Session, Depends(read_session, scope="function")]
 
 
 # Declared as security schemes (either one will do), so OpenAPI clients know how to send a key.

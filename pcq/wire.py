@@ -157,11 +157,16 @@ class CitationData:
 
     @property
     def domain(self) -> str | None:
-        try:
-            host = urlsplit(self.url).hostname
-        except ValueError:
-            return None
-        return host.lower() if host else None
+        return url_domain(self.url)
+
+
+def url_domain(url: str) -> str | None:
+    """A citation's ``domain``: its URL's host, lower-cased (None if it has none)."""
+    try:
+        host = urlsplit(url).hostname
+    except ValueError:
+        return None
+    return host.lower() if host else None
 
 
 @dataclass

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import csv
-import json
 import logging
 import os
 import sys
@@ -244,61 +242,6 @@ def cmd_submit(args: argparse.Namespace) -> int:
         return 0
 
 
-CSV_COLUMNS = [
-    "custom_id",
-    "job_id",
-    "status",
-    "model",
-    "finish_reason",
-    "content",
-    "prompt_tokens",
-    "completion_tokens",
-    "total_tokens",
-    "citation_count",
-    "citation_urls",
-    "error_code",
-    "error",
-]
-
-
-# A cell starting with one of these is a formula to a spreadsheet (`=HYPERLINK(...)` as a
-# custom_id would be a live link); OWASP's advice is to prefix such a cell with a quote.
-FORMULA_TRIGGERS = ("=", "+", "-", "@", "\t", "\r")
-
-
-def csv_safe(value: Any) -> Any:
-    """A cell as a spreadsheet will show it, never run it: text starting with ``=``, ``+``,
-    ``-``, ``@``, tab or carriage return gains a leading ``'``. Numbers and empty cells are
-    left as they are (a number is never a formula)."""
-    if value is None or (isinstance(value, int | float) and not isinstance(value, bool)):
-        return value
-    text = str(value)
-    return "'" + text if text.startswith(FORMULA_TRIGGERS) else text
-
-
-def _csv_row(row: dict[str, Any]) -> dict[str, Any]:
-    """One CSV row: every text cell passes through ``csv_safe``."""
-    result = row.get("result") or {}
-    usage = result.get("usage") or {}
-    urls = [c["url"] for b in result.get("basis") or [] for c in b["citations"]]
-    cells = {
-        "custom_id": row.get("custom_id"),
-        "job_id": row.get("job_id"),
-        "status": row.get("status"),
-        "model": result.get("model"),
-        "finish_reason": result.get("finish_reason"),
-        "content": result.get("content"),
-        "prompt_tokens": usage.get("prompt_tokens"),
-        "completion_tokens": usage.get("completion_tokens"),
-        "total_tokens": usage.get("total_tokens"),
-        "citation_count": len(urls),
-        "citation_urls": " ".join(urls),
-        "error_code": row.get("error_code"),
-        "error": row.get("error"),
-    }
-    return {k: csv_safe(v) for k, v in cells.items()}
-
-
 def cmd_watch(args: argparse.Namespace) -> int:
     from shell.watch import watch_command
 
@@ -306,24 +249,14 @@ def cmd_watch(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
+    from shell.export import check_format, export_batch
+
+    check_format(args.format, args.output)  # before asking for a key or calling the API
     client = _client(args)
-    out = open(args.output, "w", newline="", encoding="utf-8") if args.output else sys.stdout  # noqa: SIM115
     with _api_call(client):
-        try:
-            writer = csv.DictWriter(out, fieldnames=CSV_COLUMNS) if args.format == "csv" else None
-            if writer:
-                writer.writeheader()
-            for line in client.results(args.batch_id):
-                if not line:
-                    continue
-                if writer:
-                    writer.writerow(_csv_row(json.loads(line)))
-                else:
-                    out.write(line + "\n")
-            return 0
-        finally:
-            if out is not sys.stdout:
-                out.close()
+        return export_batch(
+            client, args.batch_id, fmt=args.format, output=args.output, citations=args.citations
+        )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -401,8 +334,16 @@ def build_parser() -> argparse.ArgumentParser:
             c.add_argument("--idempotency-key", default=None)
         else:
             c.add_argument("batch_id")
-            c.add_argument("--format", choices=["jsonl", "csv"], default="jsonl")
+            c.add_argument(
+                "--format",
+                choices=["jsonl", "csv", "parquet"],
+                default="jsonl",
+                help="one row per job, the same columns in each (parquet: pip install 'pcq[parquet]')",
+            )
             c.add_argument("-o", "--output", default=None, help="file to write (default: stdout)")
+            c.add_argument(
+                "--citations", metavar="FILE", default=None, help="also write one row per citation here"
+            )
         c.add_argument("--api-url", default=None, help="default: PCQ_API_URL")
         c.add_argument(
             "--api-key",

@@ -66,11 +66,22 @@ class PcqClient:
             params["cursor"] = page["next_cursor"]
 
     def results(self, batch_id: str) -> Iterator[str]:
+        """The batch's export (``GET /v1/batches/{id}/results``), one JSON line at a time, as it
+        streams. Lines are split at ``\n`` only: httpx's ``iter_lines`` (``str.splitlines``)
+        would also split inside a JSON string holding U+2028, U+2029 or U+0085, which JSON
+        leaves unescaped."""
         with self._http.stream("GET", f"/v1/batches/{batch_id}/results") as resp:
             if resp.status_code >= 400:
                 resp.read()
                 self._check(resp)
-            yield from resp.iter_lines()
+            rest = b""
+            for chunk in resp.iter_bytes():
+                lines = (rest + chunk).split(b"\n")
+                rest = lines.pop()
+                for line in lines:
+                    yield line.decode()
+            if rest:
+                yield rest.decode()
 
     @contextmanager
     def batch_events(self, batch_id: str, last_event_id: str | None = None) -> Iterator[httpx.Response]:

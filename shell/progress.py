@@ -82,3 +82,8 @@ class BatchProgress:
         if self._bar is not None:
             self._bar.close()
             self._bar = None
+
+
+def export_bar(total: int, batch_id: str) -> tqdm[Any]:
+    """Jobs written by ``pcq export``, on stderr; shown only when stderr is a terminal."""
+    return tqdm(total=total, unit="job", desc=batch_id[:16], file=sys.stderr, disable=None)

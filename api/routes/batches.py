@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import json
-from collections.abc import Iterator
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Header, Query, Request, Response
@@ -12,7 +10,7 @@ from starlette.concurrency import run_in_threadpool
 
 from api import events, service, views
 from api.batch_input import JSONL_TYPES
-from api.deps import ResourcesDep, SessionDep, TenantDep
+from api.deps import ResourcesDep, SessionDep, StreamingSessionDep, TenantDep
 from api.errors import error_responses
 from api.schemas import BatchOut, IdempotencyKeyHeader
 from pcq.models import Batch
@@ -148,18 +146,14 @@ async def retry_failed(batch_id: str, res: ResourcesDep, session: SessionDep, te
 
 @router.get("/{batch_id}/results", response_class=JsonlResponse, responses=RESULTS_DOC)
 def batch_results(
-    batch_id: str, res: ResourcesDep, session: SessionDep, tenant: TenantDep
+    batch_id: str, res: ResourcesDep, session: StreamingSessionDep, tenant: TenantDep
 ) -> StreamingResponse:
     """JSONL, one line per job: ``{"custom_id", "job_id", "status", "result" | "error"}``."""
     service.get_batch(session, tenant, batch_id)
-
-    def lines() -> Iterator[bytes]:
-        # Its own session: the request's one is closed once the response starts streaming.
-        with res.sessions() as export_session:
-            for row in views.export_rows(service.batch_results(export_session, batch_id)):
-                yield (json.dumps(row, ensure_ascii=False) + "\n").encode()
-
-    return JsonlResponse(lines())
+    # A sync iterator: Starlette runs each step in its thread pool and stops asking for the
+    # next one when the client goes away; every page is read in a session of its own
+    # (service.batch_results), so nothing is held between steps.
+    return JsonlResponse(views.export_lines(service.batch_results(res.sessions, batch_id)))
 
 
 @router.get(

@@ -6,6 +6,8 @@ Modes (see docs/benchmarks.md for what each measures and the results):
               naive Celery peer, on one mock upstream (500 ms, 10 citations per field)
   inflight    how many 60-second calls one worker process holds at once, and its RSS
   limiter     PCQ_RATE_LIMIT_PER_MINUTE=600 over 3 workers against a mock enforcing 600/min
+  export      GET /v1/batches/{id}/results and `pcq export` on a seeded batch of 100,000
+              succeeded jobs with citations: lines/s, time, the API's peak RSS (ops/bench/export.py)
 
 Every mode starts its own processes, uses a fresh PostgreSQL database per phase (dropped at
 the end), Redis db 12 for pcq and db 11 for the naive peer, talks to 127.0.0.1 only, and
@@ -43,6 +45,7 @@ from ops.bench.common import (
     redis_script_calls,
     versions,
 )
+from ops.bench.export import export_table, run_export
 from ops.bench.measure import PhaseMeter, code_fingerprint, proc_status_kb, sockets_to_port, wait_quiet
 from ops.bench.profile import Profiler
 from ops.bench.systems import batch_body, pcq_env, run_ceiling, run_naive, run_pcq, start_pcq, wait_batch
@@ -499,12 +502,21 @@ def limiter_table(r: dict[str, Any]) -> str:
     return table
 
 
+# ------------------------------------------------------------------------------ export
+
+
+def export(args: argparse.Namespace, outdir: Path) -> dict[str, Any]:  # noqa: ARG001
+    args.redis_url = PCQ_REDIS
+    return run_export(args)
+
+
 # ------------------------------------------------------------------------------- main
 
 MODE_DEFAULTS: dict[str, dict[str, Any]] = {
     "throughput": {"jobs": 10_000, "latency_ms": 500, "workers": 1},
     "inflight": {"jobs": 2_500, "latency_ms": 60_000, "workers": 1},
     "limiter": {"jobs": 1_600, "latency_ms": 200, "workers": 3},
+    "export": {"jobs": 100_000, "citations": 3},
 }
 
 
@@ -513,12 +525,15 @@ def main(argv: list[str] | None = None) -> int:
         prog="python -m ops.bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     p.add_argument("mode", choices=sorted(MODE_DEFAULTS))
-    p.add_argument("--jobs", type=int, help="jobs per run (throughput 10000, inflight 2500, limiter 1600)")
-    p.add_argument("--repeat", type=int, default=1, help="throughput: runs to take the median of")
+    p.add_argument(
+        "--jobs", type=int, help="jobs per run (throughput 10000, inflight 2500, limiter 1600, export 100000)"
+    )
+    p.add_argument("--repeat", type=int, default=1, help="throughput, export: runs to take the median of")
     p.add_argument(
         "--latency-ms", type=int, help="mock latency (throughput 500, inflight 60000, limiter 200)"
     )
-    p.add_argument("--citations", type=int, default=10, help="mock citations per basis field")
+    p.add_argument("--citations", type=int, help="mock citations per basis field (10; export 3)")
+    p.add_argument("--fields", type=int, default=4, help="export: basis fields per answer")
     p.add_argument("--workers", type=int, help="pcq worker processes (throughput 1, limiter 3)")
     p.add_argument(
         "--systems",
@@ -549,16 +564,18 @@ def main(argv: list[str] | None = None) -> int:
     for k, v in MODE_DEFAULTS[args.mode].items():
         if getattr(args, k) is None:
             setattr(args, k, v)
+    if args.citations is None:
+        args.citations = 10
     args.systems = [s.strip() for s in args.systems.split(",") if s.strip()]
     if unknown := set(args.systems) - {"pcq", "ceiling", "naive"}:
         p.error(f"unknown system(s): {sorted(unknown)}")
     args.out.mkdir(parents=True, exist_ok=True)
 
     started = time.time()
-    res = {"throughput": throughput, "inflight": inflight, "limiter": limiter}[args.mode](args, args.out)
-    table = {"throughput": throughput_table, "inflight": inflight_table, "limiter": limiter_table}[args.mode](
-        res
-    )
+    modes = {"throughput": throughput, "inflight": inflight, "limiter": limiter, "export": export}
+    res = modes[args.mode](args, args.out)
+    tables = {"throughput": throughput_table, "inflight": inflight_table, "limiter": limiter_table}
+    table = {**tables, "export": export_table}[args.mode](res)
     record = {
         "mode": args.mode,
         "command": "python -m ops.bench " + " ".join(sys.argv[1:] if argv is None else argv),

@@ -126,12 +126,22 @@ def status_counts(session: Session, batch_id: str) -> list[tuple[str, int]]:
     return [(status, n) for status, n in rows]
 
 
-def of_batch(session: Session, batch_id: str, *, after: str, limit: int) -> list[Job]:
-    """A batch's jobs in submission order, from the first id above ``after``."""
-    return list(
-        session.scalars(
-            select(Job).where(Job.batch_id == batch_id, Job.id > after).order_by(Job.id).limit(limit)
+ExportJob = Row[str, str | None, str, str | None, str | None]
+"""What a batch export shows of a job: id, custom_id, status, error, error_code (a plain tuple)."""
+
+
+def page_of_batch(session: Session, batch_id: str, *, after: str, limit: int) -> Sequence[ExportJob]:
+    """A page of a batch's jobs for its export, in submission order, from the first id above
+    ``after`` (keyset: each page is one short query, whatever the batch's size)."""
+    return (
+        session.connection()
+        .execute(
+            select(Job.id, Job.custom_id, Job.status, Job.error, Job.error_code)
+            .where(Job.batch_id == batch_id, Job.id > after)
+            .order_by(Job.id)
+            .limit(limit)
         )
+        .all()
     )
 
 

@@ -178,6 +178,23 @@ def test_submit_wait_and_export_against_a_running_stack(tmp_path: Path, sqlite_u
         )
         assert as_jsonl.returncode == 0
         assert len((tmp_path / "out.jsonl").read_text().splitlines()) == 5
+        out, cites = tmp_path / "out.parquet", tmp_path / "cites.parquet"
+        as_parquet = pcq(
+            "export",
+            batch_id,
+            "--format",
+            "parquet",
+            "-o",
+            str(out),
+            "--citations",
+            str(cites),
+            env=client_env,
+        )
+        assert as_parquet.returncode == 0, as_parquet.stderr
+        import pyarrow.parquet as pq
+
+        assert pq.read_table(out).column("custom_id").to_pylist() == [f"r{i}" for i in range(5)]
+        assert pq.read_table(cites).num_rows == 15  # the mock: one basis field, 3 citations
         missing = pcq("export", "bat_nope", env=client_env)
         assert missing.returncode != 0
         assert "404" in missing.stderr

@@ -23,6 +23,7 @@ from pcq.tenants import create_key_at, list_keys
 from pcq.wire import BasisData, CitationData, ParsedCompletion
 from shell import cli
 from shell.client import PcqClient
+from shell.export import FORMULA_TRIGGERS, csv_safe
 from tests.conftest import make_settings
 from tests.core import lifecycle_helpers as one
 
@@ -92,9 +93,11 @@ def test_csv_export_writes_formula_cells_as_text(
         with unit_of_work(sessions) as s:
             one.store_failure(s, bad, _record(bad.attempt, "fatal"), code="+code", error="-boom")
 
-        out = tmp_path / "out.csv"
+        out, cites = tmp_path / "out.csv", tmp_path / "citations.csv"
         monkeypatch.setattr(cli, "_client", lambda _args: _ViaTestClient(http, key))
-        assert cli.main(["export", batch_id, "--format", "csv", "-o", str(out)]) == 0
+        assert (
+            cli.main(["export", batch_id, "--format", "csv", "-o", str(out), "--citations", str(cites)]) == 0
+        )
 
     with out.open(newline="", encoding="utf-8") as f:
         rows = {r["job_id"]: r for r in csv.DictReader(f)}
@@ -115,17 +118,20 @@ def test_csv_export_writes_formula_cells_as_text(
     assert answered["content"] == "'=1+2"
     assert answered["model"] == "'@model"
     assert answered["finish_reason"] == "'-stop"
-    assert answered["citation_urls"] == "'=cmd|' /C calc'!A0"
+    with cites.open(newline="", encoding="utf-8") as f:
+        (cite,) = list(csv.DictReader(f))
+    assert cite["url"] == "'=cmd|' /C calc'!A0"
+    assert cite["custom_id"] == "'" + HYPERLINK
     assert [answered[c] for c in ("prompt_tokens", "completion_tokens", "citation_count")] == ["3", "4", "1"]
     failed = rows[job_ids["plain"]]
     assert (failed["status"], failed["error_code"], failed["error"]) == ("failed", "'+code", "'-boom")
-    for row in rows.values():
+    for row in [*rows.values(), cite]:
         for column, value in row.items():
-            assert not value.startswith(cli.FORMULA_TRIGGERS), (column, value)
+            assert not value.startswith(FORMULA_TRIGGERS), (column, value)
 
 
 def test_csv_safe_leaves_numbers_and_empty_cells() -> None:
-    assert [cli.csv_safe(v) for v in (None, 0, -3, 2.5, "", "a-b", "-", "\n=x")] == [
+    assert [csv_safe(v) for v in (None, 0, -3, 2.5, "", "a-b", "-", "\n=x")] == [
         None,
         0,
         -3,
@@ -135,9 +141,9 @@ def test_csv_safe_leaves_numbers_and_empty_cells() -> None:
         "'-",
         "\n=x",
     ]
-    assert cli.csv_safe(True) == "True"
-    assert cli.csv_safe(["=x"]) == "['=x']"
-    assert cli.csv_safe("=4") == "'=4"  # text where a number belongs is text
+    assert csv_safe(True) == "True"
+    assert csv_safe(["=x"]) == "['=x']"
+    assert csv_safe("=4") == "'=4"  # text where a number belongs is text
 
 
 def test_a_key_revoked_through_the_cli_is_refused_by_the_next_request_of_every_api(
