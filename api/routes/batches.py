@@ -4,17 +4,18 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator
-from typing import Any
+from typing import Annotated, Any
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Query, Request
 from fastapi.responses import StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
 from api import service, views
 from api.batch_input import JSONL_TYPES
-from api.deps import ResourcesDep, SessionDep, TenantDep
+from api.deps import SINGLE_VALUED_QUERY, Cursor, ResourcesDep, SessionDep, TenantDep
 from api.errors import error_responses
-from api.schemas import BatchOut, IdempotencyKeyHeader
+from api.routes.jobs import MAX_PAGE
+from api.schemas import BatchOut, DomainCountOut, DomainPage, IdempotencyKeyHeader
 
 router = APIRouter(prefix="/v1/batches", tags=["batches"])
 
@@ -119,3 +120,25 @@ def batch_results(
                 yield (json.dumps(row, ensure_ascii=False) + "\n").encode()
 
     return JsonlResponse(lines())
+
+
+@router.get(
+    "/{batch_id}/domains",
+    response_model=DomainPage,
+    responses=error_responses(401, 404, 422, 503),
+    dependencies=SINGLE_VALUED_QUERY,
+)
+def batch_domains(
+    batch_id: str,
+    session: SessionDep,
+    tenant: TenantDep,
+    cursor: Cursor = None,
+    limit: Annotated[int, Query(ge=1, le=MAX_PAGE)] = 100,
+) -> DomainPage:
+    """The domains the batch's citations name, most cited first, with their citations and jobs;
+    ``limit`` at a time (the counts are taken afresh for each page)."""
+    rows, next_cursor = service.batch_domains(session, tenant, batch_id, cursor=cursor, limit=limit)
+    return DomainPage(
+        data=[DomainCountOut(domain=d.domain, citations=d.citations, jobs=d.jobs) for d in rows],
+        next_cursor=next_cursor,
+    )

@@ -6,6 +6,8 @@ Modes (see docs/benchmarks.md for what each measures and the results):
               naive Celery peer, on one mock upstream (500 ms, 10 citations per field)
   inflight    how many 60-second calls one worker process holds at once, and its RSS
   limiter     PCQ_RATE_LIMIT_PER_MINUTE=600 over 3 workers against a mock enforcing 600/min
+  audit       GET /v1/citations filters and /v1/batches/{id}/domains over 1,000,000 citation
+              rows (100,000 jobs x 10) in PostgreSQL: p50/p99 per query (ops/bench/audit.py)
 
 Every mode starts its own processes, uses a fresh PostgreSQL database per phase (dropped at
 the end), Redis db 12 for pcq and db 11 for the naive peer, talks to 127.0.0.1 only, and
@@ -31,6 +33,7 @@ if __package__ in (None, ""):  # run as a script: make the repository importable
 
 import httpx
 
+from ops.bench.audit import audit, audit_table
 from ops.bench.common import (
     REPO,
     flush_own_redis_db,
@@ -505,6 +508,7 @@ MODE_DEFAULTS: dict[str, dict[str, Any]] = {
     "throughput": {"jobs": 10_000, "latency_ms": 500, "workers": 1},
     "inflight": {"jobs": 2_500, "latency_ms": 60_000, "workers": 1},
     "limiter": {"jobs": 1_600, "latency_ms": 200, "workers": 3},
+    "audit": {"jobs": 100_000},
 }
 
 
@@ -513,12 +517,17 @@ def main(argv: list[str] | None = None) -> int:
         prog="python -m ops.bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     p.add_argument("mode", choices=sorted(MODE_DEFAULTS))
-    p.add_argument("--jobs", type=int, help="jobs per run (throughput 10000, inflight 2500, limiter 1600)")
+    p.add_argument(
+        "--jobs", type=int, help="jobs per run (throughput 10000, inflight 2500, limiter 1600, audit 100000)"
+    )
     p.add_argument("--repeat", type=int, default=1, help="throughput: runs to take the median of")
     p.add_argument(
         "--latency-ms", type=int, help="mock latency (throughput 500, inflight 60000, limiter 200)"
     )
-    p.add_argument("--citations", type=int, default=10, help="mock citations per basis field")
+    p.add_argument(
+        "--citations", type=int, default=10, help="mock citations per basis field; audit: citations per job"
+    )
+    p.add_argument("--samples", type=int, default=100, help="audit: timed runs of each query")
     p.add_argument("--workers", type=int, help="pcq worker processes (throughput 1, limiter 3)")
     p.add_argument(
         "--systems",
@@ -555,10 +564,15 @@ def main(argv: list[str] | None = None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
 
     started = time.time()
-    res = {"throughput": throughput, "inflight": inflight, "limiter": limiter}[args.mode](args, args.out)
-    table = {"throughput": throughput_table, "inflight": inflight_table, "limiter": limiter_table}[args.mode](
-        res
-    )
+    run = {"throughput": throughput, "inflight": inflight, "limiter": limiter, "audit": audit}[args.mode]
+    res = run(args, args.out)
+    show = {
+        "throughput": throughput_table,
+        "inflight": inflight_table,
+        "limiter": limiter_table,
+        "audit": audit_table,
+    }
+    table = show[args.mode](res)
     record = {
         "mode": args.mode,
         "command": "python -m ops.bench " + " ".join(sys.argv[1:] if argv is None else argv),

@@ -60,11 +60,18 @@ class BasisField(Base):
 
 
 class Citation(Base):
-    """One row per citation of one basis field; tenant and batch copied in for cheap filters.
+    """One row per citation of one basis field; tenant, batch, the field's confidence and the
+    answer's time copied in, so that every audit filter of ``GET /v1/citations`` is one index
+    range read in id order (the pages' keyset) instead of a join scanned row by row.
 
     The field is referenced by (job_id, field_position), not by a surrogate id, so a worker
     can insert the fields and citations of many jobs in two statements without round trips
     for generated keys.
+
+    Each filter's index ends with ``id``: equality on its leading columns leaves the entries
+    in id order, so a page (first or deep) reads ``limit`` entries after the cursor. Text that
+    can be long (url, field) is indexed by its md5 on PostgreSQL, whose btree entries hold at
+    most 2,704 bytes; SQLite has no such limit (and no md5()), so it indexes the text.
     """
 
     __tablename__ = "citations"
@@ -82,6 +89,15 @@ class Citation(Base):
             dialect="postgresql"
         ),
         Index("ix_citations_tenant_batch", "tenant_id", "batch_id", "id"),
+        Index("ix_citations_tenant_field", "tenant_id", "field", "id").ddl_if(dialect="sqlite"),
+        Index("ix_citations_tenant_field_md5", "tenant_id", func.md5(text("field")), "id").ddl_if(
+            dialect="postgresql"
+        ),
+        Index("ix_citations_tenant_confidence", "tenant_id", "confidence", "id"),
+        Index("ix_citations_tenant_created_at", "tenant_id", "created_at", "id"),
+        # GET /v1/batches/{id}/domains: an index-only scan of one batch's entries, already in
+        # (domain, job) order, counts citations and distinct jobs per domain without a sort.
+        Index("ix_citations_batch_domain_job", "batch_id", "domain", "job_id"),
     )
 
     id: Mapped[int] = mapped_column(BigIntPK, primary_key=True, autoincrement=True)
@@ -95,3 +111,7 @@ class Citation(Base):
     domain: Mapped[str | None] = mapped_column(String(255), default=None)
     title: Mapped[str | None] = mapped_column(Text, default=None)
     excerpts: Mapped[list[str] | None] = mapped_column(JSONType, default=None)
+    # Copies, written with the row (revision 0007 filled the rows written before it): the
+    # basis field's confidence, and when the answer was stored (its result's created_at).
+    confidence: Mapped[str | None] = mapped_column(String(32), default=None)
+    created_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), default=None)

@@ -6,9 +6,10 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any, cast
 
-from sqlalchemy import JSON, Row, Table, and_, func, insert, select
+from sqlalchemy import JSON, Row, Table, and_, func, insert, or_, select
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
@@ -97,19 +98,35 @@ def answers_of(session: Session, job_ids: Sequence[str]) -> Answers:
     return Answers(results, usage, basis, citations)
 
 
+@dataclass(frozen=True)
+class CitationFilter:
+    """What ``GET /v1/citations`` narrows to; every given filter must hold (AND).
+
+    ``custom_id`` is the job's (unique within a batch, so it may name jobs of several
+    batches); ``confidence`` is the basis field's; ``created_after`` and ``created_before``
+    bound (exclusively) when the answer was stored."""
+
+    job_id: str | None = None
+    batch_id: str | None = None
+    custom_id: str | None = None
+    domain: str | None = None
+    url: str | None = None
+    field: str | None = None
+    confidence: str | None = None
+    created_after: datetime | None = None
+    created_before: datetime | None = None
+
+
 def citations_of_tenant(
-    session: Session,
-    tenant_id: str,
-    *,
-    job_id: str | None,
-    batch_id: str | None,
-    domain: str | None,
-    url: str | None,
-    after: int | None,
-    limit: int,
+    session: Session, tenant_id: str, where: CitationFilter, *, after: int | None, limit: int
 ) -> Sequence[Row[Citation, str | None, str | None, str | None]]:
     """The tenant's citations, oldest first, filtered; each with its job's ``custom_id`` and its
-    basis field's ``reasoning`` and ``confidence``. ``after``: ids above this one."""
+    basis field's ``reasoning`` and ``confidence``. ``after``: ids above this one.
+
+    Each filter has an index ending with ``id`` (pcq.models.result.Citation), so a page reads
+    about ``limit`` entries wherever the cursor is; a long text (url, field) is also compared
+    by md5 on PostgreSQL, which is what its index holds."""
+    postgres = session.get_bind().dialect.name == "postgresql"
     q = (
         select(Citation, Job.custom_id, BasisField.reasoning, BasisField.confidence)
         .join(Job, Job.id == Citation.job_id)
@@ -119,16 +136,57 @@ def citations_of_tenant(
         )
         .where(Citation.tenant_id == tenant_id)
     )
-    if job_id is not None:
-        q = q.where(Citation.job_id == job_id)
-    if batch_id is not None:
-        q = q.where(Citation.batch_id == batch_id)
-    if domain is not None:
-        q = q.where(Citation.domain == domain)
-    if url is not None:
-        q = q.where(Citation.url == url)
-        if session.get_bind().dialect.name == "postgresql":
-            q = q.where(func.md5(Citation.url) == func.md5(url))  # what the index holds
+    if where.job_id is not None:
+        q = q.where(Citation.job_id == where.job_id)
+    if where.batch_id is not None:
+        q = q.where(Citation.batch_id == where.batch_id)
+    if where.custom_id is not None:
+        q = q.where(Job.tenant_id == tenant_id, Job.custom_id == where.custom_id)
+    if where.domain is not None:
+        q = q.where(Citation.domain == where.domain)
+    for column, value in ((Citation.url, where.url), (Citation.field, where.field)):
+        if value is not None:
+            q = q.where(column == value)
+            if postgres:
+                q = q.where(func.md5(column) == func.md5(value))
+    if where.confidence is not None:
+        q = q.where(Citation.confidence == where.confidence)
+    if where.created_after is not None:
+        q = q.where(Citation.created_at > where.created_after)
+    if where.created_before is not None:
+        q = q.where(Citation.created_at < where.created_before)
     if after is not None:
         q = q.where(Citation.id > after)
     return session.execute(q.order_by(Citation.id).limit(limit)).all()
+
+
+@dataclass(frozen=True)
+class DomainCount:
+    domain: str | None  # None: citations whose URL names no host
+    citations: int
+    jobs: int
+
+
+def domains_of_batch(
+    session: Session, batch_id: str, *, after: tuple[int, str] | None, limit: int
+) -> list[DomainCount]:
+    """The domains a batch's citations name: citations and distinct jobs per domain, most cited
+    first, ties by domain (no host sorts as ""). ``after``: the (citations, domain) of the
+    last row of the previous page.
+
+    Counted afresh on each call, from ``ix_citations_batch_domain_job``: an index-only scan
+    of the batch's entries, in (domain, job) order, grouped twice without a sort (per domain
+    and job, then per domain), so ``jobs`` needs no DISTINCT."""
+    per_job = (
+        select(Citation.domain, Citation.job_id, func.count().label("n"))
+        .where(Citation.batch_id == batch_id)
+        .group_by(Citation.domain, Citation.job_id)
+        .subquery()
+    )
+    citations = func.sum(per_job.c.n)
+    key = func.coalesce(per_job.c.domain, "")
+    q = select(per_job.c.domain, citations, func.count()).group_by(per_job.c.domain)
+    if after is not None:
+        q = q.having(or_(citations < after[0], and_(citations == after[0], key > after[1])))
+    rows = session.execute(q.order_by(citations.desc(), key).limit(limit)).all()
+    return [DomainCount(domain, int(n), int(jobs)) for domain, n, jobs in rows]

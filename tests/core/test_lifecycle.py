@@ -104,6 +104,24 @@ def test_success_stores_result_usage_basis_and_one_row_per_citation(sessions) ->
         assert {c.domain for c in s.scalars(select(Citation))} == {"example.com"}
 
 
+def test_each_citation_carries_its_fields_confidence_and_its_answers_time(sessions) -> None:
+    """The copies the audit filters read (GET /v1/citations?confidence=&created_after=)."""
+    job_id = _new_job(sessions)
+    job = _claim(sessions, job_id)
+    with unit_of_work(sessions) as s:
+        assert one.store_success(s, job, _record(1), _completion())
+    with sessions() as s:
+        stored = s.get(Result, job_id).created_at
+        cites = {(c.field, c.position): c for c in s.scalars(select(Citation))}
+        assert {k: c.confidence for k, c in cites.items()} == {
+            ("output", 0): "high",
+            ("output", 1): "high",
+            ("output", 2): "high",
+            ("other", 0): None,
+        }
+        assert {c.created_at for c in cites.values()} == {stored}
+
+
 def test_an_answer_with_nul_and_lone_surrogates_is_stored_not_retried_for_ever(sessions) -> None:
     """PostgreSQL holds neither character; the parsed copies get U+FFFD, the raw body its escapes."""
     job_id = _new_job(sessions)
