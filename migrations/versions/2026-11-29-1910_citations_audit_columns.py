@@ -1,4 +1,5 @@
-"""citations: the field's confidence and the answer's time copied in, and the audit indexes.
+"""Audit queries: the field's confidence and the answer's time copied into citations, their
+indexes, and each batch's citations and jobs per domain.
 
 ``GET /v1/citations`` filters by ``confidence`` (a basis field's) and by ``created_after`` /
 ``created_before`` (when the answer was stored), in citation id order. Read through joins,
@@ -6,7 +7,12 @@ such a filter scans citations in id order and probes ``basis_fields`` or ``resul
 row until a page is full: fine for common values, a scan of the tenant's every row for a rare
 or absent one. Copied into ``citations``, each filter is one index range read in id order.
 
-No long lock on a big table, in three steps:
+``batch_domains`` holds each batch's citations and distinct jobs per domain, which the worker
+keeps from now on (``GET /v1/batches/{id}/domains`` reads it instead of counting the batch's
+citations at each request). It is counted here from the existing citations, in the
+transaction that creates it: one read of ``citations``, which blocks no writer.
+
+No long lock on ``citations``, in three steps:
 
 1. ``ADD COLUMN`` nullable, without a default: PostgreSQL (11+) changes only the catalog, it
    rewrites no row. The ACCESS EXCLUSIVE lock lasts milliseconds, and it is committed at once
@@ -45,7 +51,6 @@ CHUNK = 20_000  # citation ids per backfill transaction
 INDEXES = {
     "ix_citations_tenant_confidence": "tenant_id, confidence, id",
     "ix_citations_tenant_created_at": "tenant_id, created_at, id",
-    "ix_citations_batch_domain_job": "batch_id, domain, job_id",
     "ix_citations_tenant_field_md5": "tenant_id, md5(field), id",
 }
 
@@ -54,6 +59,12 @@ UPDATE citations AS c SET confidence = b.confidence, created_at = r.created_at
 FROM basis_fields AS b, results AS r
 WHERE c.id >= :lo AND c.id < :hi AND c.created_at IS NULL
   AND b.job_id = c.job_id AND b.position = c.field_position AND r.job_id = c.job_id
+"""
+
+COUNT_DOMAINS = """
+INSERT INTO batch_domains (batch_id, domain, citations, jobs)
+SELECT batch_id, coalesce(domain, ''), count(*), count(DISTINCT job_id)
+FROM citations WHERE batch_id IS NOT NULL GROUP BY batch_id, coalesce(domain, '')
 """
 
 BACKFILL_SQLITE = """
@@ -68,12 +79,23 @@ WHERE created_at IS NULL
 def upgrade() -> None:
     op.add_column("citations", sa.Column("confidence", sa.String(length=32), nullable=True))
     op.add_column("citations", sa.Column("created_at", UTCDateTime(), nullable=True))
+    op.create_table(
+        "batch_domains",
+        sa.Column("batch_id", sa.String(length=40), nullable=False),
+        sa.Column("domain", sa.String(length=255), nullable=False),
+        sa.Column("citations", sa.BigInteger(), nullable=False),
+        sa.Column("jobs", sa.BigInteger(), nullable=False),
+        sa.ForeignKeyConstraint(
+            ["batch_id"], ["batches.id"], name=op.f("fk_batch_domains_batch_id_batches"), ondelete="CASCADE"
+        ),
+        sa.PrimaryKeyConstraint("batch_id", "domain", name=op.f("pk_batch_domains")),
+    )
+    op.execute(COUNT_DOMAINS)
     bind = op.get_bind()
     if bind.dialect.name != "postgresql":
         op.execute(BACKFILL_SQLITE)
         op.create_index("ix_citations_tenant_confidence", "citations", ["tenant_id", "confidence", "id"])
         op.create_index("ix_citations_tenant_created_at", "citations", ["tenant_id", "created_at", "id"])
-        op.create_index("ix_citations_batch_domain_job", "citations", ["batch_id", "domain", "job_id"])
         op.create_index("ix_citations_tenant_field", "citations", ["tenant_id", "field", "id"])
         return
     with op.get_context().autocommit_block():

@@ -191,6 +191,12 @@ def seed(url: str, jobs: int, per_job: int, rng: random.Random) -> dict[str, Any
                         + (conf, j.finished)
                     )
                     n_cites += 1
+        # As the worker keeps them, one transaction at a time (revision 0007 counts them so).
+        cur.execute(
+            "INSERT INTO batch_domains (batch_id, domain, citations, jobs)"
+            " SELECT batch_id, coalesce(domain, ''), count(*), count(DISTINCT job_id) FROM citations"
+            " WHERE batch_id IS NOT NULL GROUP BY 1, 2"
+        )
         conn.commit()
     load_s = time.perf_counter() - t0
     t1 = time.perf_counter()
@@ -244,7 +250,8 @@ def cases(url: str) -> list[Case]:
         a,
     )
     unique_url = one(
-        "SELECT url FROM citations WHERE tenant_id = %s AND domain LIKE 'site%%' ORDER BY id OFFSET %s LIMIT 1",
+        "SELECT url FROM citations WHERE tenant_id = %s AND domain LIKE 'site%%'"
+        " ORDER BY id OFFSET %s LIMIT 1",
         a,
         n // 3,
     )
@@ -261,6 +268,7 @@ def cases(url: str) -> list[Case]:
     last_day, first_day = at(1 - 1 / DAYS), at(1 / DAYS)
     mid, mid_next = at(0.5), at(0.5 + 1 / DAYS)
     last_week = at(1 - 7 / DAYS)
+    three_weeks = at(1 - 21 / DAYS)
     f = CitationFilter
     return [
         Case("no filter (largest tenant, 55 %)", a, f()),
@@ -278,6 +286,8 @@ def cases(url: str) -> list[Case]:
         Case("confidence=low (15 %)", a, f(confidence="low")),
         Case("confidence=high (50 %)", a, f(confidence="high")),
         Case("created_after (last day)", a, f(created_after=last_day)),
+        Case("created_after (last week)", a, f(created_after=last_week)),
+        Case("created_after (last 3 weeks: 70 % of rows)", a, f(created_after=three_weeks)),
         Case("created_before (first day)", a, f(created_before=first_day)),
         Case(
             "created_after + created_before (a day mid-month)",

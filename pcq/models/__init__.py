@@ -11,7 +11,7 @@ from pcq.models.job import (
     Job,
     JobStatus,
 )
-from pcq.models.result import BasisField, Citation, Result, Usage
+from pcq.models.result import BasisField, BatchDomain, Citation, Result, Usage
 from pcq.models.tenant import ApiKey, Tenant
 
 __all__ = [
@@ -23,6 +23,7 @@ __all__ = [
     "Base",
     "BasisField",
     "Batch",
+    "BatchDomain",
     "BatchStatus",
     "Citation",
     "Job",

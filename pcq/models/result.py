@@ -6,6 +6,7 @@ from datetime import datetime
 from typing import Any
 
 from sqlalchemy import (
+    BigInteger,
     ForeignKey,
     ForeignKeyConstraint,
     Index,
@@ -95,9 +96,6 @@ class Citation(Base):
         ),
         Index("ix_citations_tenant_confidence", "tenant_id", "confidence", "id"),
         Index("ix_citations_tenant_created_at", "tenant_id", "created_at", "id"),
-        # GET /v1/batches/{id}/domains: an index-only scan of one batch's entries, already in
-        # (domain, job) order, counts citations and distinct jobs per domain without a sort.
-        Index("ix_citations_batch_domain_job", "batch_id", "domain", "job_id"),
     )
 
     id: Mapped[int] = mapped_column(BigIntPK, primary_key=True, autoincrement=True)
@@ -115,3 +113,20 @@ class Citation(Base):
     # basis field's confidence, and when the answer was stored (its result's created_at).
     confidence: Mapped[str | None] = mapped_column(String(32), default=None)
     created_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), default=None)
+
+
+class BatchDomain(Base):
+    """Citations and jobs per domain of one batch (``GET /v1/batches/{id}/domains``), kept by
+    the worker in the transaction that stores the citations (pcq.repositories.results).
+
+    Counting them at each request read every citation of the batch: 60-120 ms for a
+    20,000-job batch (200,000 citations) even from an index-only scan. A job's citations are
+    all stored in one transaction, so adding each transaction's distinct jobs per domain
+    counts every job once."""
+
+    __tablename__ = "batch_domains"
+
+    batch_id: Mapped[str] = mapped_column(ForeignKey("batches.id", ondelete="CASCADE"), primary_key=True)
+    domain: Mapped[str] = mapped_column(String(255), primary_key=True)  # "": a URL without a host
+    citations: Mapped[int] = mapped_column(BigInteger)
+    jobs: Mapped[int] = mapped_column(BigInteger)
