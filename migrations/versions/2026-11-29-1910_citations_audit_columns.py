@@ -108,12 +108,14 @@ def upgrade() -> None:
 
 
 def downgrade() -> None:
-    bind = op.get_bind()
-    names = (
-        [*INDEXES] if bind.dialect.name == "postgresql" else [*list(INDEXES)[:3], "ix_citations_tenant_field"]
+    field_index = (
+        "ix_citations_tenant_field_md5"
+        if op.get_bind().dialect.name == "postgresql"
+        else "ix_citations_tenant_field"
     )
-    for name in names:
+    for name in ("ix_citations_tenant_confidence", "ix_citations_tenant_created_at", field_index):
         op.drop_index(name, table_name="citations")
+    op.drop_table("batch_domains")
     with op.batch_alter_table("citations") as batch:
         batch.drop_column("created_at")
         batch.drop_column("confidence")
