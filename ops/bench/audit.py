@@ -266,6 +266,7 @@ def cases(url: str) -> list[Case]:
         return value
 
     last_day, first_day = at(1 - 1 / DAYS), at(1 / DAYS)
+    start = at(0)
     mid, mid_next = at(0.5), at(0.5 + 1 / DAYS)
     last_week = at(1 - 7 / DAYS)
     three_weeks = at(1 - 21 / DAYS)
@@ -288,6 +289,7 @@ def cases(url: str) -> list[Case]:
         Case("created_after (last day)", a, f(created_after=last_day)),
         Case("created_after (last week)", a, f(created_after=last_week)),
         Case("created_after (last 3 weeks: 70 % of rows)", a, f(created_after=three_weeks)),
+        Case("created_after (the whole month: every row)", a, f(created_after=start - timedelta(days=1))),
         Case("created_before (first day)", a, f(created_before=first_day)),
         Case(
             "created_after + created_before (a day mid-month)",

@@ -185,8 +185,9 @@ def _page_ids(
     spread evenly; they are not when they are one batch's or one day's: 0.1 s to skip 900,000
     rows before the first match in the benchmark. So the driver's equality is also written as
     a range (``x >= v AND x <= v``, the same rows) and the ids ordered by (driver, id): only the
-    driver's index yields that order, the primary key cannot. A time range alone is read from
-    its own index and the matches sorted (``id + 0`` keeps the primary key out).
+    driver's index yields that order, the primary key cannot. A time window alone is read in
+    id order if it holds most of the tenant's rows, else from its own index and the matches
+    sorted (``id + 0`` keeps the primary key out): see ``_mostly_inside``.
 
     A job's (or a custom_id's) citations are few: any index will do. A long text (url, field)
     is compared by md5 too on PostgreSQL, which is what its index holds.
@@ -224,8 +225,30 @@ def _page_ids(
             q = q.where(driver[0] >= driver[1], driver[0] <= driver[1])
             order.append(driver[0])
         elif where.created_after is not None or where.created_before is not None:
-            return q.order_by(Citation.id + 0).limit(limit)
+            if not _mostly_inside(session, tenant_id, where.created_after, where.created_before):
+                return q.order_by(Citation.id + 0).limit(limit)
     return q.order_by(*order, Citation.id).limit(limit)
+
+
+WINDOW_PROBE = 10_000  # index entries counted, at most, on each side of a time window
+
+
+def _mostly_inside(session: Session, tenant_id: str, after: datetime | None, before: datetime | None) -> bool:
+    """Whether a time window holds most of the tenant's citations: at least WINDOW_PROBE of them,
+    and fewer than that outside it. Then its matches are dense in id order and the page is read
+    in id order (the primary key); otherwise the window's entries are read from its index and
+    sorted, which costs as many entries as the window holds. Two counts, each of at most
+    WINDOW_PROBE entries of ``ix_citations_tenant_created_at`` (index-only)."""
+    inside = [Citation.created_at > after] if after is not None else []
+    inside += [Citation.created_at < before] if before is not None else []
+    outside = [Citation.created_at <= after] if after is not None else []
+    outside += [Citation.created_at >= before] if before is not None else []
+
+    def count(condition: ColumnElement[bool]) -> int:
+        probe = select(Citation.id).where(Citation.tenant_id == tenant_id, condition).limit(WINDOW_PROBE)
+        return session.execute(select(func.count()).select_from(probe.subquery())).scalar_one()
+
+    return count(and_(*inside)) >= WINDOW_PROBE and count(or_(*outside)) < WINDOW_PROBE
 
 
 @dataclass(frozen=True)

@@ -287,6 +287,24 @@ def test_every_filter_and_combination_returns_exactly_its_rows_once_across_pages
             assert row["custom_id"] == f["custom_id"]
 
 
+@pytest.mark.parametrize("probe", [1, 3, 10_000])
+def test_a_time_window_returns_its_rows_whichever_way_it_is_read(
+    audit: Audit, probe: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A window holding most rows is read in id order, another from the time index (the choice
+    is made on counts of at most WINDOW_PROBE entries: small probes here, so both ways run)."""
+    monkeypatch.setattr(result_rows, "WINDOW_PROBE", probe)
+    times = sorted({r.created_at for r in audit.rows})
+    windows = [{"created_after": t.isoformat()} for t in times[:3]]
+    windows += [{"created_before": t.isoformat()} for t in times[-3:]]
+    windows.append({"created_after": times[0].isoformat(), "created_before": times[-1].isoformat()})
+    windows.append({"created_after": (times[0] - timedelta(days=1)).isoformat()})
+    for params in windows:
+        for limit in (1, 4):
+            got = [r["id"] for r in audit.pages("/v1/citations", params, limit)]
+            assert got == expected(audit, "acme", params), params
+
+
 @pytest.mark.parametrize(
     "params",
     [

@@ -250,5 +250,15 @@ def test_answers_about_real_objects_keep_to_the_document(key: str) -> None:
         check("GET", "/v1/batches/bat_nope/results", bat + "/results", 404, headers=h)
         check("GET", "/v1/citations", "/v1/citations", 200, params={"batch_id": batch["id"]}, headers=h)
         check("GET", "/v1/citations", "/v1/citations", 404, params={"job_id": "job_nope"}, headers=h)
+        audit = {
+            "custom_id": "a",
+            "field": "output",
+            "confidence": "low",
+            "created_after": "2026-01-01T00:00:00Z",
+        }
+        check("GET", "/v1/citations", "/v1/citations", 200, params=audit, headers=h)
+        check("GET", "/v1/citations", "/v1/citations", 422, params={"created_before": "soon"}, headers=h)
+        check("GET", f"/v1/batches/{batch['id']}/domains", bat + "/domains", 200, headers=h)
+        check("GET", "/v1/batches/bat_nope/domains", bat + "/domains", 404, headers=h)
         check("GET", "/healthz", "/healthz", 200)
         check("GET", "/readyz", "/readyz", 200)

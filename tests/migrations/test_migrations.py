@@ -85,7 +85,8 @@ def test_0007_fills_older_citations_and_counts_batch_domains(dialect: str, tmp_p
 
         with engine.begin() as conn:
             conn.execute(
-                text("INSERT INTO tenants (id, name, created_at) VALUES ('t', 't', :now)"), {"now": at(stored)}
+                text("INSERT INTO tenants (id, name, created_at) VALUES ('t', 't', :now)"),
+                {"now": at(stored)},
             )
             conn.execute(
                 text("INSERT INTO batches (id, tenant_id, total, created_at) VALUES ('b', 't', 2, :now)"),
