@@ -227,7 +227,7 @@ def list_citations(
 ) -> tuple[list[CitationWith], str | None]:
     """A page of the tenant's citations, oldest first, and the cursor of the next page (if any).
     A job or batch named that is not the tenant's answers 404, not an empty page; a domain is
-    matched as stored (lower case); a time without a zone is UTC."""
+    matched as stored (lower case)."""
     if where.job_id is not None:
         get_job(session, tenant_id, where.job_id)
     if where.batch_id is not None:
@@ -262,13 +262,16 @@ def batch_domains(
     return page, _next_cursor(page, more=len(rows) > limit, key=lambda d: f"{d.citations}:{d.domain or ''}")
 
 
+OUT_OF_RANGE = "must fall between years 1 and 9999 in UTC"
+
+
 def _utc(value: datetime | None, name: str) -> datetime | None:
     if value is None:
         return None
     try:
         return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
     except OverflowError as exc:  # an offset that moves the time out of datetime's range
-        raise InvalidInput(f"{name} is out of range") from exc
+        raise InvalidInput(f"{name} {OUT_OF_RANGE}") from exc
 
 
 def _int_cursor(cursor: str, *, decoded: bool = False) -> int:

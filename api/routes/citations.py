@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import re
 from datetime import datetime
 from typing import Annotated
 
 from fastapi import APIRouter, Query
+from pydantic import BeforeValidator
 
 from api import service, views
 from api.deps import SINGLE_VALUED_QUERY, Cursor, SessionDep, TenantDep
@@ -21,11 +23,21 @@ def _text(max_length: int, description: str) -> object:
 
 
 Id = Annotated[str | None, _text(40, "exactly this id")]
+# RFC 3339, as the document's "date-time" says: pydantic alone would also take a number (Unix
+# seconds) or a date without a time.
+RFC_3339 = re.compile(r"\d{4}-\d{2}-\d{2}[Tt]\d{2}:\d{2}:\d{2}(\.\d+)?([Zz]|[+-]\d{2}:\d{2})")
+
+
+def _rfc_3339(value: object) -> object:
+    if value is not None and not (isinstance(value, str) and RFC_3339.fullmatch(value)):
+        raise ValueError("must be an RFC 3339 time with its zone, e.g. 2026-11-23T00:00:00Z")
+    return value
+
+
 When = Annotated[
     datetime | None,
-    Query(
-        description="ISO 8601 (a time without a zone is UTC); bounds when the answer was stored, exclusive"
-    ),
+    BeforeValidator(_rfc_3339),
+    Query(description="RFC 3339 (e.g. 2026-11-23T00:00:00Z); an exclusive bound on when the answer arrived"),
 ]
 
 router = APIRouter(prefix="/v1/citations", tags=["citations"])

@@ -151,6 +151,7 @@ DOCUMENTED_REFUSALS = (
     "it must be unique within the batch",  # POST /v1/batches: custom_id unique within a batch
     "characters once normalized",  # webhook_url: its length is checked as stored
     "a webhook must go to a public address",  # webhook_url: the SSRF guard (names resolve: tests/fake_dns.py)
+    "must fall between years 1 and 9999 in UTC",  # created_after/before: 0001-01-01T00:00:00+01:00
 )
 
 
