@@ -135,8 +135,8 @@ def batch_domains(
     cursor: Cursor = None,
     limit: Annotated[int, Query(ge=1, le=MAX_PAGE)] = 100,
 ) -> DomainPage:
-    """The domains the batch's citations name, most cited first, with their citations and jobs;
-    ``limit`` at a time (the counts are taken afresh for each page)."""
+    """The domains the batch's citations name, most cited first, with their citations and jobs,
+    ``limit`` at a time; counted as answers are stored, so a running batch's counts grow."""
     rows, next_cursor = service.batch_domains(session, tenant, batch_id, cursor=cursor, limit=limit)
     return DomainPage(
         data=[DomainCountOut(domain=d.domain, citations=d.citations, jobs=d.jobs) for d in rows],

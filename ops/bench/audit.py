@@ -303,6 +303,9 @@ def cases(url: str) -> list[Case]:
             f(domain="en.wikipedia.org", created_after=last_week),
         ),
         Case("field=output + confidence=low", a, f(field="output", confidence="low")),
+        Case("confidence=low + created_after (last week)", a, f(confidence="low", created_after=last_week)),
+        Case("field=ceo + created_after (last week)", a, f(field="ceo", created_after=last_week)),
+        Case("field=output + created_after (last week)", a, f(field="output", created_after=last_week)),
     ]
 
 
