@@ -1,11 +1,14 @@
-"""Audit queries: the field's confidence and the answer's time copied into citations, their
-indexes, and each batch's citations and jobs per domain.
+"""Audit queries: the field's confidence, the answer's time and the field's md5 copied into
+citations, their indexes, and each batch's citations and jobs per domain.
 
 ``GET /v1/citations`` filters by ``confidence`` (a basis field's) and by ``created_after`` /
 ``created_before`` (when the answer was stored), in citation id order. Read through joins,
 such a filter scans citations in id order and probes ``basis_fields`` or ``results`` for each
 row until a page is full: fine for common values, a scan of the tenant's every row for a rare
 or absent one. Copied into ``citations``, each filter is one index range read in id order.
+``field_md5`` (hex ``md5(field)``) is what the field index holds, as ``md5(url)`` is for URLs
+(a field name may be longer than a btree entry); a column, unlike an expression, can be
+read from the index alone, with the INCLUDE columns (a field and a time window together).
 
 ``batch_domains`` holds each batch's citations and distinct jobs per domain, which the worker
 keeps from now on (``GET /v1/batches/{id}/domains`` reads it instead of counting the batch's
@@ -41,6 +44,7 @@ import sqlalchemy as sa
 from alembic import op
 
 from pcq.models.base import UTCDateTime
+from pcq.repositories.results import text_md5
 
 revision: str = "0007"
 down_revision: str | None = "0005"
@@ -49,11 +53,11 @@ depends_on: str | Sequence[str] | None = None
 
 CHUNK = 20_000  # citation ids per backfill transaction
 
-# name -> columns (PostgreSQL); the field index differs by dialect (md5 there, see the model)
+# name -> (columns, INCLUDE columns on PostgreSQL)
 INDEXES = {
-    "ix_citations_tenant_confidence": "tenant_id, confidence, id) INCLUDE (created_at",
-    "ix_citations_tenant_created_at": "tenant_id, created_at, id",
-    "ix_citations_tenant_field_md5": "tenant_id, md5(field), id",
+    "ix_citations_tenant_confidence": ("tenant_id, confidence, id", "created_at"),
+    "ix_citations_tenant_created_at": ("tenant_id, created_at, id", None),
+    "ix_citations_tenant_field_md5": ("tenant_id, field_md5, id", "created_at, confidence"),
 }
 # Rebuilt with the new columns as INCLUDE: built under a new name, then swapped in.
 REBUILT = {
@@ -62,7 +66,7 @@ REBUILT = {
 }
 
 BACKFILL_PG = """
-UPDATE citations AS c SET confidence = b.confidence, created_at = r.created_at
+UPDATE citations AS c SET confidence = b.confidence, created_at = r.created_at, field_md5 = md5(c.field)
 FROM basis_fields AS b, results AS r
 WHERE c.id >= :lo AND c.id < :hi AND c.created_at IS NULL
   AND b.job_id = c.job_id AND b.position = c.field_position AND r.job_id = c.job_id
@@ -86,6 +90,7 @@ WHERE created_at IS NULL
 def upgrade() -> None:
     op.add_column("citations", sa.Column("confidence", sa.String(length=32), nullable=True))
     op.add_column("citations", sa.Column("created_at", UTCDateTime(), nullable=True))
+    op.add_column("citations", sa.Column("field_md5", sa.String(length=32), nullable=True))
     op.create_table(
         "batch_domains",
         sa.Column("batch_id", sa.String(length=40), nullable=False),
@@ -101,17 +106,23 @@ def upgrade() -> None:
     bind = op.get_bind()
     if bind.dialect.name != "postgresql":
         op.execute(BACKFILL_SQLITE)
-        op.create_index("ix_citations_tenant_confidence", "citations", ["tenant_id", "confidence", "id"])
-        op.create_index("ix_citations_tenant_created_at", "citations", ["tenant_id", "created_at", "id"])
-        op.create_index("ix_citations_tenant_field", "citations", ["tenant_id", "field", "id"])
+        fields = bind.execute(sa.text("SELECT DISTINCT field FROM citations")).scalars().all()
+        for field in fields:  # SQLite has no md5(): the writer's own function
+            bind.execute(
+                sa.text("UPDATE citations SET field_md5 = :h WHERE field = :f"),
+                {"h": text_md5(field), "f": field},
+            )
+        for name, (columns, _) in INDEXES.items():
+            op.create_index(name, "citations", columns.split(", "))
         return
     with op.get_context().autocommit_block():
         lo, hi = bind.execute(sa.text("SELECT min(id), max(id) FROM citations")).one()
         if lo is not None:
             for start in range(lo, hi + 1, CHUNK):
                 bind.execute(sa.text(BACKFILL_PG), {"lo": start, "hi": start + CHUNK})
-        for name, columns in INDEXES.items():
-            bind.execute(sa.text(f"CREATE INDEX CONCURRENTLY {name} ON citations ({columns})"))
+        for name, (columns, include) in INDEXES.items():
+            extra = f" INCLUDE ({include})" if include else ""
+            bind.execute(sa.text(f"CREATE INDEX CONCURRENTLY {name} ON citations ({columns}){extra}"))
         for name, columns in REBUILT.items():
             bind.execute(
                 sa.text(
@@ -128,14 +139,10 @@ def downgrade() -> None:
         for name, columns in REBUILT.items():
             op.drop_index(name, table_name="citations")
             op.execute(f"CREATE INDEX {name} ON citations ({columns})")
-    field_index = (
-        "ix_citations_tenant_field_md5"
-        if op.get_bind().dialect.name == "postgresql"
-        else "ix_citations_tenant_field"
-    )
-    for name in ("ix_citations_tenant_confidence", "ix_citations_tenant_created_at", field_index):
+    for name in INDEXES:
         op.drop_index(name, table_name="citations")
     op.drop_table("batch_domains")
     with op.batch_alter_table("citations") as batch:
+        batch.drop_column("field_md5")
         batch.drop_column("created_at")
         batch.drop_column("confidence")

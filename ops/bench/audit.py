@@ -46,7 +46,7 @@ from sqlalchemy.orm import Session
 from api import service, views
 from ops.bench.common import fresh_database, percentile
 from pcq.db import make_engine, make_session_factory
-from pcq.repositories.results import CitationFilter
+from pcq.repositories.results import CitationFilter, text_md5
 
 TENANTS = (("ten_audit_a", 0.55), ("ten_audit_b", 0.25), ("ten_audit_c", 0.15), ("ten_audit_d", 0.05))
 BIG_BATCH = 20_000
@@ -178,7 +178,7 @@ def seed(url: str, jobs: int, per_job: int, rng: random.Random) -> dict[str, Any
                     fields.append((j.id, pos, name, conf, share))
                     cp.write_row((j.id, pos, name, f"The {name} was cross-checked against sources.", conf))
         cols = "tenant_id, job_id, batch_id, field, field_position, position, url, domain, title, excerpts"
-        with cur.copy(f"COPY citations ({cols}, confidence, created_at) FROM STDIN") as cp:
+        with cur.copy(f"COPY citations ({cols}, confidence, created_at, field_md5) FROM STDIN") as cp:
             by_id = {j.id: j for j in planned}
             for job_id, pos, name, conf, share in fields:
                 j = by_id[job_id]
@@ -188,7 +188,7 @@ def seed(url: str, jobs: int, per_job: int, rng: random.Random) -> dict[str, Any
                     title = None if cpos % 7 == 0 else f"Source {cpos} on {name}"
                     cp.write_row(
                         (j.tenant, j.id, j.batch, name, pos, cpos, link, domain, title, Jsonb(excerpts))
-                        + (conf, j.finished)
+                        + (conf, j.finished, text_md5(name))
                     )
                     n_cites += 1
         # As the worker keeps them, one transaction at a time (revision 0007 counts them so).

@@ -74,8 +74,8 @@ class Citation(Base):
 
     Each filter's index ends with ``id``: equality on its leading columns leaves the entries
     in id order, so a page (first or deep) reads ``limit`` entries after the cursor. Text that
-    can be long (url, field) is indexed by its md5 on PostgreSQL, whose btree entries hold at
-    most 2,704 bytes; SQLite has no such limit (and no md5()), so it indexes the text.
+    can be long (url, field) is indexed by its md5, because a PostgreSQL btree entry holds at
+    most 2,704 bytes.
     """
 
     __tablename__ = "citations"
@@ -95,9 +95,10 @@ class Citation(Base):
             dialect="postgresql"
         ),
         Index("ix_citations_tenant_batch", "tenant_id", "batch_id", "id", postgresql_include=AUDIT_INCLUDE),
-        Index("ix_citations_tenant_field", "tenant_id", "field", "id").ddl_if(dialect="sqlite"),
-        Index("ix_citations_tenant_field_md5", "tenant_id", func.md5(text("field")), "id").ddl_if(
-            dialect="postgresql"
+        # By field: its md5 (a copy the writer computes), as for URLs, but in a column, so that
+        # the index can be read without the rows (no index-only scan reads an expression index).
+        Index(
+            "ix_citations_tenant_field_md5", "tenant_id", "field_md5", "id", postgresql_include=AUDIT_INCLUDE
         ),
         Index(
             "ix_citations_tenant_confidence",
@@ -121,9 +122,11 @@ class Citation(Base):
     title: Mapped[str | None] = mapped_column(Text, default=None)
     excerpts: Mapped[list[str] | None] = mapped_column(JSONType, default=None)
     # Copies, written with the row (revision 0007 filled the rows written before it): the
-    # basis field's confidence, and when the answer was stored (its result's created_at).
+    # basis field's confidence, when the answer was stored (its result's created_at), and the
+    # field's md5 (what its index holds: a field name may be longer than a btree entry).
     confidence: Mapped[str | None] = mapped_column(String(32), default=None)
     created_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), default=None)
+    field_md5: Mapped[str | None] = mapped_column(String(32), default=None)  # md5(field), hex
 
 
 class BatchDomain(Base):

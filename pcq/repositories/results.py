@@ -4,6 +4,7 @@ citation. The worker writes them (pcq.jobs.lifecycle.store_outcomes); the API re
 
 from __future__ import annotations
 
+import hashlib
 from collections import Counter, defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -47,8 +48,10 @@ def insert_answers(
 ) -> None:
     """Insert the rows of succeeded jobs, given as column dicts: COPY on PostgreSQL (the answer
     rows are most of a worker's writing: 13 rows per job in the benchmarks), else one Core
-    INSERT per table (cheaper than the ORM's bulk insert)."""
+    INSERT per table (cheaper than the ORM's bulk insert). Each citation gets its field's md5
+    here (``field_md5``, what the field index holds), from the field as it is stored."""
     postgres = session.get_bind().dialect.name == "postgresql"
+    citations = [{**c, "field_md5": text_md5(c["field"])} for c in citations]
     for model, rows in ((Result, results), (Usage, usage), (BasisField, basis), (Citation, citations)):
         if not rows:
             continue
@@ -94,6 +97,11 @@ def _count_domains(session: Session, citations: list[dict[str, Any]]) -> None:
         ),
         rows,
     )
+
+
+def text_md5(text: str) -> str:
+    """PostgreSQL's ``md5(text)``: the hex md5 of the UTF-8 bytes."""
+    return hashlib.md5(text.encode(), usedforsecurity=False).hexdigest()
 
 
 # --- reads (the API)
@@ -189,8 +197,9 @@ def _page_ids(
     id order if it holds most of the tenant's rows, else from its own index and the matches
     sorted (``id + 0`` keeps the primary key out): see ``_mostly_inside``.
 
-    A job's (or a custom_id's) citations are few: any index will do. A long text (url, field)
-    is compared by md5 too on PostgreSQL, which is what its index holds.
+    A job's (or a custom_id's) citations are few: any index will do. A url or field is
+    compared by md5 too (the url's on PostgreSQL, the field's copy everywhere), which is what
+    its index holds.
     """
     postgres = session.get_bind().dialect.name == "postgresql"
     q = select(Citation.id).where(Citation.tenant_id == tenant_id)
@@ -201,10 +210,12 @@ def _page_ids(
         jobs = select(Job.id).where(Job.tenant_id == tenant_id, Job.custom_id == where.custom_id)
         q = q.where(Citation.job_id.in_(jobs))
     keyed: list[tuple[Any, Any]] = []  # (indexed expression, value), the driver's candidates in turn
-    for column, value in ((Citation.url, where.url), (Citation.field, where.field)):
-        if value is not None:
-            q = q.where(column == value)
-            keyed.append((func.md5(column), func.md5(value)) if postgres else (column, value))
+    if where.url is not None:
+        q = q.where(Citation.url == where.url)
+        keyed.append((func.md5(Citation.url), func.md5(where.url)) if postgres else (Citation.url, where.url))
+    if where.field is not None:
+        q = q.where(Citation.field == where.field)
+        keyed.append((Citation.field_md5, text_md5(where.field)))
     keyed += [
         (Citation.batch_id, where.batch_id),
         (Citation.domain, where.domain),

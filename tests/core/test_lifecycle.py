@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 from datetime import timedelta
 
@@ -120,6 +121,9 @@ def test_each_citation_carries_its_fields_confidence_and_its_answers_time(sessio
             ("other", 0): None,
         }
         assert {c.created_at for c in cites.values()} == {stored}
+        assert {c.field_md5 for c in cites.values()} == {
+            hashlib.md5(f.encode()).hexdigest() for f in ("output", "other")
+        }
 
 
 def test_an_answer_with_nul_and_lone_surrogates_is_stored_not_retried_for_ever(sessions) -> None:

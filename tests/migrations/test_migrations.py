@@ -17,6 +17,7 @@ from migrations import compare_type, include_object_on
 from migrations.migrate import alembic_config
 from pcq.db import make_engine, make_session_factory
 from pcq.models import Base, BatchDomain, Citation
+from pcq.repositories.results import text_md5
 from tests.conftest import empty_pg_database
 
 
@@ -142,6 +143,8 @@ def test_0007_fills_older_citations_and_counts_batch_domains(dialect: str, tmp_p
             4: ("low", stored + timedelta(minutes=3)),
         }
         assert counts == {("a.example", 3, 2), ("", 1, 1)}  # j3 is in no batch
+        with make_session_factory(engine)() as s:
+            assert set(s.scalars(select(Citation.field_md5))) == {text_md5("f")}
         if dialect == "postgres":
             with engine.connect() as conn:
                 invalid = conn.execute(
