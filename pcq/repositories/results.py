@@ -162,23 +162,35 @@ class CitationFilter:
 
 def citations_of_tenant(
     session: Session, tenant_id: str, where: CitationFilter, *, after: int | None, limit: int
-) -> Sequence[Row[Citation, str | None, str | None, str | None]]:
+) -> list[Row[Citation, str | None, str | None, str | None]]:
     """The tenant's citations, oldest first, filtered; each with its job's ``custom_id`` and its
     basis field's ``reasoning`` and ``confidence``. ``after``: ids above this one.
 
-    Two steps: the page's ids from ``citations`` alone (``_page_ids``), then those rows with
-    their job and basis field."""
-    ids = _page_ids(session, tenant_id, where, after=after, limit=limit).subquery()
-    q = (
-        select(Citation, Job.custom_id, BasisField.reasoning, BasisField.confidence)
-        .join(Job, Job.id == Citation.job_id)
-        .join(
-            BasisField,
-            and_(BasisField.job_id == Citation.job_id, BasisField.position == Citation.field_position),
-        )
-        .where(Citation.id.in_(select(ids.c.id)))
-    )
-    return session.execute(q.order_by(Citation.id)).all()
+    Two steps: the page's ids from the index of one filter (``_page_ids``), then those rows
+    with their job and basis field. A url or field is matched by its md5 in the first step
+    (what the index holds) and exactly in the second; should two texts share an md5, the rows
+    the second step drops are made up from the ids after them."""
+    exact = [Citation.url == where.url] if where.url is not None else []
+    exact += [Citation.field == where.field] if where.field is not None else []
+    rows: list[Row[Citation, str | None, str | None, str | None]] = []
+    while True:
+        ids = list(session.scalars(_page_ids(session, tenant_id, where, after=after, limit=limit)))
+        if ids:
+            q = (
+                select(Citation, Job.custom_id, BasisField.reasoning, BasisField.confidence)
+                .join(Job, Job.id == Citation.job_id)
+                .join(
+                    BasisField,
+                    and_(
+                        BasisField.job_id == Citation.job_id, BasisField.position == Citation.field_position
+                    ),
+                )
+                .where(Citation.id.in_(ids), *exact)
+            )
+            rows += session.execute(q.order_by(Citation.id)).all()
+        if len(rows) >= limit or len(ids) < limit:
+            return rows[:limit]
+        after = ids[-1]
 
 
 def _page_ids(
@@ -191,15 +203,15 @@ def _page_ids(
     cursor is. Left to itself, PostgreSQL's planner often prefers the primary key instead (scan
     every id in order, filter, stop after ``limit``) because it assumes the matching rows are
     spread evenly; they are not when they are one batch's or one day's: 0.1 s to skip 900,000
-    rows before the first match in the benchmark. So the driver's equality is also written as
-    a range (``x >= v AND x <= v``, the same rows) and the ids ordered by (driver, id): only the
+    rows before the first match in the benchmark. So the driver's equality is written as a
+    range (``x >= v AND x <= v``, the same rows) and the ids ordered by (driver, id): only the
     driver's index yields that order, the primary key cannot. A time window alone is read in
     id order if it holds most of the tenant's rows, else from its own index and the matches
     sorted (``id + 0`` keeps the primary key out): see ``_mostly_inside``.
 
     A job's (or a custom_id's) citations are few: any index will do. A url or field is
-    compared by md5 too (the url's on PostgreSQL, the field's copy everywhere), which is what
-    its index holds.
+    compared by md5 (the url's on PostgreSQL, the field's copy everywhere), which is what its
+    index holds; the caller compares the text itself.
     """
     postgres = session.get_bind().dialect.name == "postgresql"
     q = select(Citation.id).where(Citation.tenant_id == tenant_id)
@@ -209,20 +221,26 @@ def _page_ids(
     if where.custom_id is not None:
         jobs = select(Job.id).where(Job.tenant_id == tenant_id, Job.custom_id == where.custom_id)
         q = q.where(Citation.job_id.in_(jobs))
-    keyed: list[tuple[Any, Any]] = []  # (indexed expression, value), the driver's candidates in turn
-    if where.url is not None:
-        q = q.where(Citation.url == where.url)
-        keyed.append((func.md5(Citation.url), func.md5(where.url)) if postgres else (Citation.url, where.url))
-    if where.field is not None:
-        q = q.where(Citation.field == where.field)
-        keyed.append((Citation.field_md5, text_md5(where.field)))
-    keyed += [
+    # (indexed expression, value): the driver's candidates in turn. A url or field only by its
+    # md5 here, so that the index is read alone; the caller compares the text.
+    url_md5 = text_md5(where.url) if where.url is not None else None
+    keyed: list[tuple[Any, Any]] = [
+        (func.md5(Citation.url), url_md5) if postgres else (Citation.url, where.url),
+        (Citation.field_md5, text_md5(where.field) if where.field is not None else None),
         (Citation.batch_id, where.batch_id),
         (Citation.domain, where.domain),
         (Citation.confidence, where.confidence),
     ]
-    for key, value in keyed:
-        if value is not None:
+    given = [(key, value) for key, value in keyed if value is not None]
+    by_job = where.job_id is not None or where.custom_id is not None
+    drives = bool(given) and not by_job
+    for i, (key, value) in enumerate(given):
+        if drives and i == 0:
+            # Only as a range: an equality would let the planner drop the driver from the order
+            # (it is constant), and the primary key would yield the order again.
+            q = q.where(key >= value, key <= value)
+            order.append(key)
+        else:
             q = q.where(key == value)
     if where.created_after is not None:
         q = q.where(Citation.created_at > where.created_after)
@@ -230,14 +248,9 @@ def _page_ids(
         q = q.where(Citation.created_at < where.created_before)
     if after is not None:
         q = q.where(Citation.id > after)
-    if where.job_id is None and where.custom_id is None:
-        driver = next(((k, v) for k, v in keyed if v is not None), None)
-        if driver is not None:
-            q = q.where(driver[0] >= driver[1], driver[0] <= driver[1])
-            order.append(driver[0])
-        elif where.created_after is not None or where.created_before is not None:
-            if not _mostly_inside(session, tenant_id, where.created_after, where.created_before):
-                return q.order_by(Citation.id + 0).limit(limit)
+    if not drives and not by_job and (where.created_after is not None or where.created_before is not None):
+        if not _mostly_inside(session, tenant_id, where.created_after, where.created_before):
+            return q.order_by(Citation.id + 0).limit(limit)
     return q.order_by(*order, Citation.id).limit(limit)
 
 

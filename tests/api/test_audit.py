@@ -11,6 +11,7 @@ queries read, so the copies are checked too.
 
 from __future__ import annotations
 
+import hashlib
 import random
 from collections import Counter, defaultdict
 from collections.abc import Iterator
@@ -62,6 +63,7 @@ class Row:
     field: str
     confidence: str | None
     created_at: datetime
+    field_md5: str | None
 
 
 @dataclass
@@ -181,7 +183,17 @@ def seed(db_url: str, rng: random.Random) -> tuple[list[Row], dict[str, str], di
         ).all()
         rows = [
             Row(
-                c.id, name_of[c.tenant_id], c.job_id, c.batch_id, custom, c.domain, c.url, c.field, conf, when
+                c.id,
+                name_of[c.tenant_id],
+                c.job_id,
+                c.batch_id,
+                custom,
+                c.domain,
+                c.url,
+                c.field,
+                conf,
+                when,
+                c.field_md5,
             )
             for c, custom, conf, when in truth
         ]
@@ -411,3 +423,24 @@ def test_domains_bad_values_answer_422(audit: Audit, params: dict[str, str]) -> 
     batch = next(b for b, t in audit.batches.items() if t == "acme")
     r = audit.client.get(f"/v1/batches/{batch}/domains", params=params, headers=audit.h())
     assert r.status_code == 422, r.text
+
+
+def test_fields_that_share_an_md5_still_page_exactly(db_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The field index holds md5(field); two fields with one md5 (made so here) both come from
+    it, and the rows of the other are dropped and made up from the ids after them."""
+
+    def colliding(text: str) -> str:
+        return "0" * 32 if text in ("name", "ceo") else hashlib.md5(text.encode()).hexdigest()
+
+    monkeypatch.setattr(result_rows, "text_md5", colliding)
+    settings_ = make_settings(DATABASE_URL=db_url, PCQ_BROKER_URL="memory://")
+    with TestClient(create_app(settings_)) as client:
+        keys = {name: create_key_at(db_url, name) for name in ("acme", "globex")}
+        rows, jobs, batches = seed(db_url, random.Random(7))
+        a = Audit(client, keys, rows, jobs, batches)
+        for field in ("name", "ceo"):
+            want = expected(a, "acme", {"field": field})
+            assert want
+            assert {r.field for r in a.rows if r.field_md5 == "0" * 32} == {"name", "ceo"}
+            for limit in (1, 2, 5):
+                assert [r["id"] for r in a.pages("/v1/citations", {"field": field}, limit)] == want
