@@ -48,10 +48,13 @@ def insert_answers(
 ) -> None:
     """Insert the rows of succeeded jobs, given as column dicts: COPY on PostgreSQL (the answer
     rows are most of a worker's writing: 13 rows per job in the benchmarks), else one Core
-    INSERT per table (cheaper than the ORM's bulk insert). Each citation gets its field's md5
-    here (``field_md5``, what the field index holds), from the field as it is stored."""
+    INSERT per table (cheaper than the ORM's bulk insert). Each citation dict gets its field's
+    md5 here (``field_md5``, what the field index holds), from the field as it is stored."""
     postgres = session.get_bind().dialect.name == "postgresql"
-    citations = [{**c, "field_md5": text_md5(c["field"])} for c in citations]
+    md5s: dict[str, str] = {}  # a job's fields are few and repeat in each of its citations
+    for c in citations:
+        field = c["field"]
+        c["field_md5"] = md5s.get(field) or md5s.setdefault(field, text_md5(field))
     for model, rows in ((Result, results), (Usage, usage), (BasisField, basis), (Citation, citations)):
         if not rows:
             continue
