@@ -12,8 +12,9 @@ read from the index alone, with the INCLUDE columns (a field and a time window t
 
 ``batch_domains`` holds each batch's citations and distinct jobs per domain, which the worker
 keeps from now on (``GET /v1/batches/{id}/domains`` reads it instead of counting the batch's
-citations at each request). It is counted here from the existing citations, in the
-transaction that creates it: one read of ``citations``, which blocks no writer.
+citations at each request). It is counted here from the existing citations: one statement
+reading ``citations``, after the columns are committed, which blocks neither readers nor
+writers.
 
 No long lock on ``citations``, in three steps:
 
@@ -22,10 +23,11 @@ No long lock on ``citations``, in three steps:
    (the autocommit block below begins by committing it).
 2. Rows written before this revision are filled from ``basis_fields`` and ``results`` in
    chunks of 20,000 ids, each its own transaction: it locks only the rows it updates, for a
-   fraction of a second; workers keep inserting meanwhile (new rows need nothing: the worker
-   writes both columns). Run it with the older workers stopped (``docker compose up`` does:
-   it replaces them after ``migrate``): a citation an older worker stores after its chunk
-   was filled keeps NULLs, and no time or confidence filter finds it.
+   fraction of a second, and the API goes on reading meanwhile. Run it with the workers of
+   the older version stopped (``docker compose up`` does: it replaces them after
+   ``migrate``): a citation an older worker stores after its chunk was filled keeps NULLs
+   and is counted in no ``batch_domains`` row, and no time, confidence or field filter finds
+   it. (The new version's workers need the new columns and table: start them after.)
 3. The indexes are built ``CONCURRENTLY``: writes go on while each is built (about a second
    per million rows on the benchmark machine). The domain and batch indexes are rebuilt with
    ``INCLUDE (created_at, confidence)`` (built under a new name, the old one dropped, the new
@@ -102,9 +104,9 @@ def upgrade() -> None:
         ),
         sa.PrimaryKeyConstraint("batch_id", "domain", name=op.f("pk_batch_domains")),
     )
-    op.execute(COUNT_DOMAINS)
     bind = op.get_bind()
     if bind.dialect.name != "postgresql":
+        op.execute(COUNT_DOMAINS)
         op.execute(BACKFILL_SQLITE)
         fields = bind.execute(sa.text("SELECT DISTINCT field FROM citations")).scalars().all()
         for field in fields:  # SQLite has no md5(): the writer's own function
@@ -115,7 +117,8 @@ def upgrade() -> None:
         for name, (columns, _) in INDEXES.items():
             op.create_index(name, "citations", columns.split(", "))
         return
-    with op.get_context().autocommit_block():
+    with op.get_context().autocommit_block():  # commits the lines above: the lock is released
+        bind.execute(sa.text(COUNT_DOMAINS))
         lo, hi = bind.execute(sa.text("SELECT min(id), max(id) FROM citations")).one()
         if lo is not None:
             for start in range(lo, hi + 1, CHUNK):
