@@ -220,6 +220,17 @@ class CitationPage(BaseModel):
     next_cursor: str | None
 
 
+class DomainCountOut(BaseModel):
+    domain: str | None = Field(description="The URL's host, lower case; null: URLs that name no host")
+    citations: int = Field(description="Citations of the batch that name this domain")
+    jobs: int = Field(description="Jobs of the batch with at least one of them")
+
+
+class DomainPage(BaseModel):
+    data: list[DomainCountOut] = Field(description="Most cited first; ties by domain")
+    next_cursor: str | None
+
+
 class ErrorOut(BaseModel):
     error: str
     detail: str

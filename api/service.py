@@ -12,7 +12,8 @@ import base64
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from datetime import UTC, datetime
 from functools import partial
 from typing import TypeVar, cast
 
@@ -51,7 +52,7 @@ from pcq.repositories import deliveries as delivery_rows
 from pcq.repositories import jobs as job_rows
 from pcq.repositories import results as result_rows
 from pcq.repositories.jobs import ExportJob
-from pcq.repositories.results import Answers, ExportAnswers
+from pcq.repositories.results import Answers, CitationFilter, DomainCount, ExportAnswers
 from pcq.views import all_counts
 
 T = TypeVar("T")
@@ -277,42 +278,63 @@ CitationWith = tuple[Citation, str | None, str | None, str | None]  # custom_id,
 
 
 def list_citations(
-    session: Session,
-    tenant_id: str,
-    *,
-    job_id: str | None,
-    batch_id: str | None,
-    domain: str | None,
-    url: str | None,
-    cursor: str | None,
-    limit: int,
+    session: Session, tenant_id: str, where: CitationFilter, *, cursor: str | None, limit: int
 ) -> tuple[list[CitationWith], str | None]:
     """A page of the tenant's citations, oldest first, and the cursor of the next page (if any).
-    A job or batch named that is not the tenant's answers 404, not an empty page."""
-    if job_id is not None:
-        get_job(session, tenant_id, job_id)
-    if batch_id is not None:
-        get_batch(session, tenant_id, batch_id)
-    after = None
-    if cursor is not None:
-        try:
-            after = int(decode_cursor(cursor))
-        except ValueError as exc:
-            raise InvalidInput("cursor is not one this API returned") from exc
-    rows = result_rows.citations_of_tenant(
-        session,
-        tenant_id,
-        job_id=job_id,
-        batch_id=batch_id,
-        domain=domain.lower() if domain is not None else None,
-        url=url,
-        after=after,
-        limit=limit + 1,
+    A job or batch named that is not the tenant's answers 404, not an empty page; a domain is
+    matched as stored (lower case)."""
+    if where.job_id is not None:
+        get_job(session, tenant_id, where.job_id)
+    if where.batch_id is not None:
+        get_batch(session, tenant_id, where.batch_id)
+    where = replace(
+        where,
+        domain=where.domain.lower() if where.domain is not None else None,
+        created_after=_utc(where.created_after, "created_after"),
+        created_before=_utc(where.created_before, "created_before"),
     )
+    after = _int_cursor(cursor) if cursor is not None else None
+    rows = result_rows.citations_of_tenant(session, tenant_id, where, after=after, limit=limit + 1)
     page: list[CitationWith] = [
         (c, custom_id, reasoning, confidence) for c, custom_id, reasoning, confidence in rows[:limit]
     ]
     return page, _next_cursor(page, more=len(rows) > limit, key=lambda row: row[0].id)
+
+
+def batch_domains(
+    session: Session, tenant_id: str, batch_id: str, *, cursor: str | None, limit: int
+) -> tuple[list[DomainCount], str | None]:
+    """The domains a tenant's batch cites, most cited first, a page at a time."""
+    get_batch(session, tenant_id, batch_id)
+    after = None
+    if cursor is not None:
+        count, sep, domain = decode_cursor(cursor).partition(":")
+        if not sep:
+            raise InvalidInput("cursor is not one this API returned")
+        after = (_int_cursor(count, decoded=True), domain)
+    rows = result_rows.domains_of_batch(session, batch_id, after=after, limit=limit + 1)
+    page = rows[:limit]
+    return page, _next_cursor(page, more=len(rows) > limit, key=lambda d: f"{d.citations}:{d.domain or ''}")
+
+
+OUT_OF_RANGE = "must fall between years 1 and 9999 in UTC"
+
+
+def _utc(value: datetime | None, name: str) -> datetime | None:
+    if value is None:
+        return None
+    try:
+        return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+    except OverflowError as exc:  # an offset that moves the time out of datetime's range
+        raise InvalidInput(f"{name} {OUT_OF_RANGE}") from exc
+
+
+def _int_cursor(cursor: str, *, decoded: bool = False) -> int:
+    """A cursor's number: ASCII digits, within a 64-bit column's range."""
+    text = cursor if decoded else decode_cursor(cursor)
+    if not (text.isascii() and text.isdigit() and len(text) <= 18):
+        raise InvalidInput("cursor is not one this API returned")
+    return int(text)
 
 
 def _next_cursor(page: Sequence[T], *, more: bool, key: Callable[[T], str | int]) -> str | None:

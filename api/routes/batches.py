@@ -10,9 +10,10 @@ from starlette.concurrency import run_in_threadpool
 
 from api import events, service, views
 from api.batch_input import JSONL_TYPES
-from api.deps import ResourcesDep, SessionDep, StreamingSessionDep, TenantDep
+from api.deps import SINGLE_VALUED_QUERY, Cursor, ResourcesDep, SessionDep, StreamingSessionDep, TenantDep
 from api.errors import error_responses
-from api.schemas import BatchOut, IdempotencyKeyHeader
+from api.routes.jobs import MAX_PAGE
+from api.schemas import BatchOut, DomainCountOut, DomainPage, IdempotencyKeyHeader
 from pcq.models import Batch
 
 router = APIRouter(prefix="/v1/batches", tags=["batches"])
@@ -194,3 +195,25 @@ async def batch_progress_events(
         batch, now, counts, last=last, ping_seconds=res.settings.sse_ping_seconds, draining=res.draining
     )
     return events.EventStreamResponse(stream, on_close=release)
+
+
+@router.get(
+    "/{batch_id}/domains",
+    response_model=DomainPage,
+    responses=error_responses(401, 404, 422, 503),
+    dependencies=SINGLE_VALUED_QUERY,
+)
+def batch_domains(
+    batch_id: str,
+    session: SessionDep,
+    tenant: TenantDep,
+    cursor: Cursor = None,
+    limit: Annotated[int, Query(ge=1, le=MAX_PAGE)] = 100,
+) -> DomainPage:
+    """The domains the batch's citations name, most cited first, with their citations and jobs,
+    ``limit`` at a time; counted as answers are stored, so a running batch's counts grow."""
+    rows, next_cursor = service.batch_domains(session, tenant, batch_id, cursor=cursor, limit=limit)
+    return DomainPage(
+        data=[DomainCountOut(domain=d.domain, citations=d.citations, jobs=d.jobs) for d in rows],
+        next_cursor=next_cursor,
+    )

@@ -101,6 +101,8 @@ def rows_for(job_ids: list[str], body: str, tenant: str, batch: str) -> dict[str
                     "domain": cite.domain,
                     "title": cite.title,
                     "excerpts": cite.excerpts,
+                    "confidence": basis.confidence,
+                    "created_at": now,
                 }
                 for cpos, cite in enumerate(basis.citations)
             )

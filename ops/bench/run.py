@@ -8,6 +8,8 @@ Modes (see docs/benchmarks.md for what each measures and the results):
   limiter     PCQ_RATE_LIMIT_PER_MINUTE=600 over 3 workers against a mock enforcing 600/min
   export      GET /v1/batches/{id}/results and `pcq export` on a seeded batch of 100,000
               succeeded jobs with citations: lines/s, time, the API's peak RSS (ops/bench/export.py)
+  audit       GET /v1/citations filters and /v1/batches/{id}/domains over 1,000,000 citation
+              rows (100,000 jobs x 10) in PostgreSQL: p50/p99 per query (ops/bench/audit.py)
 
 Every mode starts its own processes, uses a fresh PostgreSQL database per phase (dropped at
 the end), Redis db 12 for pcq and db 11 for the naive peer, talks to 127.0.0.1 only, and
@@ -33,6 +35,7 @@ if __package__ in (None, ""):  # run as a script: make the repository importable
 
 import httpx
 
+from ops.bench.audit import audit, audit_table
 from ops.bench.common import (
     REPO,
     flush_own_redis_db,
@@ -517,6 +520,7 @@ MODE_DEFAULTS: dict[str, dict[str, Any]] = {
     "inflight": {"jobs": 2_500, "latency_ms": 60_000, "workers": 1},
     "limiter": {"jobs": 1_600, "latency_ms": 200, "workers": 3},
     "export": {"jobs": 100_000, "citations": 3},
+    "audit": {"jobs": 100_000},
 }
 
 
@@ -526,14 +530,21 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("mode", choices=sorted(MODE_DEFAULTS))
     p.add_argument(
-        "--jobs", type=int, help="jobs per run (throughput 10000, inflight 2500, limiter 1600, export 100000)"
+        "--jobs",
+        type=int,
+        help="jobs per run (throughput 10000, inflight 2500, limiter 1600, export 100000, audit 100000)",
     )
     p.add_argument("--repeat", type=int, default=1, help="throughput, export: runs to take the median of")
     p.add_argument(
         "--latency-ms", type=int, help="mock latency (throughput 500, inflight 60000, limiter 200)"
     )
-    p.add_argument("--citations", type=int, help="mock citations per basis field (10; export 3)")
+    p.add_argument(
+        "--citations",
+        type=int,
+        help="mock citations per basis field (10; export 3); audit: citations per job (10)",
+    )
     p.add_argument("--fields", type=int, default=4, help="export: basis fields per answer")
+    p.add_argument("--samples", type=int, default=100, help="audit: timed runs of each query")
     p.add_argument("--workers", type=int, help="pcq worker processes (throughput 1, limiter 3)")
     p.add_argument(
         "--systems",
@@ -572,10 +583,16 @@ def main(argv: list[str] | None = None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
 
     started = time.time()
-    modes = {"throughput": throughput, "inflight": inflight, "limiter": limiter, "export": export}
+    modes = {
+        "throughput": throughput,
+        "inflight": inflight,
+        "limiter": limiter,
+        "export": export,
+        "audit": audit,
+    }
     res = modes[args.mode](args, args.out)
     tables = {"throughput": throughput_table, "inflight": inflight_table, "limiter": limiter_table}
-    table = {**tables, "export": export_table}[args.mode](res)
+    table = {**tables, "export": export_table, "audit": audit_table}[args.mode](res)
     record = {
         "mode": args.mode,
         "command": "python -m ops.bench " + " ".join(sys.argv[1:] if argv is None else argv),

@@ -384,6 +384,9 @@ def _store_completions(session: Session, items: list[Settled]) -> None:
                     "domain": _fit(cite.domain, Citation.domain),
                     "title": cite.title,
                     "excerpts": cite.excerpts,
+                    # Copies for the audit filters (pcq.models.result.Citation)
+                    "confidence": _fit(basis.confidence, Citation.confidence),
+                    "created_at": i.record.finished_at,
                 }
                 for cpos, cite in enumerate(basis.citations)
             )

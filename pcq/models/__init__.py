@@ -19,7 +19,7 @@ from pcq.models.job import (
     Job,
     JobStatus,
 )
-from pcq.models.result import BasisField, Citation, Result, Usage
+from pcq.models.result import BasisField, BatchDomain, Citation, Result, Usage
 from pcq.models.tenant import ApiKey, Tenant
 from pcq.models.webhook import WebhookSecret
 
@@ -38,6 +38,7 @@ __all__ = [
     "Base",
     "BasisField",
     "Batch",
+    "BatchDomain",
     "BatchStatus",
     "Citation",
     "Job",

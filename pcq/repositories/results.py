@@ -4,17 +4,36 @@ citation. The worker writes them (pcq.jobs.lifecycle.store_outcomes); the API re
 
 from __future__ import annotations
 
+import hashlib
+from collections import Counter, defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any
 from typing import cast as type_cast
 
-from sqlalchemy import JSON, Row, Subquery, Table, Text, and_, cast, func, insert, null, select, text
+from sqlalchemy import (
+    JSON,
+    ColumnElement,
+    Row,
+    Select,
+    Subquery,
+    Table,
+    Text,
+    and_,
+    cast,
+    func,
+    insert,
+    null,
+    or_,
+    select,
+    text,
+)
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.dialects.postgresql import aggregate_order_by
 from sqlalchemy.orm import Session
 
-from pcq.models import Attempt, BasisField, Citation, Job, Result, Usage
+from pcq.models import Attempt, BasisField, BatchDomain, Citation, Job, Result, Usage
 from pcq.repositories.bulk import copy_rows
 
 # --- writes (the worker)
@@ -47,8 +66,13 @@ def insert_answers(
 ) -> None:
     """Insert the rows of succeeded jobs, given as column dicts: COPY on PostgreSQL (the answer
     rows are most of a worker's writing: 13 rows per job in the benchmarks), else one Core
-    INSERT per table (cheaper than the ORM's bulk insert)."""
+    INSERT per table (cheaper than the ORM's bulk insert). Each citation dict gets its field's
+    md5 here (``field_md5``, what the field index holds), from the field as it is stored."""
     postgres = session.get_bind().dialect.name == "postgresql"
+    md5s: dict[str, str] = {}  # a job's fields are few and repeat in each of its citations
+    for c in citations:
+        field = c["field"]
+        c["field_md5"] = md5s.get(field) or md5s.setdefault(field, text_md5(field))
     for model, rows in ((Result, results), (Usage, usage), (BasisField, basis), (Citation, citations)):
         if not rows:
             continue
@@ -60,6 +84,45 @@ def insert_answers(
             )
         else:
             session.execute(insert(type_cast(Table, model.__table__)), rows)
+    _count_domains(session, citations)
+
+
+def _count_domains(session: Session, citations: list[dict[str, Any]]) -> None:
+    """Add these citations to their batches' counts per domain (``batch_domains``).
+
+    The last statement of the worker's write transaction: rows of a busy domain are shared by
+    every writer of the batch, and each holds them until its commit. The rows are upserted in
+    key order, so two writers take them in the same order and never deadlock."""
+    cites: Counter[tuple[str, str]] = Counter()
+    jobs: defaultdict[tuple[str, str], set[str]] = defaultdict(set)
+    for c in citations:
+        if c["batch_id"] is not None:
+            key = (c["batch_id"], c["domain"] or "")
+            cites[key] += 1
+            jobs[key].add(c["job_id"])
+    if not cites:
+        return
+    rows = [
+        {"batch_id": b, "domain": d, "citations": n, "jobs": len(jobs[b, d])}
+        for (b, d), n in sorted(cites.items())
+    ]
+    dialect = session.get_bind().dialect.name
+    stmt = (postgresql.insert if dialect == "postgresql" else sqlite.insert)(BatchDomain)
+    session.execute(
+        stmt.on_conflict_do_update(
+            index_elements=["batch_id", "domain"],
+            set_={
+                "citations": BatchDomain.citations + stmt.excluded.citations,
+                "jobs": BatchDomain.jobs + stmt.excluded.jobs,
+            },
+        ),
+        rows,
+    )
+
+
+def text_md5(text: str) -> str:
+    """PostgreSQL's ``md5(text)``: the hex md5 of the UTF-8 bytes."""
+    return hashlib.md5(text.encode(), usedforsecurity=False).hexdigest()
 
 
 # --- reads (the API)
@@ -234,38 +297,161 @@ def _basis_json(batch_id: str, first: str, last: str) -> Subquery:
     )
 
 
+@dataclass(frozen=True)
+class CitationFilter:
+    """What ``GET /v1/citations`` narrows to; every given filter must hold (AND).
+
+    ``custom_id`` is the job's (unique within a batch, so it may name jobs of several
+    batches); ``confidence`` is the basis field's; ``created_after`` and ``created_before``
+    bound (exclusively) when the answer was stored."""
+
+    job_id: str | None = None
+    batch_id: str | None = None
+    custom_id: str | None = None
+    domain: str | None = None
+    url: str | None = None
+    field: str | None = None
+    confidence: str | None = None
+    created_after: datetime | None = None
+    created_before: datetime | None = None
+
+
 def citations_of_tenant(
-    session: Session,
-    tenant_id: str,
-    *,
-    job_id: str | None,
-    batch_id: str | None,
-    domain: str | None,
-    url: str | None,
-    after: int | None,
-    limit: int,
-) -> Sequence[Row[Citation, str | None, str | None, str | None]]:
+    session: Session, tenant_id: str, where: CitationFilter, *, after: int | None, limit: int
+) -> list[Row[Citation, str | None, str | None, str | None]]:
     """The tenant's citations, oldest first, filtered; each with its job's ``custom_id`` and its
-    basis field's ``reasoning`` and ``confidence``. ``after``: ids above this one."""
-    q = (
-        select(Citation, Job.custom_id, BasisField.reasoning, BasisField.confidence)
-        .join(Job, Job.id == Citation.job_id)
-        .join(
-            BasisField,
-            and_(BasisField.job_id == Citation.job_id, BasisField.position == Citation.field_position),
-        )
-        .where(Citation.tenant_id == tenant_id)
-    )
-    if job_id is not None:
-        q = q.where(Citation.job_id == job_id)
-    if batch_id is not None:
-        q = q.where(Citation.batch_id == batch_id)
-    if domain is not None:
-        q = q.where(Citation.domain == domain)
-    if url is not None:
-        q = q.where(Citation.url == url)
-        if session.get_bind().dialect.name == "postgresql":
-            q = q.where(func.md5(Citation.url) == func.md5(url))  # what the index holds
+    basis field's ``reasoning`` and ``confidence``. ``after``: ids above this one.
+
+    Two steps: the page's ids from the index of one filter (``_page_ids``), then those rows
+    with their job and basis field. A url or field is matched by its md5 in the first step
+    (what the index holds) and exactly in the second; should two texts share an md5, the rows
+    the second step drops are made up from the ids after them."""
+    exact = [Citation.url == where.url] if where.url is not None else []
+    exact += [Citation.field == where.field] if where.field is not None else []
+    rows: list[Row[Citation, str | None, str | None, str | None]] = []
+    while True:
+        ids = list(session.scalars(_page_ids(session, tenant_id, where, after=after, limit=limit)))
+        if ids:
+            q = (
+                select(Citation, Job.custom_id, BasisField.reasoning, BasisField.confidence)
+                .join(Job, Job.id == Citation.job_id)
+                .join(
+                    BasisField,
+                    and_(
+                        BasisField.job_id == Citation.job_id, BasisField.position == Citation.field_position
+                    ),
+                )
+                .where(Citation.id.in_(ids), *exact)
+            )
+            rows += session.execute(q.order_by(Citation.id)).all()
+        if len(rows) >= limit or len(ids) < limit:
+            return rows[:limit]
+        after = ids[-1]
+
+
+def _page_ids(
+    session: Session, tenant_id: str, where: CitationFilter, *, after: int | None, limit: int
+) -> Select[Any]:
+    """The ids of a page, read from the index of one filter (the "driver").
+
+    Each filter's index ends with ``id`` (pcq.models.result.Citation): with its leading columns
+    fixed, its entries are in id order, so a page reads about ``limit`` of them wherever the
+    cursor is. Left to itself, PostgreSQL's planner often prefers the primary key instead (scan
+    every id in order, filter, stop after ``limit``) because it assumes the matching rows are
+    spread evenly; they are not when they are one batch's or one day's: 0.1 s to skip 900,000
+    rows before the first match in the benchmark. So the driver's equality is written as a
+    range (``x >= v AND x <= v``, the same rows) and the ids ordered by (driver, id): only the
+    driver's index yields that order, the primary key cannot. A time window alone is read in
+    id order if it holds most of the tenant's rows, else from its own index and the matches
+    sorted (``id + 0`` keeps the primary key out): see ``_mostly_inside``.
+
+    A job's (or a custom_id's) citations are few: any index will do. A url or field is
+    compared by md5 (the url's on PostgreSQL, the field's copy everywhere), which is what its
+    index holds; the caller compares the text itself.
+    """
+    postgres = session.get_bind().dialect.name == "postgresql"
+    q = select(Citation.id).where(Citation.tenant_id == tenant_id)
+    order: list[ColumnElement[Any]] = []
+    if where.job_id is not None:
+        q = q.where(Citation.job_id == where.job_id)
+    if where.custom_id is not None:
+        jobs = select(Job.id).where(Job.tenant_id == tenant_id, Job.custom_id == where.custom_id)
+        q = q.where(Citation.job_id.in_(jobs))
+    # (indexed expression, value): the driver's candidates in turn. A url or field only by its
+    # md5 here, so that the index is read alone; the caller compares the text.
+    url_md5 = text_md5(where.url) if where.url is not None else None
+    keyed: list[tuple[Any, Any]] = [
+        (func.md5(Citation.url), url_md5) if postgres else (Citation.url, where.url),
+        (Citation.field_md5, text_md5(where.field) if where.field is not None else None),
+        (Citation.batch_id, where.batch_id),
+        (Citation.domain, where.domain),
+        (Citation.confidence, where.confidence),
+    ]
+    given = [(key, value) for key, value in keyed if value is not None]
+    by_job = where.job_id is not None or where.custom_id is not None
+    drives = bool(given) and not by_job
+    for i, (key, value) in enumerate(given):
+        if drives and i == 0:
+            # Only as a range: an equality would let the planner drop the driver from the order
+            # (it is constant), and the primary key would yield the order again.
+            q = q.where(key >= value, key <= value)
+            order.append(key)
+        else:
+            q = q.where(key == value)
+    if where.created_after is not None:
+        q = q.where(Citation.created_at > where.created_after)
+    if where.created_before is not None:
+        q = q.where(Citation.created_at < where.created_before)
     if after is not None:
         q = q.where(Citation.id > after)
-    return session.execute(q.order_by(Citation.id).limit(limit)).all()
+    if not drives and not by_job and (where.created_after is not None or where.created_before is not None):
+        if not _mostly_inside(session, tenant_id, where.created_after, where.created_before):
+            return q.order_by(Citation.id + 0).limit(limit)
+    return q.order_by(*order, Citation.id).limit(limit)
+
+
+WINDOW_PROBE = 10_000  # index entries counted, at most, on each side of a time window
+
+
+def _mostly_inside(session: Session, tenant_id: str, after: datetime | None, before: datetime | None) -> bool:
+    """Whether a time window holds most of the tenant's citations: at least WINDOW_PROBE of them,
+    and fewer than that outside it. Then its matches are dense in id order and the page is read
+    in id order (the primary key); otherwise the window's entries are read from its index and
+    sorted, which costs as many entries as the window holds. Two counts, each of at most
+    WINDOW_PROBE entries of ``ix_citations_tenant_created_at`` (index-only)."""
+    inside = [Citation.created_at > after] if after is not None else []
+    inside += [Citation.created_at < before] if before is not None else []
+    outside = [Citation.created_at <= after] if after is not None else []
+    outside += [Citation.created_at >= before] if before is not None else []
+
+    def count(condition: ColumnElement[bool]) -> int:
+        probe = select(Citation.id).where(Citation.tenant_id == tenant_id, condition).limit(WINDOW_PROBE)
+        return session.execute(select(func.count()).select_from(probe.subquery())).scalar_one()
+
+    return count(and_(*inside)) >= WINDOW_PROBE and count(or_(*outside)) < WINDOW_PROBE
+
+
+@dataclass(frozen=True)
+class DomainCount:
+    domain: str | None  # None: citations whose URL names no host
+    citations: int
+    jobs: int
+
+
+def domains_of_batch(
+    session: Session, batch_id: str, *, after: tuple[int, str] | None, limit: int
+) -> list[DomainCount]:
+    """The domains a batch's citations name: citations and distinct jobs per domain, most cited
+    first, ties by domain (no host sorts as ""). ``after``: the (citations, domain) of the
+    last row of the previous page. Read from the counts the worker keeps (``batch_domains``):
+    one row per domain, whatever the batch's size."""
+    q = select(BatchDomain.domain, BatchDomain.citations, BatchDomain.jobs).where(
+        BatchDomain.batch_id == batch_id
+    )
+    if after is not None:
+        n, domain = after
+        q = q.where(
+            or_(BatchDomain.citations < n, and_(BatchDomain.citations == n, BatchDomain.domain > domain))
+        )
+    rows = session.execute(q.order_by(BatchDomain.citations.desc(), BatchDomain.domain).limit(limit)).all()
+    return [DomainCount(domain or None, n, jobs) for domain, n, jobs in rows]

@@ -151,6 +151,7 @@ DOCUMENTED_REFUSALS = (
     "it must be unique within the batch",  # POST /v1/batches: custom_id unique within a batch
     "characters once normalized",  # webhook_url: its length is checked as stored
     "a webhook must go to a public address",  # webhook_url: the SSRF guard (names resolve: tests/fake_dns.py)
+    "must fall between years 1 and 9999 in UTC",  # created_after/before: 0001-01-01T00:00:00+01:00
 )
 
 
@@ -250,6 +251,16 @@ def test_answers_about_real_objects_keep_to_the_document(key: str) -> None:
         check("GET", "/v1/batches/bat_nope/results", bat + "/results", 404, headers=h)
         check("GET", "/v1/citations", "/v1/citations", 200, params={"batch_id": batch["id"]}, headers=h)
         check("GET", "/v1/citations", "/v1/citations", 404, params={"job_id": "job_nope"}, headers=h)
+        audit = {
+            "custom_id": "a",
+            "field": "output",
+            "confidence": "low",
+            "created_after": "2026-01-01T00:00:00Z",
+        }
+        check("GET", "/v1/citations", "/v1/citations", 200, params=audit, headers=h)
+        check("GET", "/v1/citations", "/v1/citations", 422, params={"created_before": "soon"}, headers=h)
+        check("GET", f"/v1/batches/{batch['id']}/domains", bat + "/domains", 200, headers=h)
+        check("GET", "/v1/batches/bat_nope/domains", bat + "/domains", 404, headers=h)
         check("GET", "/healthz", "/healthz", 200)
         check("GET", "/readyz", "/readyz", 200)
 

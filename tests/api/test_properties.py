@@ -195,6 +195,12 @@ def test_job_actions_and_lookups_with_odd_ids_never_5xx(probe: Probe, job_id: st
         probe.client.post(f"/v1/jobs/{quoted}/{action}", headers={"x-api-key": probe.key}),
         probe.client.get(f"/v1/jobs?custom_id={quoted}&batch_id={quoted}", headers={"x-api-key": probe.key}),
         probe.client.get(f"/v1/citations?domain={quoted}&url={quoted}", headers={"x-api-key": probe.key}),
+        probe.client.get(
+            f"/v1/citations?field={quoted}&confidence={quoted}&custom_id={quoted}",
+            headers={"x-api-key": probe.key},
+        ),
+        probe.client.get(f"/v1/citations?created_after={quoted}", headers={"x-api-key": probe.key}),
+        probe.client.get(f"/v1/batches/{quoted}/domains?cursor={quoted}", headers={"x-api-key": probe.key}),
         probe.client.post(f"/v1/batches/{quoted}/retry-failed", headers={"x-api-key": probe.key}),
     ):
         assert r.status_code < 500, (r.status_code, r.text)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 from datetime import timedelta
 
@@ -102,6 +103,27 @@ def test_success_stores_result_usage_basis_and_one_row_per_citation(sessions) ->
         assert s.get(Job, job_id).status == "succeeded"
         assert s.get(Result, job_id).raw_body == '{"raw": true}'
         assert {c.domain for c in s.scalars(select(Citation))} == {"example.com"}
+
+
+def test_each_citation_carries_its_fields_confidence_and_its_answers_time(sessions) -> None:
+    """The copies the audit filters read (GET /v1/citations?confidence=&created_after=)."""
+    job_id = _new_job(sessions)
+    job = _claim(sessions, job_id)
+    with unit_of_work(sessions) as s:
+        assert one.store_success(s, job, _record(1), _completion())
+    with sessions() as s:
+        stored = s.get(Result, job_id).created_at
+        cites = {(c.field, c.position): c for c in s.scalars(select(Citation))}
+        assert {k: c.confidence for k, c in cites.items()} == {
+            ("output", 0): "high",
+            ("output", 1): "high",
+            ("output", 2): "high",
+            ("other", 0): None,
+        }
+        assert {c.created_at for c in cites.values()} == {stored}
+        assert {c.field_md5 for c in cites.values()} == {
+            hashlib.md5(f.encode()).hexdigest() for f in ("output", "other")
+        }
 
 
 def test_an_answer_with_nul_and_lone_surrogates_is_stored_not_retried_for_ever(sessions) -> None:

@@ -2,18 +2,22 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
 
 import pytest
 from alembic import command
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
-from sqlalchemy import inspect, text
+from sqlalchemy import inspect, select, text
 
 from migrations import compare_type, include_object_on
 from migrations.migrate import alembic_config
-from pcq.db import make_engine
-from pcq.models import Base
+from pcq.db import make_engine, make_session_factory
+from pcq.models import Base, BatchDomain, Citation
+from pcq.repositories.results import text_md5
 from tests.conftest import empty_pg_database
 
 
@@ -60,3 +64,94 @@ def test_0003_keeps_existing_requests_and_metadata_as_json_text() -> None:
         assert json.loads(row.metadata) == {"k": [1, 2]}
         assert row.lease_losses == 0
         command.downgrade(cfg, "0002")  # and back: text that is JSON becomes jsonb again
+
+
+@pytest.mark.parametrize("dialect", ["sqlite", "postgres"])
+def test_0008_fills_older_citations_and_counts_batch_domains(dialect: str, tmp_path: Path) -> None:
+    """Citations stored before revision 0008 get their field's confidence and their answer's
+    time (PostgreSQL: in chunks, here two, ids 1 and 30,000); each batch's domains are counted."""
+    with contextlib.ExitStack() as stack:
+        if dialect == "sqlite":
+            url = f"sqlite:///{tmp_path / 'mig.sqlite3'}"
+        else:
+            url = stack.enter_context(empty_pg_database("pcq_test_mig"))
+        cfg = alembic_config(url)
+        command.upgrade(cfg, "0005")
+        engine = make_engine(url)
+        stack.callback(engine.dispose)
+        stored = datetime(2026, 11, 1, 12, 0, tzinfo=UTC)
+
+        def at(t: datetime) -> datetime:  # as the UTCDateTime column stores it (SQLite: naive UTC)
+            return t if dialect == "postgres" else t.replace(tzinfo=None)
+
+        with engine.begin() as conn:
+            conn.execute(
+                text("INSERT INTO tenants (id, name, created_at) VALUES ('t', 't', :now)"),
+                {"now": at(stored)},
+            )
+            conn.execute(
+                text("INSERT INTO batches (id, tenant_id, total, created_at) VALUES ('b', 't', 2, :now)"),
+                {"now": at(stored)},
+            )
+            for job, batch in (("j1", "b"), ("j2", "b"), ("j3", None)):
+                conn.execute(
+                    text(
+                        "INSERT INTO jobs (id, tenant_id, batch_id, request, model, stream, status, attempts,"
+                        " attempts_base, lease_losses, created_at, updated_at)"
+                        " VALUES (:j, 't', :b, '{}', 'lite', false, 'succeeded', 1, 0, 0, :now, :now)"
+                    ),
+                    {"j": job, "b": batch, "now": at(stored)},
+                )
+                conn.execute(
+                    text(
+                        "INSERT INTO results (job_id, attempt_number, raw_body, created_at)"
+                        " VALUES (:j, 1, '{}', :when)"
+                    ),
+                    {"j": job, "when": at(stored + timedelta(minutes=int(job[1])))},
+                )
+                conn.execute(
+                    text(
+                        "INSERT INTO basis_fields (job_id, position, field, confidence)"
+                        " VALUES (:j, 0, 'f', :c)"
+                    ),
+                    {"j": job, "c": None if job == "j2" else "low"},
+                )
+            rows = [
+                (1, "j1", "a.example"),
+                (2, "j1", "a.example"),
+                (30_000, "j2", "a.example"),
+                (3, "j2", None),
+            ]
+            rows.append((4, "j3", "a.example"))
+            for cid, job, domain in rows:
+                conn.execute(
+                    text(
+                        "INSERT INTO citations (id, tenant_id, job_id, batch_id, field, field_position,"
+                        " position, url, domain) VALUES (:id, 't', :j, :b, 'f', 0, :id, 'https://x', :d)"
+                    ),
+                    {"id": cid, "j": job, "b": None if job == "j3" else "b", "d": domain},
+                )
+        command.upgrade(cfg, "head")
+        with make_session_factory(engine)() as s:
+            got = {c.id: (c.confidence, c.created_at) for c in s.scalars(select(Citation))}
+            counts = {(d.domain, d.citations, d.jobs) for d in s.scalars(select(BatchDomain))}
+        assert got == {
+            1: ("low", stored + timedelta(minutes=1)),
+            2: ("low", stored + timedelta(minutes=1)),
+            3: (None, stored + timedelta(minutes=2)),
+            30_000: (None, stored + timedelta(minutes=2)),
+            4: ("low", stored + timedelta(minutes=3)),
+        }
+        assert counts == {("a.example", 3, 2), ("", 1, 1)}  # j3 is in no batch
+        with make_session_factory(engine)() as s:
+            assert set(s.scalars(select(Citation.field_md5))) == {text_md5("f")}
+        if dialect == "postgres":
+            with engine.connect() as conn:
+                invalid = conn.execute(
+                    text(
+                        "SELECT count(*) FROM pg_index i JOIN pg_class c ON c.oid = i.indexrelid"
+                        " WHERE c.relname LIKE 'ix_citations_%' AND NOT i.indisvalid"
+                    )
+                ).scalar_one()
+            assert invalid == 0  # every index built CONCURRENTLY is usable
+        command.downgrade(cfg, "0005")
