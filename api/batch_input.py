@@ -250,9 +250,7 @@ class JsonBatch:
             raise InvalidInput(describe(exc, "body")) from None
         self.metadata_json = text_of(found, "metadata")
         self.webhook_url = check_webhook_url(body.webhook_url)
-        if body.webhook_events is not None:
-            if self.webhook_url is None:
-                raise InvalidInput("body: webhook_events: needs a webhook_url to send them to")
+        if body.webhook_events:  # kept even without a webhook_url: they go to it, if one is set
             self.webhook_events = json.dumps(sorted(set(body.webhook_events)))
 
     def _requests(self) -> Iterator[NewJob]:

@@ -189,7 +189,8 @@ class BatchCreate(BaseModel):
     webhook_events: list[JobEventTypeName] | None = Field(
         default=None,
         max_length=3,
-        description="Job events also sent to the batch's webhook_url (batch.completed always is)",
+        description="Job events also sent to the batch's webhook_url (batch.completed always is); "
+        "without a webhook_url they go nowhere",
     )
 
     _meta = field_validator("metadata")(check_metadata)
