@@ -346,9 +346,9 @@ def _store_completions(session: Session, items: list[Settled]) -> None:
                 "raw_body": c.raw_body,
                 "content": c.content,
                 "parsed": c.parsed,
-                "model": _fit(c.model, Result.model),
-                "finish_reason": _fit(c.finish_reason, Result.finish_reason),
-                "upstream_id": _fit(c.upstream_id, Result.upstream_id),
+                "model": _fit(c.model, MODEL_CHARS),
+                "finish_reason": _fit(c.finish_reason, FINISH_REASON_CHARS),
+                "upstream_id": _fit(c.upstream_id, UPSTREAM_ID_CHARS),
                 "created_at": i.record.finished_at,
             }
         )
@@ -363,13 +363,14 @@ def _store_completions(session: Session, items: list[Settled]) -> None:
                 }
             )
         for pos, basis in enumerate(c.basis):
+            confidence = _fit(basis.confidence, CONFIDENCE_CHARS)
             fields.append(
                 {
                     "job_id": job.id,
                     "position": pos,
                     "field": basis.field,
                     "reasoning": basis.reasoning,
-                    "confidence": _fit(basis.confidence, BasisField.confidence),
+                    "confidence": confidence,
                 }
             )
             cites.extend(
@@ -381,11 +382,11 @@ def _store_completions(session: Session, items: list[Settled]) -> None:
                     "field_position": pos,
                     "position": cpos,
                     "url": cite.url,
-                    "domain": _fit(cite.domain, Citation.domain),
+                    "domain": _fit(cite.domain, DOMAIN_CHARS),
                     "title": cite.title,
                     "excerpts": cite.excerpts,
                     # Copies for the audit filters (pcq.models.result.Citation)
-                    "confidence": _fit(basis.confidence, Citation.confidence),
+                    "confidence": confidence,
                     "created_at": i.record.finished_at,
                 }
                 for cpos, cite in enumerate(basis.citations)
@@ -400,10 +401,23 @@ def _store_completions(session: Session, items: list[Settled]) -> None:
     )
 
 
-def _fit(value: str | None, column: Any) -> str | None:
+def _width(column: Any) -> int:
+    width: int = column.type.length
+    return width
+
+
+# The widths of the columns that hold upstream strings, read once (an ORM attribute costs a few
+# microseconds a read, and the writer asks for each citation).
+MODEL_CHARS = _width(Result.model)
+FINISH_REASON_CHARS = _width(Result.finish_reason)
+UPSTREAM_ID_CHARS = _width(Result.upstream_id)
+CONFIDENCE_CHARS = min(_width(BasisField.confidence), _width(Citation.confidence))
+DOMAIN_CHARS = _width(Citation.domain)
+
+
+def _fit(value: str | None, width: int) -> str | None:
     """An upstream string cut to its column's width: PostgreSQL refuses a longer one, and one
     refused row fails the whole write batch. The raw body keeps the string whole."""
-    width: int = column.type.length
     return value[:width] if value is not None and len(value) > width else value
 
 
