@@ -40,13 +40,11 @@ Revises: 0007
 Create Date: 2026-11-29 19:10:00
 """
 
+import hashlib
 from collections.abc import Sequence
 
 import sqlalchemy as sa
 from alembic import op
-
-from pcq.models.base import UTCDateTime
-from pcq.repositories.results import text_md5
 
 revision: str = "0008"
 down_revision: str | None = "0007"
@@ -54,6 +52,13 @@ branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
 CHUNK = 20_000  # citation ids per backfill transaction
+
+
+def text_md5(text: str) -> str:
+    """PostgreSQL's ``md5(text)``, as the writer computes it (kept here: a migration must not
+    change when the code it was written beside does)."""
+    return hashlib.md5(text.encode(), usedforsecurity=False).hexdigest()
+
 
 # name -> (columns, INCLUDE columns on PostgreSQL)
 INDEXES = {
@@ -91,7 +96,7 @@ WHERE created_at IS NULL
 
 def upgrade() -> None:
     op.add_column("citations", sa.Column("confidence", sa.String(length=32), nullable=True))
-    op.add_column("citations", sa.Column("created_at", UTCDateTime(), nullable=True))
+    op.add_column("citations", sa.Column("created_at", sa.DateTime(timezone=True), nullable=True))
     op.add_column("citations", sa.Column("field_md5", sa.String(length=32), nullable=True))
     op.create_table(
         "batch_domains",
