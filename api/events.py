@@ -40,7 +40,7 @@ from sqlalchemy.exc import TimeoutError as PoolTimeout
 from starlette.concurrency import run_in_threadpool
 from starlette.types import Receive, Scope, Send
 
-from api import views
+from pcq import views
 from pcq.jobs.errors import TooManyStreams
 from pcq.models import JOB_STATUSES, Batch
 

@@ -13,10 +13,8 @@ from pydantic.config import JsonDict, JsonValue
 
 from pcq.jobs.errors import InvalidInput
 from pcq.models import DeliveryStatus, EventType, JobStatus
-from pcq.views import BasisOut, BatchOut, CitationOut, JobOut, ResultOut, Usage
+from pcq.views import JobOut, ResultOut
 from pcq.wire import ChatCompletionRequest
-
-__all__ = ["BasisOut", "BatchOut", "CitationOut", "JobOut", "ResultOut", "Usage"]  # shown here too
 
 # Declared as enums in OpenAPI; the stored values stay plain strings.
 EventTypeName = Literal["job.succeeded", "job.failed", "job.cancelled", "batch.completed"]

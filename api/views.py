@@ -12,11 +12,6 @@ from api.schemas import CitationRow
 from pcq.models import Citation, JobStatus
 from pcq.repositories.jobs import ExportJob
 from pcq.repositories.results import ExportAnswers
-from pcq.views import batch_done, batch_out, job_out, job_with_result, parse_metadata, results_out
-
-# Shown here too: the routes build every response through this module.
-__all__ = ["batch_done", "batch_out", "job_out", "job_with_result", "parse_metadata", "results_out"]
-
 
 EXPORT_CHUNK_BYTES = 256 * 1024  # lines sent to the client per write (one thread hop each)
 

@@ -13,8 +13,10 @@ from api.batch_input import JSONL_TYPES
 from api.deps import SINGLE_VALUED_QUERY, Cursor, ResourcesDep, SessionDep, StreamingSessionDep, TenantDep
 from api.errors import error_responses
 from api.routes.jobs import MAX_PAGE
-from api.schemas import BatchOut, DomainCountOut, DomainPage, IdempotencyKeyHeader
+from api.schemas import DomainCountOut, DomainPage, IdempotencyKeyHeader
+from pcq import views as shown
 from pcq.models import Batch
+from pcq.views import BatchOut
 
 router = APIRouter(prefix="/v1/batches", tags=["batches"])
 
@@ -122,14 +124,14 @@ async def submit_batch(
     batch, _ = await res.submitter.submit_batch(
         tenant, request.stream(), request.headers.get("content-type", ""), idempotency_key
     )
-    return views.batch_out(batch, await run_in_threadpool(service.batch_counts, session, batch.id))
+    return shown.batch_out(batch, await run_in_threadpool(service.batch_counts, session, batch.id))
 
 
 @router.get("/{batch_id}", response_model=BatchOut, responses=error_responses(401, 404, 503))
 def get_batch(batch_id: str, session: SessionDep, tenant: TenantDep) -> BatchOut:
     """Progress of a batch: counts per status and whether every job has ended."""
     batch = service.get_batch(session, tenant, batch_id)
-    return views.batch_out(batch, service.batch_counts(session, batch.id))
+    return shown.batch_out(batch, service.batch_counts(session, batch.id))
 
 
 @router.post(
@@ -142,7 +144,7 @@ async def retry_failed(batch_id: str, res: ResourcesDep, session: SessionDep, te
     """Run the failed jobs of a batch again (only those); ``retried`` says how many."""
     batch, retried = await run_in_threadpool(res.submitter.retry_failed, tenant, batch_id)
     counts = await run_in_threadpool(service.batch_counts, session, batch.id)
-    return views.batch_out(batch, counts, retried=retried)
+    return shown.batch_out(batch, counts, retried=retried)
 
 
 @router.get("/{batch_id}/results", response_class=JsonlResponse, responses=RESULTS_DOC)

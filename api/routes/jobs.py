@@ -7,11 +7,13 @@ from typing import Annotated
 from fastapi import APIRouter, Query, Request
 from starlette.concurrency import run_in_threadpool
 
-from api import service, views
+from api import service
 from api.deps import SINGLE_VALUED_QUERY, Cursor, QueryText, ResourcesDep, SessionDep, TenantDep
 from api.errors import error_responses
-from api.schemas import IdempotencyKeyHeader, JobCreate, JobOut, JobPage
+from api.schemas import IdempotencyKeyHeader, JobCreate, JobPage
+from pcq import views
 from pcq.models import JobStatus
+from pcq.views import JobOut
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
 MAX_PAGE = 1000

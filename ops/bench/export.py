@@ -42,6 +42,7 @@ from sqlalchemy import text
 from ops.bench.common import REPO, Database, fresh_database
 from ops.bench.measure import proc_status_kb, wait_quiet
 from pcq.db import make_engine, make_session_factory
+from pcq.jobs.lifecycle import AnswerRows, ClaimedJob
 from pcq.models import JobStatus
 from pcq.models.base import new_id
 from pcq.repositories.bulk import copy_rows
@@ -53,7 +54,6 @@ from tests.stack import Stack, stack_env
 FIELDS = ("company", "founded", "headquarters", "employees", "funding", "ceo")
 SAMPLES = 64  # distinct answers, reused round-robin (each with its own topic)
 SEED_CHUNK = 2_000  # jobs per COPY transaction
-ANSWER_TABLES = ("results", "usage", "basis", "citations")  # insert_answers keywords
 
 
 def sample_bodies(fields: int, citations: int) -> list[str]:
@@ -97,60 +97,18 @@ def seed(db: Database, jobs: int, fields: int, citations: int) -> tuple[str, str
                 + [1, now, now, now, now]
                 for n, i in enumerate(ids)
             ]
-            answers: dict[str, list[dict[str, Any]]] = {k: [] for k in ANSWER_TABLES}
+            answers = AnswerRows()
             for n, job_id in enumerate(ids):
-                c = parsed[(start + n) % SAMPLES]
-                answers["results"].append(
-                    {
-                        "job_id": job_id,
-                        "attempt_number": 1,
-                        "raw_body": c.raw_body,
-                        "content": c.content,
-                        "parsed": c.parsed,
-                        "model": c.model,
-                        "finish_reason": c.finish_reason,
-                        "upstream_id": c.upstream_id,
-                        "created_at": now,
-                    }
-                )
-                u = c.usage or {}
-                answers["usage"].append(
-                    {
-                        "job_id": job_id,
-                        "prompt_tokens": u.get("prompt_tokens"),
-                        "completion_tokens": u.get("completion_tokens"),
-                        "total_tokens": u.get("total_tokens"),
-                        "details": c.usage,
-                    }
-                )
-                for pos, b in enumerate(c.basis):
-                    answers["basis"].append(
-                        {
-                            "job_id": job_id,
-                            "position": pos,
-                            "field": b.field,
-                            "reasoning": b.reasoning,
-                            "confidence": b.confidence,
-                        }
-                    )
-                    answers["citations"] += [
-                        {
-                            "tenant_id": tenant,
-                            "job_id": job_id,
-                            "batch_id": batch_id,
-                            "field": b.field,
-                            "field_position": pos,
-                            "position": cpos,
-                            "url": cite.url,
-                            "domain": cite.domain,
-                            "title": cite.title,
-                            "excerpts": cite.excerpts,
-                        }
-                        for cpos, cite in enumerate(b.citations)
-                    ]
+                answers.add(ClaimedJob(job_id, tenant, batch_id, 1, ""), parsed[(start + n) % SAMPLES], now)
             with sessions.begin() as s:
                 copy_rows(s, "jobs", job_cols, rows, set())
-                insert_answers(s, **answers)
+                insert_answers(
+                    s,
+                    results=answers.results,
+                    usage=answers.usage,
+                    basis=answers.basis,
+                    citations=answers.citations,
+                )
         with engine.connect() as c:
             c.execution_options(isolation_level="AUTOCOMMIT").execute(text("VACUUM ANALYZE"))
     finally:

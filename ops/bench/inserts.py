@@ -28,6 +28,7 @@ from sqlalchemy.orm import Session
 from ops.bench.common import fresh_database
 from ops.bench.measure import proc_cpu
 from pcq.db import make_engine, make_session_factory
+from pcq.jobs.lifecycle import AnswerRows, ClaimedJob
 from pcq.models import BasisField, Batch, Citation, Job, Result, Tenant, Usage
 from pcq.models.base import new_id
 from pcq.repositories import results as result_rows
@@ -51,62 +52,18 @@ def sample_body(citations: int) -> str:
 
 
 def rows_for(job_ids: list[str], body: str, tenant: str, batch: str) -> dict[str, list[dict[str, Any]]]:
-    """The rows ``_store_completions`` builds, per table."""
+    """The rows ``_store_completions`` builds, per table (its own ``AnswerRows``)."""
     c = parse_completion(body, None)
     now = datetime.now(UTC)
-    out: dict[str, list[dict[str, Any]]] = {name: [] for name, _ in TABLES}
+    rows = AnswerRows()
     for job_id in job_ids:
-        out["results"].append(
-            {
-                "job_id": job_id,
-                "attempt_number": 1,
-                "raw_body": c.raw_body,
-                "content": c.content,
-                "parsed": c.parsed,
-                "model": c.model,
-                "finish_reason": c.finish_reason,
-                "upstream_id": c.upstream_id,
-                "created_at": now,
-            }
-        )
-        usage = c.usage or {}
-        out["usage"].append(
-            {
-                "job_id": job_id,
-                "prompt_tokens": usage.get("prompt_tokens"),
-                "completion_tokens": usage.get("completion_tokens"),
-                "total_tokens": usage.get("total_tokens"),
-                "details": c.usage,
-            }
-        )
-        for pos, basis in enumerate(c.basis):
-            out["basis_fields"].append(
-                {
-                    "job_id": job_id,
-                    "position": pos,
-                    "field": basis.field,
-                    "reasoning": basis.reasoning,
-                    "confidence": basis.confidence,
-                }
-            )
-            out["citations"].extend(
-                {
-                    "tenant_id": tenant,
-                    "job_id": job_id,
-                    "batch_id": batch,
-                    "field": basis.field,
-                    "field_position": pos,
-                    "position": cpos,
-                    "url": cite.url,
-                    "domain": cite.domain,
-                    "title": cite.title,
-                    "excerpts": cite.excerpts,
-                    "confidence": basis.confidence,
-                    "created_at": now,
-                }
-                for cpos, cite in enumerate(basis.citations)
-            )
-    return out
+        rows.add(ClaimedJob(job_id, tenant, batch, 1, ""), c, now)
+    return {
+        "results": rows.results,
+        "usage": rows.usage,
+        "basis_fields": rows.basis,
+        "citations": rows.citations,
+    }
 
 
 def write_orm(session: Session, rows: dict[str, list[dict[str, Any]]]) -> None:

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass
+from dataclasses import field as dataclass_field
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
@@ -329,17 +330,19 @@ def store_outcomes(session: Session, items: list[Settled], *, max_attempts: int)
     return owned
 
 
-def _store_completions(session: Session, items: list[Settled]) -> None:
-    """The rows of the succeeded jobs' answers; those of an answer with characters no column
-    can hold (NUL, unpaired surrogates) cleaned first (pcq.wire.storable)."""
-    results: list[dict[str, Any]] = []
-    usage: list[dict[str, Any]] = []
-    fields: list[dict[str, Any]] = []
-    cites: list[dict[str, Any]] = []
-    for i in items:
-        job, c = i.job, i.completion
-        assert c is not None
-        results.append(
+@dataclass
+class AnswerRows:
+    """The rows that store answers, per table, as the writer inserts them (``insert_answers``
+    keywords); the benchmarks seed with it too, so they write what the worker writes."""
+
+    results: list[dict[str, Any]] = dataclass_field(default_factory=list)
+    usage: list[dict[str, Any]] = dataclass_field(default_factory=list)
+    basis: list[dict[str, Any]] = dataclass_field(default_factory=list)
+    citations: list[dict[str, Any]] = dataclass_field(default_factory=list)
+
+    def add(self, job: ClaimedJob, c: ParsedCompletion, at: datetime) -> None:
+        """The rows of one job's answer, stored at ``at``."""
+        self.results.append(
             {
                 "job_id": job.id,
                 "attempt_number": job.attempt,
@@ -349,11 +352,11 @@ def _store_completions(session: Session, items: list[Settled]) -> None:
                 "model": _fit(c.model, MODEL_CHARS),
                 "finish_reason": _fit(c.finish_reason, FINISH_REASON_CHARS),
                 "upstream_id": _fit(c.upstream_id, UPSTREAM_ID_CHARS),
-                "created_at": i.record.finished_at,
+                "created_at": at,
             }
         )
         if c.usage is not None:
-            usage.append(
+            self.usage.append(
                 {
                     "job_id": job.id,
                     "prompt_tokens": _int(c.usage.get("prompt_tokens")),
@@ -364,7 +367,7 @@ def _store_completions(session: Session, items: list[Settled]) -> None:
             )
         for pos, basis in enumerate(c.basis):
             confidence = _fit(basis.confidence, CONFIDENCE_CHARS)
-            fields.append(
+            self.basis.append(
                 {
                     "job_id": job.id,
                     "position": pos,
@@ -373,7 +376,7 @@ def _store_completions(session: Session, items: list[Settled]) -> None:
                     "confidence": confidence,
                 }
             )
-            cites.extend(
+            self.citations.extend(
                 {
                     "tenant_id": job.tenant_id,
                     "job_id": job.id,
@@ -387,17 +390,30 @@ def _store_completions(session: Session, items: list[Settled]) -> None:
                     "excerpts": cite.excerpts,
                     # Copies for the audit filters (pcq.models.result.Citation)
                     "confidence": confidence,
-                    "created_at": i.record.finished_at,
+                    "created_at": at,
                 }
                 for cpos, cite in enumerate(basis.citations)
             )
+
+
+def _store_completions(session: Session, items: list[Settled]) -> None:
+    """The rows of the succeeded jobs' answers; those of an answer with characters no column
+    can hold (NUL, unpaired surrogates) cleaned first (pcq.wire.storable)."""
+    rows = AnswerRows()
+    for i in items:
+        assert i.completion is not None
+        rows.add(i.job, i.completion, i.record.finished_at)
     dirty = {i.job.id for i in items if i.completion is not None and needs_cleaning(i.completion.raw_body)}
 
     def clean(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
         return [storable(r) if r["job_id"] in dirty else r for r in rows] if dirty else rows
 
     result_rows.insert_answers(
-        session, results=clean(results), usage=clean(usage), basis=clean(fields), citations=clean(cites)
+        session,
+        results=clean(rows.results),
+        usage=clean(rows.usage),
+        basis=clean(rows.basis),
+        citations=clean(rows.citations),
     )
 
 

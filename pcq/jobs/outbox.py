@@ -208,7 +208,8 @@ class AttemptOutcome:
 
 
 def settle(session: Session, d: Delivery, outcome: AttemptOutcome, *, schedule: Sequence[float]) -> str:
-    """Store the attempt and move the event on; returns its new status."""
+    """Store the attempt and move the event on, if this worker's lease still holds it; returns
+    its new status, or ``superseded`` when only the attempt was recorded."""
     code = outcome.status_code
     ok = code is not None and 200 <= code < 300 and outcome.error is None
     error = None if ok else (outcome.error or f"http_{code}")
@@ -238,7 +239,8 @@ def settle(session: Session, d: Delivery, outcome: AttemptOutcome, *, schedule: 
         "error": error[:64] if error else None,
         "response": outcome.response[:1024] or None,
     }
-    rows.record_attempt(session, attempt, changes, leased=d.leased)
+    if not rows.record_attempt(session, attempt, changes, leased=d.leased):
+        return "superseded"  # a redelivery (or another worker) holds the event now: only recorded
     return str(changes.get("status", DeliveryStatus.PENDING))
 
 

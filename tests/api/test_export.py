@@ -16,11 +16,12 @@ from sqlalchemy import select
 
 from api import service, views
 from api.app import create_app
-from api.schemas import ExportLine, ResultOut
+from api.schemas import ExportLine
 from pcq.db import SessionFactory, make_engine, make_session_factory, unit_of_work
 from pcq.jobs.lifecycle import AttemptRecord
 from pcq.models import Job, utcnow
 from pcq.tenants import create_key_at
+from pcq.views import ResultOut
 from pcq.wire import BasisData, CitationData, ParsedCompletion
 from tests.conftest import make_settings
 from tests.core import lifecycle_helpers as one

@@ -296,7 +296,8 @@ def test_an_attempt_stored_after_a_redelivery_took_its_event_does_not_move_it(
     [e] = events(sessions)
     with unit_of_work(sessions) as s:
         outbox.redeliver(s, e, now=utcnow())
-    settle(sessions, d, outcome(500))  # the old attempt ends: recorded, but the event stays due now
+    # the old attempt ends: recorded, but the event stays due now
+    assert settle(sessions, d, outcome(500)) == "superseded"
     [e] = events(sessions)
     assert e.status == DeliveryStatus.PENDING
     assert e.failures == 0

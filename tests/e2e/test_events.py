@@ -19,30 +19,23 @@ import pytest
 import redis
 from httpx_sse import ServerSentEvent, connect_sse
 
-from migrations.migrate import upgrade_to_head
 from pcq.tenants import create_key_at
 from shell.procs import free_port, spawn, stop, wait_http
-from tests.conftest import REDIS_TEST_URL, require_redis
-from tests.stack import Stack, stack_env
+from tests.conftest import REDIS_TEST_URL
+from tests.e2e.conftest import BOTH_STACKS, stack_database
+from tests.stack import Stack
 
 pytestmark = [pytest.mark.e2e]
 
 ENDED = ("succeeded", "failed", "cancelled")
 
 
-@pytest.fixture(scope="module", params=["postgres+redis", "sqlite+embedded"])
+@pytest.fixture(scope="module", params=BOTH_STACKS)
 def sse_stack(
     request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[tuple[Stack, str]]:
     tmp = tmp_path_factory.mktemp("sse")
-    if request.param == "postgres+redis":
-        require_redis()
-        db = request.getfixturevalue("module_pg_url")
-        env = stack_env(db, REDIS_TEST_URL)
-    else:
-        db = f"sqlite:///{tmp / 'pcq.sqlite3'}"
-        upgrade_to_head(db)
-        env = stack_env(db, None)
+    db, env = stack_database(request, tmp, "module_pg_url")
     env.update(PCQ_SSE_PING_SECONDS="1", PCQ_SSE_MAX_STREAMS_PER_TENANT="2")
     s = Stack(env, tmp)
     try:

@@ -7,7 +7,6 @@ retry schedule, except the SSRF test, which runs with the guard on, as shipped.
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -136,8 +135,8 @@ def test_a_batch_sends_the_job_events_it_asked_for_and_batch_completed_once(
     assert r.status_code == 202, r.text
     batch_id = r.json()["id"]
     assert r.json()["webhook_events"] == ["job.failed"]
-    got = receiver.wait("/batch", 2)
-    time.sleep(1)
+    receiver.wait("/batch", 2)
+    time.sleep(1)  # anything more (a second batch.completed, an event not asked for) lands too
     events = [verified(secret, g) for g in receiver.at("/batch")]
     assert sorted(e["type"] for e in events) == ["batch.completed", "job.failed"]
     completed = next(e for e in events if e["type"] == "batch.completed")
@@ -146,7 +145,6 @@ def test_a_batch_sends_the_job_events_it_asked_for_and_batch_completed_once(
     assert completed["data"]["counts"]["succeeded"] == 2
     failed = next(e for e in events if e["type"] == "job.failed")
     assert failed["data"]["custom_id"] == "bad"
-    assert len(got) == 2
 
 
 def test_a_rotated_secret_and_the_old_one_both_verify_during_the_grace_period(
@@ -217,6 +215,5 @@ def test_a_name_that_resolves_to_loopback_is_refused_at_delivery(
         assert {a["error"] for a in d["attempts"]} == {"ssrf_refused"}
         assert all(a["status_code"] is None for a in d["attempts"])
         assert receiver.requests == []
-        assert json.dumps(d)  # shown, with no internal detail beyond the class
     finally:
         s.stop_all()
