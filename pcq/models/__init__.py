@@ -12,12 +12,14 @@ from pcq.models.delivery import (
 from pcq.models.job import (
     ACTIVE_STATUSES,
     JOB_STATUSES,
+    PRIORITIES,
     TERMINAL_STATUSES,
     Attempt,
     Batch,
     BatchStatus,
     Job,
     JobStatus,
+    Priority,
 )
 from pcq.models.result import BasisField, BatchDomain, Citation, Result, Usage
 from pcq.models.tenant import ApiKey, Tenant
@@ -32,6 +34,8 @@ __all__ = [
     "WebhookAttempt",
     "WebhookEvent",
     "JOB_STATUSES",
+    "PRIORITIES",
+    "Priority",
     "TERMINAL_STATUSES",
     "ApiKey",
     "Attempt",

@@ -11,9 +11,11 @@ from sqlalchemy import (
     ForeignKey,
     Index,
     Integer,
+    SmallInteger,
     String,
     Text,
     UniqueConstraint,
+    text,
 )
 from sqlalchemy.orm import Mapped, mapped_column
 
@@ -37,6 +39,28 @@ class BatchStatus(StrEnum):
     RUNNING = "running"  # some job has started, not all have ended
     COMPLETED = "completed"  # every job has ended
 
+
+class Priority(StrEnum):
+    """A job's place within its tenant's share of the quota: ``high`` goes first, ``low`` takes
+    only what ``normal`` leaves. Stored as its rank (``jobs.priority``), so an index orders it."""
+
+    HIGH = "high"
+    NORMAL = "normal"
+    LOW = "low"
+
+    @property
+    def rank(self) -> int:
+        return PRIORITY_RANKS[self]
+
+    @classmethod
+    def of_rank(cls, rank: int) -> Priority:
+        return PRIORITIES[rank]
+
+
+PRIORITIES = tuple(Priority)
+PRIORITY_RANKS = {p: n for n, p in enumerate(PRIORITIES)}
+# The dispatcher's backlog: queued jobs no message was sent for yet (pcq.jobs.dispatch).
+UNSENT = text(f"status = '{JobStatus.QUEUED.value}' AND enqueued_at IS NULL")
 
 JOB_STATUSES = tuple(JobStatus)
 ACTIVE_STATUSES = (JobStatus.QUEUED, JobStatus.RUNNING)
@@ -77,6 +101,17 @@ class Job(Base):
         # The sweeper's two questions: which queued jobs are due, which leases expired.
         Index("ix_jobs_status_next_attempt", "status", "next_attempt_at"),
         Index("ix_jobs_status_lease", "status", "lease_until"),
+        # The dispatcher's backlog in its order: a tenant's groups (priority, batch), each's
+        # oldest first. Partial: it holds only jobs waiting for dispatch, so it stays small.
+        Index(
+            "ix_jobs_dispatch",
+            "tenant_id",
+            "priority",
+            "batch_id",
+            "id",
+            sqlite_where=UNSENT,
+            postgresql_where=UNSENT,
+        ),
     )
 
     id: Mapped[str] = mapped_column(String(40), primary_key=True)
@@ -92,6 +127,7 @@ class Job(Base):
     stream: Mapped[bool] = mapped_column(Boolean, default=False)
     metadata_json: Mapped[str | None] = mapped_column("metadata", Text, default=None)
     webhook_url: Mapped[str | None] = mapped_column(Text, default=None)
+    priority: Mapped[int] = mapped_column(SmallInteger, default=1, server_default="1")  # Priority.rank
 
     status: Mapped[str] = mapped_column(String(16), default=JobStatus.QUEUED)
     attempts: Mapped[int] = mapped_column(Integer, default=0)

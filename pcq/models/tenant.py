@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from datetime import datetime
 
-from sqlalchemy import ForeignKey, String
+from sqlalchemy import Float, ForeignKey, Integer, String
 from sqlalchemy.orm import Mapped, mapped_column
 
 from pcq.models.base import Base, UTCDateTime, utcnow
@@ -15,6 +15,10 @@ class Tenant(Base):
 
     id: Mapped[str] = mapped_column(String(40), primary_key=True)
     name: Mapped[str] = mapped_column(String(200), unique=True)
+    # Its share of the upstream quota against other tenants with work waiting (pcq.jobs.dispatch).
+    weight: Mapped[int] = mapped_column(Integer, default=1, server_default="1")
+    # The largest fraction of the quota it may use, even when every other tenant is idle.
+    max_share: Mapped[float] = mapped_column(Float, default=1.0, server_default="1")
     created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
 
 

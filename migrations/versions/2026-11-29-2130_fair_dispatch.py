@@ -1,0 +1,48 @@
+"""Fair dispatch: a job's priority, a tenant's weight and quota cap, the dispatcher's index.
+
+``jobs.priority`` is the rank of ``high`` (0), ``normal`` (1) or ``low`` (2); existing jobs
+are ``normal``. ``tenants.weight`` (1) and ``tenants.max_share`` (1.0) are what
+``pcq tenants set`` changes. Each column has a constant default, which PostgreSQL (11+)
+records in the catalog without rewriting a row.
+
+``ix_jobs_dispatch`` holds only the jobs waiting for the dispatcher (queued, no message sent),
+in its order: tenant, priority, batch, age. On PostgreSQL it is built ``CONCURRENTLY``, so
+submissions and claims go on while it is built.
+
+Revision ID: 0009
+Revises: 0008
+Create Date: 2026-11-29 21:30:00
+"""
+
+from collections.abc import Sequence
+
+import sqlalchemy as sa
+from alembic import op
+
+revision: str = "0009"
+down_revision: str | None = "0008"
+branch_labels: str | Sequence[str] | None = None
+depends_on: str | Sequence[str] | None = None
+
+WHERE = "status = 'queued' AND enqueued_at IS NULL"
+
+
+def upgrade() -> None:
+    op.add_column("jobs", sa.Column("priority", sa.SmallInteger(), nullable=False, server_default="1"))
+    op.add_column("tenants", sa.Column("weight", sa.Integer(), nullable=False, server_default="1"))
+    op.add_column("tenants", sa.Column("max_share", sa.Float(), nullable=False, server_default="1"))
+    columns = "tenant_id, priority, batch_id, id"
+    if op.get_bind().dialect.name == "postgresql":
+        with op.get_context().autocommit_block():  # commits the lines above
+            op.execute(f"CREATE INDEX CONCURRENTLY ix_jobs_dispatch ON jobs ({columns}) WHERE {WHERE}")
+    else:
+        op.execute(f"CREATE INDEX ix_jobs_dispatch ON jobs ({columns}) WHERE {WHERE}")
+
+
+def downgrade() -> None:
+    op.drop_index("ix_jobs_dispatch", table_name="jobs")
+    with op.batch_alter_table("tenants") as batch:
+        batch.drop_column("max_share")
+        batch.drop_column("weight")
+    with op.batch_alter_table("jobs") as batch:
+        batch.drop_column("priority")
