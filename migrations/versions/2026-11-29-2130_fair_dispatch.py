@@ -6,8 +6,10 @@ are ``normal``. ``tenants.weight`` (1) and ``tenants.max_share`` (1.0) are what
 records in the catalog without rewriting a row.
 
 ``ix_jobs_dispatch`` holds only the jobs waiting for the dispatcher (queued, no message sent),
-in its order: tenant, priority, batch, age. On PostgreSQL it is built ``CONCURRENTLY``, so
-submissions and claims go on while it is built.
+in its order: tenant, priority, batch, age (with ``next_attempt_at``, so a retry not yet due
+is skipped in the index). ``ix_jobs_sent`` holds only the jobs sent and not yet claimed: what
+the broker holds, which the dispatcher counts before each dispatch. On PostgreSQL both are
+built ``CONCURRENTLY``, so submissions and claims go on while they are built.
 
 Revision ID: 0009
 Revises: 0008
@@ -24,23 +26,31 @@ down_revision: str | None = "0008"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
-WHERE = "status = 'queued' AND enqueued_at IS NULL"
+# name -> (columns, predicate)
+INDEXES = {
+    "ix_jobs_dispatch": ("tenant_id, priority, batch_id, id, next_attempt_at", "enqueued_at IS NULL"),
+    "ix_jobs_sent": ("enqueued_at", "enqueued_at IS NOT NULL"),
+}
 
 
 def upgrade() -> None:
     op.add_column("jobs", sa.Column("priority", sa.SmallInteger(), nullable=False, server_default="1"))
     op.add_column("tenants", sa.Column("weight", sa.Integer(), nullable=False, server_default="1"))
     op.add_column("tenants", sa.Column("max_share", sa.Float(), nullable=False, server_default="1"))
-    columns = "tenant_id, priority, batch_id, id"
     if op.get_bind().dialect.name == "postgresql":
         with op.get_context().autocommit_block():  # commits the lines above
-            op.execute(f"CREATE INDEX CONCURRENTLY ix_jobs_dispatch ON jobs ({columns}) WHERE {WHERE}")
+            for name, (columns, where) in INDEXES.items():
+                op.execute(
+                    f"CREATE INDEX CONCURRENTLY {name} ON jobs ({columns}) WHERE status = 'queued' AND {where}"
+                )
     else:
-        op.execute(f"CREATE INDEX ix_jobs_dispatch ON jobs ({columns}) WHERE {WHERE}")
+        for name, (columns, where) in INDEXES.items():
+            op.execute(f"CREATE INDEX {name} ON jobs ({columns}) WHERE status = 'queued' AND {where}")
 
 
 def downgrade() -> None:
-    op.drop_index("ix_jobs_dispatch", table_name="jobs")
+    for name in INDEXES:
+        op.drop_index(name, table_name="jobs")
     with op.batch_alter_table("tenants") as batch:
         batch.drop_column("max_share")
         batch.drop_column("weight")

@@ -61,6 +61,8 @@ PRIORITIES = tuple(Priority)
 PRIORITY_RANKS = {p: n for n, p in enumerate(PRIORITIES)}
 # The dispatcher's backlog: queued jobs no message was sent for yet (pcq.jobs.dispatch).
 UNSENT = text(f"status = '{JobStatus.QUEUED.value}' AND enqueued_at IS NULL")
+# Jobs the dispatcher sent that no worker has claimed yet: what the broker holds.
+SENT = text(f"status = '{JobStatus.QUEUED.value}' AND enqueued_at IS NOT NULL")
 
 JOB_STATUSES = tuple(JobStatus)
 ACTIVE_STATUSES = (JobStatus.QUEUED, JobStatus.RUNNING)
@@ -109,9 +111,12 @@ class Job(Base):
             "priority",
             "batch_id",
             "id",
+            "next_attempt_at",
             sqlite_where=UNSENT,
             postgresql_where=UNSENT,
         ),
+        # What the broker holds (counted at each dispatch), and messages a sweep may send again.
+        Index("ix_jobs_sent", "enqueued_at", sqlite_where=SENT, postgresql_where=SENT),
     )
 
     id: Mapped[str] = mapped_column(String(40), primary_key=True)
