@@ -18,7 +18,7 @@ from api.tenant_limits import QueueCap, build_rate_limiter
 from api.uploads import UploadSlots
 from api.webhook_urls import WebhookUrlGuard
 from pcq.db import make_engine, make_session_factory
-from pcq.queue import Enqueuer, make_celery
+from pcq.queue import DispatchWake
 from pcq.settings import Settings, get_settings
 
 # How long a request waits for a pooled database connection before it answers 503 with
@@ -32,7 +32,6 @@ def build_resources(settings: Settings) -> Resources:
         settings.database_url, **({} if sqlite else {"pool_timeout": POOL_TIMEOUT_SECONDS})
     )
     sessions = make_session_factory(db_engine)
-    celery = make_celery(settings, publisher=True)
     redis_client: Any | None = None
     if settings.redis_url:
         import redis
@@ -44,7 +43,7 @@ def build_resources(settings: Settings) -> Resources:
         sessions=sessions,
         submitter=Submitter(
             sessions,
-            Enqueuer(celery, settings.queue_name),
+            DispatchWake(redis_client, settings.queue_name),
             max_batch_lines=settings.max_batch_lines,
             max_line_bytes=settings.max_request_bytes,
             queue_cap=QueueCap.from_settings(settings),

@@ -48,7 +48,7 @@ class NewJob:
 
 
 def _job_row(tenant_id: str, item: NewJob, batch_id: str | None, now: datetime) -> dict[str, Any]:
-    """A new job: queued, no attempt yet, its message about to be sent."""
+    """A new job: queued, no attempt yet, no message sent (the dispatcher sends it)."""
     return {
         "id": new_id("job"),
         "tenant_id": tenant_id,
@@ -61,7 +61,7 @@ def _job_row(tenant_id: str, item: NewJob, batch_id: str | None, now: datetime) 
         "webhook_url": item.webhook_url,
         "status": JobStatus.QUEUED,
         "attempts": 0,
-        "enqueued_at": now,
+        "enqueued_at": None,
         "created_at": now,
         "updated_at": now,
     }

@@ -43,10 +43,9 @@ from api.tenant_limits import QueueCap
 from api.uploads import Spooled, UploadSlots, spool
 from api.webhook_urls import WebhookUrlGuard
 from pcq.db import SessionFactory, unit_of_work
-from pcq.jobs import lifecycle, outbox
+from pcq.jobs import outbox
 from pcq.jobs.errors import InvalidInput, NotFound
 from pcq.models import JOB_STATUSES, Batch, Citation, DeliveryStatus, Job, JobStatus, utcnow
-from pcq.queue import Enqueuer
 from pcq.repositories import batches as batch_rows
 from pcq.repositories import deliveries as delivery_rows
 from pcq.repositories import jobs as job_rows
@@ -61,7 +60,8 @@ T = TypeVar("T")
 @dataclass
 class Submitter:
     sessions: SessionFactory
-    enqueuer: Enqueuer
+    # Wakes the dispatcher after jobs are queued; it, not the API, sends their messages.
+    wake: Callable[[], None]
     max_batch_lines: int
     max_line_bytes: int
     queue_cap: QueueCap = QueueCap()  # PCQ_TENANT_MAX_QUEUED, checked before each commit that queues jobs
@@ -87,7 +87,7 @@ class Submitter:
             job, created = intake.create_job(session, tenant_id, item, idempotency_key)
             self.queue_cap.check(session, tenant_id, int(created))
         if created:
-            self._send([job.id])
+            self.wake()
         return job
 
     async def submit_batch(
@@ -130,8 +130,8 @@ class Submitter:
                 if stored.created:  # a JSON batch may name its webhook_url after its requests
                     self.webhook_urls.check(stored.batch.webhook_url)
                 self.queue_cap.check(session, tenant_id, stored.total)
-        for ids in stored.job_ids():
-            self._send(ids)
+        if stored.created:
+            self.wake()
         return stored.batch, stored.created
 
     def cancel_job(self, tenant_id: str, job_id: str) -> Job:
@@ -150,7 +150,7 @@ class Submitter:
         with unit_of_work(self.sessions) as session:
             job = control.retry(session, get_job(session, tenant_id, job_id))
             self.queue_cap.check(session, tenant_id, 1)
-        self._send([job.id])
+        self.wake()
         return job
 
     def retry_failed(self, tenant_id: str, batch_id: str) -> tuple[Batch, int]:
@@ -158,16 +158,9 @@ class Submitter:
             batch = get_batch(session, tenant_id, batch_id)
             requeued = control.retry_failed(session, batch_id)
             self.queue_cap.check(session, tenant_id, len(requeued))
-        self._send(requeued)
+        if requeued:
+            self.wake()
         return batch, len(requeued)
-
-    def _send(self, job_ids: list[str]) -> None:
-        sent = self.enqueuer.enqueue(job_ids)
-        if sent < len(job_ids):
-            # The broker is unreachable; the jobs are durable. Mark them unsent so the next
-            # sweep sends them instead of waiting for the lost-message timeout.
-            with unit_of_work(self.sessions) as session:
-                lifecycle.clear_enqueued(session, job_ids[sent:])
 
 
 # --- reads

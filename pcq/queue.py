@@ -139,3 +139,37 @@ class Enqueuer:
             self._down_until = time.monotonic() + self.pause_seconds
             log.warning("enqueue failed after %d message(s): %s", sent, type(exc).__name__)
         return sent
+
+
+def wake_key(queue_name: str) -> str:
+    """The Redis list the API pushes to when it queued jobs, and the dispatcher waits on."""
+    return f"pcq:dispatch:wake:{queue_name}"
+
+
+class DispatchWake:
+    """Tells the dispatcher that jobs were queued, so it need not wait for its next poll.
+
+    The API sends no message itself: the dispatcher (pcq.jobs.dispatch) picks what the broker
+    gets, in the fair order. A wake is one ``LPUSH`` (the list is trimmed to one entry) on the
+    Redis of ``PCQ_REDIS_URL``; it is a hint, never needed for correctness (the dispatcher
+    polls), so a failure is logged and Redis is not asked again for ``pause_seconds``.
+    Without Redis (embedded mode) it does nothing and the dispatcher polls more often.
+    """
+
+    def __init__(self, client: Any | None, queue_name: str, pause_seconds: float = 5.0) -> None:
+        self.client = client
+        self.key = wake_key(queue_name)
+        self.pause_seconds = pause_seconds
+        self._down_until = 0.0
+
+    def __call__(self) -> None:
+        if self.client is None or time.monotonic() < self._down_until:
+            return
+        try:
+            pipe = self.client.pipeline(transaction=False)
+            pipe.lpush(self.key, 1)
+            pipe.ltrim(self.key, 0, 0)
+            pipe.execute()
+        except Exception as exc:  # Redis away: the dispatcher's poll finds the jobs anyway
+            self._down_until = time.monotonic() + self.pause_seconds
+            log.warning("could not wake the dispatcher: %s", type(exc).__name__)

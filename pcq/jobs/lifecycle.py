@@ -450,7 +450,8 @@ def due_for_enqueue(
     resend_stale: bool = True,
     lost_before: datetime | None = None,
 ) -> list[str]:
-    """Jobs that need a (new) message: retries that are due, lost messages, expired leases.
+    """Jobs that need a message again: lost messages, expired leases. (A job never sent, a
+    first run or a retry, waits for the dispatcher: pcq.jobs.dispatch.)
 
     ``resend_stale=False`` leaves out jobs whose message was sent (and is merely old): the
     caller knows the broker still holds messages, so they are most likely waiting their turn.
@@ -459,7 +460,9 @@ def due_for_enqueue(
     Marks the jobs as enqueued now, so that several sweepers do not all send them (on
     PostgreSQL, rows another sweeper is marking are skipped rather than sent twice).
     """
-    unsent: ColumnElement[bool] = Job.enqueued_at.is_(None)
+    # A queued job never sent is the dispatcher's (pcq.jobs.dispatch), not the sweep's: a NULL
+    # enqueued_at compares as false below, and only a running job's expired lease is sent here.
+    unsent: ColumnElement[bool] = and_(Job.status == JobStatus.RUNNING, Job.enqueued_at.is_(None))
     if lost_before is not None:
         unsent = or_(unsent, Job.enqueued_at < lost_before)
     if resend_stale:

@@ -18,10 +18,12 @@ from sqlalchemy import (
     BigInteger,
     ColumnElement,
     Row,
+    and_,
     bindparam,
     func,
     insert,
     literal,
+    or_,
     select,
     tuple_,
     update,
@@ -197,7 +199,7 @@ def requeue(session: Session, job_ids: list[str], *, statuses: Sequence[str], no
                 next_attempt_at=None,
                 lease_until=None,
                 finished_at=None,
-                enqueued_at=now,
+                enqueued_at=None,  # the dispatcher sends it
                 updated_at=now,
             )
             .execution_options(synchronize_session=False)
@@ -402,3 +404,59 @@ def clear_enqueued(session: Session, job_ids: list[str]) -> None:
             .values(enqueued_at=None)
             .execution_options(synchronize_session=False)
         )
+
+
+# --- fair dispatch (pcq.jobs.dispatch): the backlog waiting for a message, what the broker holds
+
+
+def _waiting(now: datetime) -> ColumnElement[bool]:
+    """Queued, no message sent, due: ix_jobs_dispatch's predicate and its last column."""
+    return and_(
+        Job.status == JobStatus.QUEUED,
+        Job.enqueued_at.is_(None),
+        or_(Job.next_attempt_at.is_(None), Job.next_attempt_at <= now),
+    )
+
+
+def dispatch_groups(session: Session, *, now: datetime) -> Sequence[Row[str, int, str | None, int]]:
+    """(tenant_id, priority, batch_id, jobs) of every group of jobs waiting for dispatch."""
+    return session.execute(
+        select(Job.tenant_id, Job.priority, Job.batch_id, func.count())
+        .where(_waiting(now))
+        .group_by(Job.tenant_id, Job.priority, Job.batch_id)
+    ).all()
+
+
+def take_waiting(
+    session: Session, tenant_id: str, priority: int, batch_id: str | None, *, limit: int, now: datetime
+) -> list[str]:
+    """Up to ``limit`` of a group's waiting jobs, oldest first, marked as sent ``now``; rows
+    another transaction holds are skipped (on PostgreSQL), not waited for."""
+    in_batch = Job.batch_id.is_(None) if batch_id is None else Job.batch_id == batch_id
+    ids = list(
+        session.scalars(
+            select(Job.id)
+            .where(Job.tenant_id == tenant_id, Job.priority == priority, in_batch, _waiting(now))
+            .order_by(Job.id)
+            .limit(limit)
+            .with_for_update(skip_locked=True)
+        )
+    )
+    if ids:
+        session.execute(
+            update(Job)
+            .where(Job.id.in_(ids))
+            .values(enqueued_at=now)
+            .execution_options(synchronize_session=False)
+        )
+    return ids
+
+
+def count_sent_unclaimed(session: Session) -> int:
+    """Jobs whose message was sent and that no worker claimed yet (ix_jobs_sent)."""
+    return int(
+        session.scalar(
+            select(func.count()).where(Job.status == JobStatus.QUEUED, Job.enqueued_at.is_not(None))
+        )
+        or 0
+    )

@@ -52,3 +52,12 @@ def revoke(session: Session, key_id: str, *, now: datetime) -> int:
         .execution_options(synchronize_session=False)
     )
     return int(result.rowcount)  # type: ignore[attr-defined]
+
+
+def policies(session: Session, tenant_ids: list[str]) -> Sequence[Row[str, int, float]]:
+    """(tenant id, weight, max_share) of the given tenants (the dispatcher's terms)."""
+    if not tenant_ids:
+        return []
+    return session.execute(
+        select(Tenant.id, Tenant.weight, Tenant.max_share).where(Tenant.id.in_(tenant_ids))
+    ).all()

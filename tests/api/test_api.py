@@ -15,6 +15,7 @@ from api.app import create_app
 from pcq.db import make_engine, make_session_factory
 from pcq.models import Batch, Job
 from pcq.tenants import create_key_at
+from tests.api.conftest import take_waiting
 from tests.conftest import make_settings
 
 REQ = {"model": "lite", "messages": [{"role": "user", "content": "Who founded Parallel?"}]}
@@ -37,23 +38,9 @@ class Api:
         engine.dispose()
         return n
 
-    def sent_messages(self) -> list[str]:
-        """Job ids of the messages waiting in the (in-memory) broker queue."""
-        app = self.client.app.state.resources.submitter.enqueuer.app  # type: ignore[attr-defined]
-        ids = []
-        with app.connection_for_write() as conn:
-            queue = conn.SimpleQueue("pcq")
-            while True:
-                try:
-                    msg = queue.get(block=False)
-                except queue.Empty:
-                    break
-                args, kwargs, _ = msg.payload
-                assert kwargs == {}
-                assert len(args) == 1  # a list of job ids and nothing else
-                ids.extend(args[0])
-                msg.ack()
-        return ids
+    def waiting(self) -> list[str]:
+        """The jobs queued for the dispatcher since the last call: taken as it takes them."""
+        return take_waiting(self.client.app.state.resources.sessions)  # type: ignore[attr-defined]
 
 
 @pytest.fixture
@@ -61,7 +48,7 @@ def api(db_url: str) -> Iterator[Api]:
     settings = make_settings(DATABASE_URL=db_url, PCQ_BROKER_URL="memory://", PCQ_MAX_REQUEST_BYTES=65536)
     with TestClient(create_app(settings)) as client:
         api = Api(client, create_key_at(db_url, "acme"), create_key_at(db_url, "globex"), db_url)
-        api.sent_messages()  # kombu's memory transport is shared by the process: start empty
+        api.waiting()  # start empty
         yield api
 
 
@@ -81,7 +68,7 @@ def test_submit_job_answers_202_and_stores_it_queued(api: Api) -> None:
 
 def test_submit_job_enqueues_a_message_carrying_only_the_id(api: Api) -> None:
     job = api.client.post("/v1/jobs", json={"request": REQ}, headers=api.h()).json()
-    assert api.sent_messages() == [job["id"]]
+    assert api.waiting() == [job["id"]]
 
 
 @pytest.mark.parametrize(
@@ -121,7 +108,7 @@ def test_bad_job_input_answers_422_naming_the_problem_and_stores_nothing(
     assert r.json()["error"] == "invalid_request"
     assert needle in r.json()["detail"]
     assert api.count(Job) == 0
-    assert api.sent_messages() == []
+    assert api.waiting() == []
 
 
 def test_oversized_job_body_answers_413(api: Api) -> None:
@@ -138,7 +125,7 @@ def test_idempotency_key_replay_returns_the_same_job(api: Api) -> None:
     second = api.client.post("/v1/jobs", json={"request": REQ}, headers=h).json()
     assert first["id"] == second["id"]
     assert api.count(Job) == 1
-    assert api.sent_messages() == [first["id"]]
+    assert api.waiting() == [first["id"]]
 
 
 def test_idempotency_key_with_a_different_body_answers_422(api: Api) -> None:
@@ -192,7 +179,7 @@ def test_jsonl_batch_creates_one_job_per_line(api: Api) -> None:
     assert batch["counts"]["queued"] == 5
     assert batch["done"] is False
     assert api.count(Job) == 5
-    assert len(api.sent_messages()) == 5
+    assert len(api.waiting()) == 5
     got = api.client.get(f"/v1/batches/{batch['id']}", headers=api.h()).json()
     assert got["status"] == "queued"
 

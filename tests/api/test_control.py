@@ -27,7 +27,7 @@ def api(db_url: str) -> Iterator[Api]:
     settings = make_settings(DATABASE_URL=db_url, PCQ_BROKER_URL="memory://")
     with TestClient(create_app(settings)) as client:
         a = Api(client, create_key_at(db_url, "acme"), create_key_at(db_url, "globex"), db_url)
-        a.sent_messages()
+        a.waiting()
         yield a
 
 
@@ -103,13 +103,13 @@ def test_a_finished_job_cannot_be_cancelled(api: Api) -> None:
 
 def test_retry_requeues_a_failed_job_with_a_fresh_budget(api: Api) -> None:
     job_id = _submit(api)
-    api.sent_messages()
+    api.waiting()
     _fail(api, job_id)
     r = api.client.post(f"/v1/jobs/{job_id}/retry", headers=api.h())
     assert r.status_code == 202
     assert r.json()["status"] == "queued"
     assert r.json()["error"] is None
-    assert api.sent_messages() == [job_id]
+    assert api.waiting() == [job_id]
     again = _claim(api, job_id)
     assert again is not None
     assert again.attempt == 2  # attempt numbers keep growing; every call keeps its row
@@ -137,14 +137,14 @@ def test_retry_failed_reruns_only_the_failed_items_of_a_batch(api: Api) -> None:
         j["id"]
         for j in api.client.get("/v1/jobs", params={"batch_id": batch["id"]}, headers=api.h()).json()["data"]
     ]
-    api.sent_messages()
+    api.waiting()
     _fail(api, ids[0])
     _fail(api, ids[1])
     r = api.client.post(f"/v1/batches/{batch['id']}/retry-failed", headers=api.h())
     assert r.status_code == 202
     assert r.json()["retried"] == 2
     assert r.json()["counts"]["queued"] == 3
-    assert sorted(api.sent_messages()) == sorted(ids[:2])
+    assert sorted(api.waiting()) == sorted(ids[:2])
     assert (
         api.client.post(f"/v1/batches/{batch['id']}/retry-failed", headers=api.h(api.other_key)).status_code
         == 404

@@ -24,6 +24,7 @@ from pcq.db import make_engine, make_session_factory, unit_of_work
 from pcq.jobs.errors import TooManyQueued
 from pcq.models import Batch, Job, Tenant
 from pcq.tenants import create_key_at
+from tests.api.conftest import take_waiting
 from tests.conftest import make_settings
 
 pytestmark = pytest.mark.realservices
@@ -86,19 +87,8 @@ def apps(pg_url: str) -> Iterator[Any]:
 
 
 def _drain_messages(client: TestClient) -> list[str]:
-    """Job ids waiting in the (in-memory, per-process) broker queue."""
-    app = client.app.state.resources.submitter.enqueuer.app  # type: ignore[attr-defined]
-    ids: list[str] = []
-    with app.connection_for_write() as conn:
-        queue = conn.SimpleQueue("pcq")
-        while True:
-            try:
-                msg = queue.get(block=False)
-            except queue.Empty:
-                break
-            ids.extend(msg.payload[0][0])
-            msg.ack()
-    return ids
+    """The jobs queued for the dispatcher since the last call: taken as it takes them."""
+    return take_waiting(client.app.state.resources.sessions)  # type: ignore[attr-defined]
 
 
 def _assert_429(r: Any, code: str) -> int:

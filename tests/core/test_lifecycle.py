@@ -219,7 +219,9 @@ def test_jobs_whose_worker_died_every_time_end_failed_at_the_cap(sessions) -> No
 
 
 def test_sweeper_picks_due_retries_lost_messages_and_expired_leases_once(sessions) -> None:
-    fresh = _new_job(sessions)  # enqueued just now: not due
+    fresh = _new_job(sessions)
+    with unit_of_work(sessions) as s:
+        s.get(Job, fresh).enqueued_at = utcnow()  # the dispatcher sent it just now: not due
     leased = _new_job(sessions)
     _claim(sessions, leased, lease=1)
     now = utcnow() + timedelta(seconds=5)
@@ -257,13 +259,15 @@ def test_sweeper_leaves_old_messages_alone_while_the_broker_still_holds_messages
         s.get(Job, waiting).enqueued_at = utcnow()
     unsent = _new_job(sessions)
     with unit_of_work(sessions) as s:
-        s.get(Job, unsent).enqueued_at = None  # the send failed: it must go out regardless
+        s.get(Job, unsent).enqueued_at = None  # never sent: the dispatcher's, never the sweep's
     later = utcnow() + timedelta(seconds=120)
     with unit_of_work(sessions) as s:
         due = lifecycle.due_for_enqueue(s, now=later, requeue_after_seconds=60, resend_stale=False)
-    assert due == [unsent]
+    assert due == []
     with unit_of_work(sessions) as s:  # the queue is empty now: the old message was lost
         assert lifecycle.due_for_enqueue(s, now=later, requeue_after_seconds=60) == [waiting]
+    with sessions() as s:
+        assert s.get(Job, unsent).enqueued_at is None  # still waiting for the dispatcher
 
 
 def test_lease_renewal_extends_only_the_claim_that_still_holds_the_job(sessions) -> None:

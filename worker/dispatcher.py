@@ -1,0 +1,170 @@
+"""The dispatcher: one per deployment, elected through Redis, feeding the broker a short, fair queue.
+
+Every worker runs this task on its engine's loop; the one that holds the lease
+(``pcq:dispatcher:<queue>``, ``SET NX`` with a TTL of LEASE_SECONDS, renewed each second)
+dispatches, the others wait to take over. A dispatcher that dies (``kill -9``) stops renewing,
+and another worker leads within LEASE_SECONDS.
+
+One dispatch, in one transaction: count what the broker holds (sent, not claimed); from the
+room the shared quota has within the admission horizon, less that, pick jobs in the fair
+order (pcq.jobs.dispatch), mark them sent, send their messages, commit. A crash before the
+commit rolls the marks back (the jobs wait to be picked again; a message that did leave is a
+duplicate, which its claim drops), and a broker that refuses the send leaves its jobs unsent.
+So the broker holds at most a horizon of work, and a job submitted behind a backlog waits for
+at most that, not for the backlog.
+
+The API wakes the dispatcher after each submission (pcq.queue.DispatchWake: a Redis list it
+blocks on), so an idle stack dispatches a new job at once; without that wake (embedded mode,
+no Redis) it polls every POLL_SECONDS.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
+
+from redis.exceptions import RedisError
+from sqlalchemy.orm import Session
+
+from pcq.jobs import dispatch, lifecycle
+from pcq.jobs.dispatch import FairOrder
+from pcq.models import utcnow
+from pcq.queue import Enqueuer, wake_key
+from pcq.settings import Settings
+from worker.limiter import KeyPool, window_safe
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+LEASE_SECONDS = 5.0  # a dead dispatcher's lease runs out after this; another worker leads
+RENEW_SECONDS = 1.0
+MAX_PER_DISPATCH = 5000  # jobs one transaction sends at most; more go in the next at once
+IDLE_SECONDS = 1.0  # with the API's wake: how long to block for one when nothing waits
+BACKLOG_SECONDS = 0.2  # jobs wait for quota room: look again this soon
+POLL_SECONDS = 0.1  # no wake channel (embedded mode): poll this often
+
+_RENEW = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  return redis.call('PEXPIRE', KEYS[1], ARGV[2])
+end
+return 0
+"""
+_RESIGN = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+"""
+
+
+class Dispatcher:
+    def __init__(
+        self,
+        settings: Settings,
+        db: Callable[[Callable[[Session], Any]], Awaitable[Any]],
+        pool: KeyPool,
+        enqueuer: Enqueuer,
+        redis: Any,
+        *,
+        closing: Callable[[], bool],
+        woken: bool,
+    ) -> None:
+        self.settings = settings
+        self._db = db
+        self._pool = pool
+        self._enqueuer = enqueuer
+        self._redis = redis
+        self._closing = closing
+        self._woken = woken  # the API wakes us through Redis (not in embedded mode)
+        self._lease_key = f"pcq:dispatcher:{settings.queue_name}"
+        self._wake_key = wake_key(settings.queue_name)
+        self._token = uuid.uuid4().hex
+        self._leader = False
+        self._renew_at = 0.0
+        quota = sum(window_safe(k.limit_per_minute, k.burst)[0] for k in pool.keys) / 60
+        self.order = FairOrder(quota, settings.admission_horizon_seconds)
+
+    @property
+    def leader(self) -> bool:
+        return self._leader
+
+    async def run(self) -> None:
+        try:
+            while not self._closing():
+                try:
+                    if not await self._lead():
+                        await asyncio.sleep(RENEW_SECONDS)
+                        continue
+                    more, waiting = await self.dispatch_once()
+                except (RedisError, OSError) as exc:
+                    log.warning("dispatch: Redis unreachable (%s)", type(exc).__name__)
+                    await asyncio.sleep(RENEW_SECONDS)
+                    continue
+                except Exception as exc:
+                    log.warning("dispatch failed: %s", type(exc).__name__)
+                    await asyncio.sleep(RENEW_SECONDS)
+                    continue
+                if not more:
+                    await self._wait(BACKLOG_SECONDS if waiting else IDLE_SECONDS)
+        finally:
+            await self._resign()
+
+    async def _lead(self) -> bool:
+        now = time.monotonic()
+        if self._leader and now < self._renew_at:
+            return True
+        ms = int(LEASE_SECONDS * 1000)
+        if self._leader:
+            self._leader = bool(await self._redis.eval(_RENEW, 1, self._lease_key, self._token, ms))
+            if not self._leader:
+                log.warning("dispatch: lost the dispatcher's lease; another worker dispatches")
+        else:
+            self._leader = bool(await self._redis.set(self._lease_key, self._token, nx=True, px=ms))
+            if self._leader:
+                log.info("dispatch: this worker dispatches")
+                self.order = FairOrder(self.order.quota_per_second, self.order.horizon)
+        self._renew_at = now + RENEW_SECONDS
+        return self._leader
+
+    async def _resign(self) -> None:
+        """A worker that stops hands the lease on at once instead of after its TTL."""
+        if not self._leader:
+            return
+        self._leader = False
+        try:
+            await self._redis.eval(_RESIGN, 1, self._lease_key, self._token)
+        except (RedisError, OSError):
+            pass
+
+    async def _wait(self, seconds: float) -> None:
+        if not self._woken:
+            await asyncio.sleep(min(seconds, POLL_SECONDS))
+            return
+        await self._redis.blpop([self._wake_key], timeout=seconds)
+
+    async def dispatch_once(self) -> tuple[bool, int]:
+        """One dispatch: ``(more to send at once, jobs left waiting)``."""
+        room, _opens_in = await self._pool.room(self.settings.admission_horizon_seconds)
+        if room <= 0:
+            return False, 1  # nothing can start within the horizon: look again soon
+        now = utcnow()
+        clock = time.monotonic()
+
+        def work(session: Session) -> tuple[bool, int]:
+            n = min(room - dispatch.sent_unclaimed(session), MAX_PER_DISPATCH)
+            if n <= 0:
+                return False, 1
+            groups = dispatch.backlog(session, now=now)
+            if not groups:
+                return False, 0
+            terms = dispatch.policies(session, {g.tenant_id for g in groups})
+            ids = dispatch.take(session, self.order.plan(groups, terms, n, clock), now=now)
+            sent = self._enqueuer.enqueue(ids) if ids else 0
+            if sent < len(ids):  # the broker is away: they stay unsent, picked again later
+                lifecycle.clear_enqueued(session, ids[sent:])
+            return sent == n == MAX_PER_DISPATCH, sum(g.waiting for g in groups) - sent
+
+        result: tuple[bool, int] = await self._db(work)
+        return result
