@@ -1,8 +1,8 @@
 """The dispatcher: one per deployment, elected through Redis, feeding the broker a short, fair queue.
 
 Every worker runs this task on its engine's loop; the one that holds the lease
-(``pcq:dispatcher:<queue>``, ``SET NX`` with a TTL of LEASE_SECONDS, renewed each second)
-dispatches, the others wait to take over. A dispatcher that dies (``kill -9``) stops renewing,
+(``pcq:dispatcher:<queue>``, holding ``<pid>:<random>``; ``SET NX`` with a TTL of
+LEASE_SECONDS, renewed each second) dispatches, the others wait to take over. A dispatcher that dies (``kill -9``) stops renewing,
 and another worker leads within LEASE_SECONDS.
 
 One dispatch, in one transaction: count what the broker holds (sent, not claimed); from the
@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import time
 import uuid
 from collections.abc import Awaitable, Callable
@@ -80,7 +81,8 @@ class Dispatcher:
         self._woken = woken  # the API wakes us through Redis (not in embedded mode)
         self._lease_key = f"pcq:dispatcher:{settings.queue_name}"
         self._wake_key = wake_key(settings.queue_name)
-        self._token = uuid.uuid4().hex
+        # Which process dispatches, for an operator (and a test) reading the lease: pid:random.
+        self._token = f"{os.getpid()}:{uuid.uuid4().hex[:12]}"
         self._leader = False
         self._renew_at = 0.0
         quota = sum(window_safe(k.limit_per_minute, k.burst)[0] for k in pool.keys) / 60
