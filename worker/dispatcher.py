@@ -2,8 +2,8 @@
 
 Every worker runs this task on its engine's loop; the one that holds the lease
 (``pcq:dispatcher:<queue>``, holding ``<pid>:<random>``; ``SET NX`` with a TTL of
-LEASE_SECONDS, renewed each second) dispatches, the others wait to take over. A dispatcher that dies (``kill -9``) stops renewing,
-and another worker leads within LEASE_SECONDS.
+LEASE_SECONDS, renewed each second) dispatches, the others wait to take over. A dispatcher
+that dies (``kill -9``) stops renewing, and another worker leads within LEASE_SECONDS.
 
 One dispatch, in one transaction: count what the broker holds (sent, not claimed); from the
 room the shared quota has within the admission horizon, less that, pick jobs in the fair
