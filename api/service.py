@@ -43,7 +43,7 @@ from api.tenant_limits import QueueCap
 from api.uploads import Spooled, UploadSlots, spool
 from api.webhook_urls import WebhookUrlGuard
 from pcq.db import SessionFactory, unit_of_work
-from pcq.jobs import outbox
+from pcq.jobs import dispatch, outbox
 from pcq.jobs.errors import InvalidInput, NotFound
 from pcq.models import JOB_STATUSES, Batch, Citation, DeliveryStatus, Job, JobStatus, utcnow
 from pcq.repositories import batches as batch_rows
@@ -215,6 +215,11 @@ def list_jobs(
 def batch_counts(session: Session, batch_id: str) -> dict[str, int]:
     """The batch's jobs per status, every status present."""
     return all_counts(job_rows.status_counts(session, batch_id))
+
+
+def batch_position(session: Session, tenant_id: str, batch_id: str) -> int:
+    """Jobs of other batches dispatched before the first of this (unstarted) batch's."""
+    return dispatch.position(session, tenant_id, batch_id, now=utcnow())
 
 
 EXPORT_READ_AHEAD = 2  # pages of an export read at once, each in a thread and a connection of its own

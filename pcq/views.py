@@ -84,6 +84,11 @@ class BatchOut(BaseModel):
     )
     created_at: datetime
     retried: int | None = Field(default=None, description="Jobs requeued by retry-failed")
+    position: int | None = Field(
+        default=None,
+        description="While none of its jobs has started (`GET /v1/batches/{id}` only): about how many "
+        "jobs of other batches go before its first, in the current dispatch order; null once it runs",
+    )
 
 
 def parse_metadata(text: str | None) -> dict[str, Any] | None:

@@ -15,7 +15,7 @@ from api.errors import error_responses
 from api.routes.jobs import MAX_PAGE
 from api.schemas import DomainCountOut, DomainPage, IdempotencyKeyHeader
 from pcq import views as shown
-from pcq.models import Batch
+from pcq.models import Batch, BatchStatus
 from pcq.views import BatchOut
 
 router = APIRouter(prefix="/v1/batches", tags=["batches"])
@@ -129,9 +129,13 @@ async def submit_batch(
 
 @router.get("/{batch_id}", response_model=BatchOut, responses=error_responses(401, 404, 503))
 def get_batch(batch_id: str, session: SessionDep, tenant: TenantDep) -> BatchOut:
-    """Progress of a batch: counts per status and whether every job has ended."""
+    """Progress of a batch: counts per status and whether every job has ended; while none of
+    its jobs has started, its ``position`` in the dispatch order."""
     batch = service.get_batch(session, tenant, batch_id)
-    return shown.batch_out(batch, service.batch_counts(session, batch.id))
+    out = shown.batch_out(batch, service.batch_counts(session, batch.id))
+    if out.status == BatchStatus.QUEUED:
+        out.position = service.batch_position(session, tenant, batch.id)
+    return out
 
 
 @router.post(

@@ -24,6 +24,7 @@ job; what was sent and not claimed is counted from it).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Hashable, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -222,3 +223,45 @@ def take(session: Session, picks: Sequence[tuple[Group, int]], *, now: datetime)
     for g, k in picks:
         ids += job_rows.take_waiting(session, g.tenant_id, g.priority, g.batch_id, limit=k, now=now)
     return ids
+
+
+def ahead_in_order(
+    groups: Sequence[Group], policies: dict[str, Policy], tenant_id: str, batch_id: str
+) -> int:
+    """Jobs of other batches the order would dispatch before the first of ``batch_id``'s, from
+    the backlog as it stands (an estimate: the live dispatcher's place in its rounds is not
+    known here, and later submissions may go before it).
+
+    Within its tenant: every job of a higher priority, and one job of each other batch of its
+    priority (the round robin). Each other tenant: its weighted share of the rounds that
+    takes, at least one job (its turn in the current round), at most what it has waiting.
+    """
+    mine = [g for g in groups if g.tenant_id == tenant_id]
+    own = [g.priority for g in mine if g.batch_id == batch_id]
+    if not own:
+        return 0
+    rank = min(own)
+    within = sum(g.waiting for g in mine if g.priority < rank)
+    within += sum(1 for g in mine if g.priority == rank and g.batch_id != batch_id)
+    others: dict[str, int] = {}
+    for g in groups:
+        if g.tenant_id != tenant_id:
+            others[g.tenant_id] = others.get(g.tenant_id, 0) + g.waiting
+    weight = policies.get(tenant_id, Policy()).weight
+    return within + sum(
+        min(n, math.ceil((within + 1) * policies.get(t, Policy()).weight / weight)) for t, n in others.items()
+    )
+
+
+def position(session: Session, tenant_id: str, batch_id: str, *, now: datetime) -> int:
+    """A batch none of whose jobs started yet: how many jobs of other batches go before its
+    first. Those the broker holds already, then those the order picks first
+    (``ahead_in_order``); if some of its jobs are in the broker, those sent before them."""
+    sent_at = job_rows.first_sent(session, batch_id)
+    if sent_at is not None:
+        return job_rows.count_sent_unclaimed(session, other_than=batch_id, before=sent_at)
+    groups = backlog(session, now=now)
+    held = job_rows.count_sent_unclaimed(session, other_than=batch_id)
+    return held + ahead_in_order(
+        groups, policies(session, {g.tenant_id for g in groups}), tenant_id, batch_id
+    )

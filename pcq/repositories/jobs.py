@@ -452,11 +452,23 @@ def take_waiting(
     return ids
 
 
-def count_sent_unclaimed(session: Session) -> int:
-    """Jobs whose message was sent and that no worker claimed yet (ix_jobs_sent)."""
-    return int(
-        session.scalar(
-            select(func.count()).where(Job.status == JobStatus.QUEUED, Job.enqueued_at.is_not(None))
-        )
-        or 0
-    )
+def _sent() -> ColumnElement[bool]:
+    return and_(Job.status == JobStatus.QUEUED, Job.enqueued_at.is_not(None))
+
+
+def count_sent_unclaimed(
+    session: Session, *, other_than: str | None = None, before: datetime | None = None
+) -> int:
+    """Jobs whose message was sent and that no worker claimed yet (ix_jobs_sent); with
+    ``other_than``, outside that batch; with ``before``, sent before then."""
+    q = select(func.count()).where(_sent())
+    if other_than is not None:
+        q = q.where(or_(Job.batch_id.is_(None), Job.batch_id != other_than))
+    if before is not None:
+        q = q.where(Job.enqueued_at < before)
+    return int(session.scalar(q) or 0)
+
+
+def first_sent(session: Session, batch_id: str) -> datetime | None:
+    """When the first of a batch's jobs still in the broker was sent (None: none is)."""
+    return session.scalar(select(func.min(Job.enqueued_at)).where(Job.batch_id == batch_id, _sent()))

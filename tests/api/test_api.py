@@ -9,11 +9,11 @@ from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
-from sqlalchemy import func, select
+from sqlalchemy import func, select, update
 
 from api.app import create_app
 from pcq.db import make_engine, make_session_factory
-from pcq.models import Batch, Job
+from pcq.models import Batch, Job, Priority
 from pcq.tenants import create_key_at
 from tests.api.conftest import take_waiting
 from tests.conftest import make_settings
@@ -333,3 +333,44 @@ def test_a_streamed_batch_arriving_in_small_chunks_is_read_line_by_line(api: Api
         "/v1/jobs", params={"batch_id": r.json()["id"], "limit": 100}, headers=api.h()
     ).json()
     assert sorted(j["custom_id"] for j in ids["data"]) == sorted(f"c{i}" for i in range(50))
+
+
+# --- position: jobs of other batches dispatched before a batch's first
+
+
+def _jsonl_batch(api: Api, n: int, key: str | None = None) -> str:
+    lines = "\n".join(json.dumps({"custom_id": f"c{i}", "body": REQ}) for i in range(n))
+    r = api.client.post(
+        "/v1/batches", content=lines, headers=api.h(key, **{"Content-Type": "application/x-ndjson"})
+    )
+    assert r.status_code == 202, r.text
+    return str(r.json()["id"])
+
+
+def _position(api: Api, batch_id: str, key: str | None = None) -> int | None:
+    r = api.client.get(f"/v1/batches/{batch_id}", headers=api.h(key))
+    assert r.status_code == 200, r.text
+    return r.json()["position"]  # type: ignore[no-any-return]
+
+
+def test_position_follows_the_order_and_is_null_once_the_batch_runs(api: Api) -> None:
+    bulk = _jsonl_batch(api, 10)  # tenant acme
+    other = _jsonl_batch(api, 3, api.other_key)  # tenant globex
+    urgent = _jsonl_batch(api, 2)
+    engine = make_engine(api.db_url)
+    with engine.begin() as conn:  # what "priority": "high" stores
+        conn.execute(update(Job).where(Job.batch_id == urgent).values(priority=Priority.HIGH.rank))
+    # globex's first job: behind one turn of acme's; acme's urgent batch: behind one of globex's;
+    # acme's bulk: behind its 2 urgent jobs and, meanwhile, globex's 3 (weights equal).
+    assert _position(api, other, api.other_key) == 1
+    assert _position(api, urgent) == 1
+    assert _position(api, bulk) == 5
+
+    api.waiting()  # the dispatcher sends them all at once: nothing of another batch was sent earlier
+    assert _position(api, bulk) == 0
+    with engine.begin() as conn:  # a worker claims one of bulk's jobs
+        first = conn.execute(Job.__table__.select().where(Job.batch_id == bulk).limit(1)).first()
+        assert first is not None
+        conn.execute(update(Job).where(Job.id == first.id).values(status="running"))
+    assert _position(api, bulk) is None
+    engine.dispose()

@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 
 from pcq.db import SessionFactory, make_engine, make_session_factory, unit_of_work
 from pcq.jobs import dispatch
-from pcq.jobs.dispatch import FairOrder, Group, Policy, Ring
+from pcq.jobs.dispatch import FairOrder, Group, Policy, Ring, ahead_in_order
 from pcq.models import Job, Tenant, new_id, utcnow
 
 HIGH, NORMAL, LOW = 0, 1, 2
@@ -153,6 +153,19 @@ def test_a_ring_keeps_its_place_when_keys_come_and_go() -> None:
     assert ring.share(1, {"b": 5, "c": 5}, lambda _k: 1) == {"b": 1}
     ring.sync(["b", "c", "d"])  # d joins at the end
     assert ring.share(3, {"b": 5, "c": 5, "d": 5}, lambda _k: 1) == {"c": 1, "d": 1, "b": 1}
+
+
+def test_weights_give_a_heavier_tenant_a_larger_share_of_the_rounds() -> None:
+    groups = [Group("a", 1, "x", 100), Group("b", 1, "y", 100), Group("c", 1, "cb", 1)]
+    even = ahead_in_order(groups, {}, "c", "cb")
+    assert even == 2  # one turn each of a and b
+    heavy = ahead_in_order(groups, {"a": Policy(weight=5)}, "c", "cb")
+    assert heavy == 6
+    # Within a tenant: higher priorities first, then one job of each other batch of its own.
+    mine = [Group("a", 0, "u", 4), Group("a", 1, "x", 100), Group("a", 1, "z", 7), Group("a", 2, "w", 9)]
+    assert ahead_in_order(mine, {}, "a", "z") == 4 + 1
+    assert ahead_in_order(mine, {}, "a", "u") == 0
+    assert ahead_in_order(mine, {}, "a", "absent") == 0
 
 
 # --------------------------------------------------------------------- against the database
