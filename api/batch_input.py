@@ -15,9 +15,10 @@ from typing import IO
 from pydantic import ValidationError
 
 from api.intake import NewJob
-from api.schemas import BatchCreate, BatchLine, check_webhook_url
+from api.schemas import PRIORITY, BatchCreate, BatchLine, check_webhook_url
 from api.verbatim import Member, NotJson, decode_utf8, members
 from pcq.jobs.errors import InvalidInput, TooLarge
+from pcq.models import Priority
 from pcq.wire import KNOWN_MODELS
 
 JSONL_TYPES = ("application/x-ndjson", "application/jsonl", "application/x-jsonlines")
@@ -78,7 +79,17 @@ def line_to_job(text: str, where: str) -> NewJob:
         stream=bool(line.body.stream),
         custom_id=line.custom_id,
         metadata_json=text_of(found, "metadata"),
+        priority=line.priority,
     )
+
+
+def _priority(text: str, where: str) -> Priority:
+    """A batch's ``priority`` member from its text; 422 naming ``where`` unless it is one."""
+    value = read_object('{"priority":' + text + "}", where)["priority"].value
+    try:
+        return PRIORITY.validate_python(value)
+    except ValidationError as exc:
+        raise InvalidInput(describe(exc, where)) from None
 
 
 class UniqueIds:
@@ -158,13 +169,17 @@ READ_SIZE = 1024 * 1024  # bytes read from a spooled body at a time
 
 class JsonlBatch:
     """A JSONL body read from a file, ``READ_SIZE`` bytes at a time (memory: about one line);
-    an api.intake.BatchSource, like JsonBatch."""
+    an api.intake.BatchSource, like JsonBatch. Its priority is the ``?priority=`` it came with
+    (a JSONL body has no place for one)."""
 
     metadata_json: str | None = None
     webhook_url: str | None = None
     webhook_events: str | None = None
 
-    def __init__(self, file: IO[bytes], max_lines: int, max_line_bytes: int) -> None:
+    def __init__(
+        self, file: IO[bytes], max_lines: int, max_line_bytes: int, priority: Priority | None = None
+    ) -> None:
+        self.priority = priority
         self._file = file
         self._reader = JsonlReader(max_lines, max_line_bytes)
 
@@ -180,26 +195,34 @@ class JsonlBatch:
 _BLANK = re.compile(rb"[ \t\n\r]*")
 _TOKEN = re.compile(rb'[\[\]{}]|"(?:[^"\\]++|\\.)*+("?)', re.S)
 _SCALAR_END = re.compile(rb"[,\]}\[{\" \t\n\r]")
-_JSON_BATCH_KEYS = ("requests", "metadata", "webhook_url", "webhook_events")
+_JSON_BATCH_KEYS = ("requests", "metadata", "webhook_url", "webhook_events", "priority")
 
 
 class JsonBatch:
-    """A JSON batch ``{"requests": [...], "metadata"?, "webhook_url"?}`` read from a file as a
-    stream: one request at a time, so memory is bounded by one request however large the batch.
+    """A JSON batch ``{"requests": [...], "metadata"?, "webhook_url"?, "webhook_events"?,
+    "priority"?}`` read from a file as a stream: one request at a time, so memory is bounded by
+    one request however large the batch.
 
     The scan finds where each request ends (brackets outside strings) and hands its exact
     bytes to ``line_to_job``, which parses and validates it as it does a JSONL line: what is
     stored is the text submitted. A request longer than ``max_item_bytes`` answers 413 naming
-    it; a repeated ``requests`` key, or any key but the three, 422.
+    it; a repeated ``requests`` key, or any other key, 422.
+
+    ``priority`` starts as the ``?priority=`` the batch came with, and is the body's own as soon
+    as that is read: before the requests, they take it as they are read; after them,
+    api.intake gives it to those already stored.
     """
 
-    def __init__(self, file: IO[bytes], max_lines: int, max_item_bytes: int) -> None:
+    def __init__(
+        self, file: IO[bytes], max_lines: int, max_item_bytes: int, priority: Priority | None = None
+    ) -> None:
         self.max_lines = max_lines
         self.max_item_bytes = max_item_bytes
         self.count = 0
         self.metadata_json: str | None = None
         self.webhook_url: str | None = None
         self.webhook_events: str | None = None  # JSON text of the job event types asked for
+        self.priority = priority
         self._file = file
         self._buf = b""
         self._pos = 0  # the next byte of _buf to read
@@ -229,6 +252,8 @@ class JsonBatch:
                     where = f"body: {key}"
                     others.pop(key, None)  # a repeated key keeps its last value, as json.loads does
                     others[key] = decode(self._value(where, self.max_item_bytes), where)
+                    if key == "priority":  # known now, so the requests read next take it
+                        self.priority = _priority(others[key], where)
                 sep = self._peek()
                 self._pos += 1
                 if sep == ord("}"):

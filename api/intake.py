@@ -16,7 +16,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from pcq.jobs.errors import IdempotencyMismatch, InvalidInput
-from pcq.models import Batch, Job, JobStatus, new_id, utcnow
+from pcq.models import Batch, Job, JobStatus, Priority, new_id, utcnow
 from pcq.repositories import batches as batch_rows
 from pcq.repositories import jobs as job_rows
 
@@ -40,15 +40,38 @@ class NewJob:
     custom_id: str | None = None
     metadata_json: str | None = None
     webhook_url: str | None = None
+    priority: Priority | None = None  # None: its batch's (a batch line that names none)
 
     def fingerprint(self) -> str:
-        """Tells a replay from a reuse of an idempotency key: the same texts, the same job."""
-        parts = (self.request_json, self.custom_id, self.metadata_json, self.webhook_url)
+        """Tells a replay from a reuse of an idempotency key: the same texts, the same job.
+
+        The priority counts (it changes when the job runs), but ``normal`` is left out, so a
+        job submitted without one and one submitted with ``"normal"`` are the same request,
+        as they were before priorities existed."""
+        parts: tuple[str | None, ...] = (
+            self.request_json,
+            self.custom_id,
+            self.metadata_json,
+            self.webhook_url,
+        )
+        if self.priority not in (None, Priority.NORMAL):
+            parts += (self.priority,)
         return hashlib.sha256(json.dumps(parts, ensure_ascii=False).encode()).hexdigest()
 
 
-def _job_row(tenant_id: str, item: NewJob, batch_id: str | None, now: datetime) -> dict[str, Any]:
-    """A new job: queued, no attempt yet, no message sent (the dispatcher sends it)."""
+def batch_fingerprint(body_sha256: str, priority: Priority | None) -> str:
+    """A batch's request hash: its body's sha256, and the ``?priority=`` it came with (not in
+    the body) unless that is absent or ``normal``, which are the same request."""
+    if priority in (None, Priority.NORMAL):
+        return body_sha256
+    return hashlib.sha256(f"{body_sha256} priority={priority}".encode()).hexdigest()
+
+
+def _job_row(
+    tenant_id: str, item: NewJob, batch_id: str | None, now: datetime, batch_priority: Priority | None = None
+) -> dict[str, Any]:
+    """A new job: queued, no attempt yet, no message sent (the dispatcher sends it). Its priority is its own,
+    else its batch's, else normal."""
     return {
         "id": new_id("job"),
         "tenant_id": tenant_id,
@@ -59,6 +82,7 @@ def _job_row(tenant_id: str, item: NewJob, batch_id: str | None, now: datetime) 
         "stream": item.stream,
         "metadata_json": item.metadata_json,
         "webhook_url": item.webhook_url,
+        "priority": (item.priority or batch_priority or Priority.NORMAL).rank,
         "status": JobStatus.QUEUED,
         "attempts": 0,
         "enqueued_at": None,
@@ -100,8 +124,8 @@ def _replayed(job: Job, fingerprint: str) -> Job:
 
 
 def replayed_batch(session: Session, tenant_id: str, idempotency_key: str, fingerprint: str) -> Batch | None:
-    """The batch first submitted with this key, if any; it must have had the very same body
-    (``fingerprint``: its sha256), else IdempotencyMismatch."""
+    """The batch first submitted with this key, if any; it must have had the very same body and
+    ``?priority=`` (``fingerprint``: batch_fingerprint), else IdempotencyMismatch."""
     batch = batch_rows.by_idempotency_key(session, tenant_id, idempotency_key)
     return None if batch is None else _replayed_batch(batch, fingerprint)
 
@@ -113,12 +137,16 @@ def _replayed_batch(batch: Batch, fingerprint: str) -> Batch:
 
 
 class BatchSource(Protocol):
-    """A batch body being read (api.batch_input): its jobs one by one, then its own metadata and
-    webhook URL, known once every job was read (a JSON batch may put them after its requests)."""
+    """A batch body being read (api.batch_input): its jobs one by one, then its own metadata,
+    webhook URL and priority, known once every job was read (a JSON batch may put them after its
+    requests)."""
 
     metadata_json: str | None
     webhook_url: str | None
     webhook_events: str | None  # JSON text: the job event types the batch's URL also gets
+    # The priority of its jobs that name none, as far as the body was read: a JSON batch may
+    # name it after its requests, and a repeated member counts by its last value.
+    priority: Priority | None
 
     def jobs(self) -> Iterator[NewJob]: ...
 
@@ -147,26 +175,34 @@ class StoredBatch:
 def create_batch(
     session: Session, tenant_id: str, body: BatchSource, *, idempotency_key: str | None, fingerprint: str
 ) -> StoredBatch:
-    """Insert a batch and its jobs as ``body`` yields them, a chunk at a time; ``fingerprint`` is
-    the body's sha256, kept to tell a replay from a reuse of the key.
+    """Insert a batch and its jobs as ``body`` yields them, a chunk at a time; ``fingerprint``
+    (batch_fingerprint) is kept to tell a replay from a reuse of the key.
 
     The batch row is inserted with the first chunk, so a body refused before then (a bad first
     request) never begins a transaction. If a racing request took the idempotency key first,
     nothing is inserted and that request's batch is returned (``created`` False), provided it
     had this very body."""
     stored: StoredBatch | None = None
+    # Per chunk inserted: the batch priority its jobs were given, and which took it ("1") rather
+    # than naming their own ("0"), in case the body names another one later.
+    given: list[tuple[Priority | None, str]] = []
     for chunk in _in_chunks(body.jobs()):
         if stored is None:
             batch, created = _open_batch(session, tenant_id, idempotency_key, fingerprint)
             stored = StoredBatch(batch, created)
             if not created:
                 return stored
-        rows = [_job_row(tenant_id, item, stored.batch.id, stored.batch.created_at) for item in chunk]
+        rows = [
+            _job_row(tenant_id, item, stored.batch.id, stored.batch.created_at, body.priority)
+            for item in chunk
+        ]
         job_rows.insert_many(session, rows)
         stored.total += len(rows)
         stored.id_chunks.append(" ".join(r["id"] for r in rows))
+        given.append((body.priority, "".join("0" if item.priority else "1" for item in chunk)))
     if stored is None:  # the readers refuse an empty batch; belt and braces
         raise InvalidInput("the batch has no requests")
+    _late_priority(session, stored, given, body.priority)
     batch_rows.finish(
         session,
         stored.batch,
@@ -177,6 +213,19 @@ def create_batch(
         webhook_events=body.webhook_events,
     )
     return stored
+
+
+def _late_priority(
+    session: Session, stored: StoredBatch, given: list[tuple[Priority | None, str]], final: Priority | None
+) -> None:
+    """Give the batch's priority to the jobs inserted before it was read that take it (a JSON
+    batch naming its ``priority`` after its ``requests``): an update of those jobs, in the same
+    transaction, so no job is ever seen with another priority. Nothing to do otherwise."""
+    final = final or Priority.NORMAL
+    for ids, (priority, takes) in zip(stored.id_chunks, given, strict=True):
+        if (priority or Priority.NORMAL) != final:
+            stale = [job_id for job_id, flag in zip(ids.split(" "), takes, strict=True) if flag == "1"]
+            job_rows.set_priority(session, stale, final.rank)
 
 
 def _open_batch(

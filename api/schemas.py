@@ -8,11 +8,11 @@ from datetime import datetime
 from typing import Annotated, Any, Literal, get_args
 
 from fastapi import Header
-from pydantic import AfterValidator, AnyHttpUrl, BaseModel, ConfigDict, Field, field_validator
+from pydantic import AfterValidator, AnyHttpUrl, BaseModel, ConfigDict, Field, TypeAdapter, field_validator
 from pydantic.config import JsonDict, JsonValue
 
 from pcq.jobs.errors import InvalidInput
-from pcq.models import DeliveryStatus, EventType, JobStatus
+from pcq.models import DeliveryStatus, EventType, JobStatus, Priority
 from pcq.views import JobOut, ResultOut
 from pcq.wire import ChatCompletionRequest
 
@@ -118,6 +118,14 @@ def check_webhook_url(value: AnyHttpUrl | None) -> str | None:
     return text
 
 
+PRIORITY_RULE = (
+    "Within its tenant's share of the upstream quota, high goes first and low takes only what normal leaves"
+)
+# A batch's priority read on its own: a JSON batch that names it before its requests gives it to
+# them as they are read (api.batch_input).
+PRIORITY = TypeAdapter(Priority)
+
+
 class JobCreate(BaseModel):
     """Body of ``POST /v1/jobs``."""
 
@@ -132,6 +140,7 @@ class JobCreate(BaseModel):
         f"{MAX_URL_LENGTH} characters once normalized (a bare host gains a trailing /). {WEBHOOK_URL_RULE}",
         json_schema_extra=WEBHOOK_URL_DOC,
     )
+    priority: Priority = Field(default=Priority.NORMAL, description=f"{PRIORITY_RULE}.")
 
     _meta = field_validator("metadata")(check_metadata)
 
@@ -149,6 +158,9 @@ class BatchLine(BaseModel):
         json_schema_extra=string_doc(enum=["/v1beta/chat/completions", "/v1/chat/completions"]),
     )
     metadata: dict[str, Any] | None = None
+    priority: Priority | None = Field(
+        default=None, description=f"This job's priority; absent or null: the batch's. {PRIORITY_RULE}."
+    )
 
     _meta = field_validator("metadata")(check_metadata)
 
@@ -189,6 +201,11 @@ class BatchCreate(BaseModel):
         max_length=3,
         description="Job events also sent to the batch's webhook_url (batch.completed always is); "
         "without a webhook_url they go nowhere",
+    )
+    priority: Priority = Field(
+        default=Priority.NORMAL,
+        description="The priority of the batch's jobs, but those of requests that name their own; "
+        f"absent: the ?priority= query parameter's, else normal. {PRIORITY_RULE}.",
     )
 
     _meta = field_validator("metadata")(check_metadata)

@@ -45,7 +45,7 @@ from api.webhook_urls import WebhookUrlGuard
 from pcq.db import SessionFactory, unit_of_work
 from pcq.jobs import dispatch, outbox
 from pcq.jobs.errors import InvalidInput, NotFound
-from pcq.models import JOB_STATUSES, Batch, Citation, DeliveryStatus, Job, JobStatus, utcnow
+from pcq.models import JOB_STATUSES, Batch, Citation, DeliveryStatus, Job, JobStatus, Priority, utcnow
 from pcq.repositories import batches as batch_rows
 from pcq.repositories import deliveries as delivery_rows
 from pcq.repositories import jobs as job_rows
@@ -81,6 +81,7 @@ class Submitter:
             custom_id=body.custom_id,
             metadata_json=text_of(found, "metadata"),
             webhook_url=check_webhook_url(body.webhook_url),
+            priority=body.priority,
         )
         self.webhook_urls.check(item.webhook_url)  # a lookup, before any transaction begins
         with unit_of_work(self.sessions) as session:
@@ -91,41 +92,54 @@ class Submitter:
         return job
 
     async def submit_batch(
-        self, tenant_id: str, chunks: AsyncIterator[bytes], content_type: str, idempotency_key: str | None
+        self,
+        tenant_id: str,
+        chunks: AsyncIterator[bytes],
+        content_type: str,
+        idempotency_key: str | None,
+        priority: Priority | None = None,
     ) -> tuple[Batch, bool]:
         """A batch from a request body, JSONL or JSON (api.uploads): in one of the tenant's upload
         slots, the body is received whole (hashed, spooled to a temporary file) before any
-        database work; then it is parsed and stored in a thread, request by request."""
+        database work; then it is parsed and stored in a thread, request by request.
+        ``priority`` (``?priority=``) is for its jobs that name none, unless a JSON body names
+        the batch's own."""
         ctype = media_type(content_type)
         if ctype not in JSONL_TYPES and ctype != "application/json":
             raise InvalidInput("Content-Type must be application/x-ndjson (JSONL) or application/json")
         with self.uploads.hold(tenant_id):
             body = await spool(chunks)
             return await run_in_threadpool(
-                self._store_batch, tenant_id, body, ctype in JSONL_TYPES, idempotency_key
+                self._store_batch, tenant_id, body, ctype in JSONL_TYPES, idempotency_key, priority
             )
 
     def _store_batch(
-        self, tenant_id: str, body: Spooled, jsonl: bool, idempotency_key: str | None
+        self,
+        tenant_id: str,
+        body: Spooled,
+        jsonl: bool,
+        idempotency_key: str | None,
+        priority: Priority | None,
     ) -> tuple[Batch, bool]:
         """Validate and insert the spooled body inside one transaction; commit only if every
         request was good. The transaction begins with the first rows to insert, so a body that
         is refused early never takes a database connection."""
+        fingerprint = intake.batch_fingerprint(body.sha256, priority)
         with body.file:
             if idempotency_key is not None:
                 with self.sessions() as session:
-                    replay = intake.replayed_batch(session, tenant_id, idempotency_key, body.sha256)
+                    replay = intake.replayed_batch(session, tenant_id, idempotency_key, fingerprint)
                 if replay is not None:
                     return replay, False
             reader: BatchSource = (
-                JsonlBatch(body.file, self.max_batch_lines, self.max_line_bytes)
+                JsonlBatch(body.file, self.max_batch_lines, self.max_line_bytes, priority)
                 if jsonl
-                else JsonBatch(body.file, self.max_batch_lines, self.max_line_bytes)
+                else JsonBatch(body.file, self.max_batch_lines, self.max_line_bytes, priority)
             )
             # The session takes a connection (and begins) only at the first insert.
             with unit_of_work(self.sessions) as session:
                 stored = intake.create_batch(
-                    session, tenant_id, reader, idempotency_key=idempotency_key, fingerprint=body.sha256
+                    session, tenant_id, reader, idempotency_key=idempotency_key, fingerprint=fingerprint
                 )
                 if stored.created:  # a JSON batch may name its webhook_url after its requests
                     self.webhook_urls.check(stored.batch.webhook_url)

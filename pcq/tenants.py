@@ -1,16 +1,18 @@
 """Tenants and API keys: minting, listing and revoking (``pcq keys create|list|revoke``) and
-authenticating. The statements are pcq.repositories.tenants'; the caller owns the transaction."""
+authenticating; each tenant's share of the upstream quota (``pcq tenants set|list``). The
+statements are pcq.repositories.tenants'; the caller owns the transaction."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import math
+from dataclasses import dataclass, replace
 from datetime import datetime
 
 from sqlalchemy.orm import Session
 
 from pcq.db import make_engine, make_session_factory, unit_of_work
 from pcq.keys import KEY_SCHEME, mint_key, split_prefix, verify
-from pcq.models import ApiKey, Tenant, new_id
+from pcq.models import ApiKey, JobStatus, Tenant, new_id
 from pcq.repositories import tenants as rows
 
 
@@ -87,3 +89,71 @@ def create_key_at(url: str, tenant: str, pepper: str = "") -> str:
     finally:
         engine.dispose()
     return key
+
+
+# --- each tenant's share of the upstream quota
+
+MAX_WEIGHT = 1000  # a weight beside 1 is a ratio; beyond this it would say nothing more
+
+
+class UnknownTenant(LookupError):
+    """No tenant has this name."""
+
+
+class InvalidShare(ValueError):
+    """A weight or quota cap out of its range; the message says which and why."""
+
+
+@dataclass(frozen=True)
+class TenantShare:
+    """A tenant's share of the upstream quota and the work it has in the queue."""
+
+    name: str
+    weight: int  # its share against the other tenants with work waiting
+    max_share: float  # the largest fraction of the quota it may use, even alone
+    queued: int = 0
+    running: int = 0
+
+
+def check_weight(weight: int) -> int:
+    if not 1 <= weight <= MAX_WEIGHT:
+        raise InvalidShare(f"--weight must be a whole number from 1 to {MAX_WEIGHT}, not {weight}")
+    return weight
+
+
+def check_max_share(max_share: float) -> float:
+    if not (math.isfinite(max_share) and 0 < max_share <= 1):
+        raise InvalidShare(f"--max-share must be a fraction above 0 and at most 1, not {max_share}")
+    return max_share
+
+
+def set_share(session: Session, name: str, *, weight: int | None, max_share: float | None) -> TenantShare:
+    """Set the weight, the quota cap or both of the tenant ``name``; what it holds now (without
+    counts). Raises InvalidShare before anything is read, UnknownTenant if there is none."""
+    if weight is None and max_share is None:
+        raise InvalidShare("give --weight, --max-share or both")
+    if weight is not None:
+        check_weight(weight)
+    if max_share is not None:
+        check_max_share(max_share)
+    tenant = rows.tenant_by_name(session, name)
+    if tenant is None:
+        raise UnknownTenant(name)
+    rows.set_share(session, tenant.id, weight=weight, max_share=max_share)
+    return TenantShare(
+        tenant.name,
+        tenant.weight if weight is None else weight,
+        tenant.max_share if max_share is None else max_share,
+    )
+
+
+def list_tenants(session: Session) -> list[TenantShare]:
+    """Every tenant by name, with its weight, quota cap and queued and running jobs (one query)."""
+    shares: dict[str, TenantShare] = {}
+    for name, weight, max_share, status, jobs in rows.share_rows(session):
+        share = shares.setdefault(name, TenantShare(name, weight, max_share))
+        if status == JobStatus.QUEUED:
+            shares[name] = replace(share, queued=jobs)
+        elif status == JobStatus.RUNNING:
+            shares[name] = replace(share, running=jobs)
+    return list(shares.values())

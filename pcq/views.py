@@ -13,7 +13,7 @@ from typing import Any, Literal, cast, get_args
 
 from pydantic import BaseModel, Field
 
-from pcq.models import TERMINAL_STATUSES, Batch, BatchStatus, Job, JobStatus
+from pcq.models import TERMINAL_STATUSES, Batch, BatchStatus, Job, JobStatus, Priority
 from pcq.repositories.results import Answers
 from pcq.wire import KNOWN_MODELS
 
@@ -58,6 +58,7 @@ class JobOut(BaseModel):
     batch_id: str | None
     metadata: dict[str, Any] | None
     model: Model
+    priority: Priority = Field(description="high goes first within the tenant's share of the quota")
     attempts: int
     webhook_url: str | None
     created_at: datetime
@@ -104,6 +105,7 @@ def job_out(job: Job, result: ResultOut | None = None) -> JobOut:
         batch_id=job.batch_id,
         metadata=parse_metadata(job.metadata_json),
         model=job.model,
+        priority=Priority.of_rank(job.priority),
         attempts=job.attempts,
         webhook_url=job.webhook_url,
         created_at=job.created_at,

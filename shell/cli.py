@@ -104,6 +104,51 @@ def cmd_keys_upstream(args: argparse.Namespace) -> int:  # noqa: ARG001
     return 0
 
 
+def cmd_tenants_set(args: argparse.Namespace) -> int:
+    """Set a tenant's weight, quota cap or both; exit 2, nothing changed, for an unknown tenant
+    or a value out of range."""
+    from pcq.db import make_engine, make_session_factory, unit_of_work
+    from pcq.tenants import InvalidShare, UnknownTenant, set_share
+
+    engine = make_engine(_settings().database_url)
+    try:
+        with unit_of_work(make_session_factory(engine)) as session:
+            tenant = set_share(session, args.name, weight=args.weight, max_share=args.max_share)
+    except UnknownTenant:
+        print(  # noqa: T201
+            f"pcq: no tenant is named {args.name!r} (see `pcq tenants list`; "
+            "`pcq keys create --tenant NAME` creates one)",
+            file=sys.stderr,
+        )
+        return 2
+    except InvalidShare as exc:
+        print(f"pcq: {exc}; nothing was changed", file=sys.stderr)  # noqa: T201
+        return 2
+    finally:
+        engine.dispose()
+    print(f"tenant {tenant.name!r}: weight {tenant.weight}, max_share {tenant.max_share}")  # noqa: T201
+    return 0
+
+
+def cmd_tenants_list(_: argparse.Namespace) -> int:
+    """Every tenant: name, weight, max_share, queued and running jobs."""
+    from pcq.db import make_engine, make_session_factory
+    from pcq.tenants import list_tenants
+
+    engine = make_engine(_settings().database_url)
+    try:
+        with make_session_factory(engine)() as session:
+            tenants = list_tenants(session)
+    finally:
+        engine.dispose()
+    rows = [("name", "weight", "max_share", "queued", "running")]
+    rows += [(t.name, str(t.weight), str(t.max_share), str(t.queued), str(t.running)) for t in tenants]
+    widths = [max(len(r[i]) for r in rows) for i in range(4)]
+    for r in rows:
+        print("  ".join([*(c.ljust(w) for c, w in zip(r, widths, strict=False)), r[4]]))  # noqa: T201
+    return 0
+
+
 def cmd_api(args: argparse.Namespace) -> int:
     from api.app import create_app, serve
 
@@ -282,6 +327,31 @@ def build_parser() -> argparse.ArgumentParser:
         help="list the upstream keys (ids as in attempts.upstream_key_id, last 4 characters, limits)",
     )
     ku.set_defaults(fn=cmd_keys_upstream)
+
+    tenants = sub.add_parser("tenants", help="each tenant's share of the upstream quota").add_subparsers(
+        dest="tenants_command", required=True
+    )
+    ts = tenants.add_parser(
+        "set", help="set a tenant's weight, quota cap or both (an unknown tenant: exit 2, nothing changed)"
+    )
+    ts.add_argument("name", help="the tenant's name, as given to `pcq keys create --tenant`")
+    ts.add_argument(
+        "--weight",
+        type=int,
+        default=None,
+        help="its share of the quota against other tenants with work waiting: 1 (the default) to 1000",
+    )
+    ts.add_argument(
+        "--max-share",
+        type=float,
+        default=None,
+        help="the largest fraction of the quota it may use, even when no one else has work: "
+        "above 0, at most 1 (the default)",
+    )
+    ts.set_defaults(fn=cmd_tenants_set)
+    tenants.add_parser(
+        "list", help="list the tenants: name, weight, max_share, queued and running jobs"
+    ).set_defaults(fn=cmd_tenants_list)
 
     api = sub.add_parser("api", help="run the HTTP API")
     api.add_argument("--host", default="127.0.0.1")

@@ -18,6 +18,8 @@ def test_every_cli_command_is_shown() -> None:
     for cmd in (
         "migrate",
         "keys create",
+        "tenants set",
+        "tenants list",
         "api",
         "worker",
         "standalone",

@@ -15,7 +15,7 @@ from api.errors import error_responses
 from api.routes.jobs import MAX_PAGE
 from api.schemas import DomainCountOut, DomainPage, IdempotencyKeyHeader
 from pcq import views as shown
-from pcq.models import Batch, BatchStatus
+from pcq.models import Batch, BatchStatus, Priority
 from pcq.views import BatchOut
 
 router = APIRouter(prefix="/v1/batches", tags=["batches"])
@@ -96,6 +96,10 @@ EVENTS_DOC: dict[int | str, dict[str, Any]] = {
     },
     **error_responses(401, 404, 429, 503),
 }
+PRIORITY_QUERY_DOC = (
+    "The priority of the batch's jobs that name none (a JSONL body has no other place for it); "
+    "a JSON body's own priority takes its place. Absent: normal."
+)
 LAST_EVENT_ID_DOC = (
     "The id of the last event received: only newer events are sent (not the state it showed "
     "again). An id this API did not send is ignored."
@@ -112,6 +116,7 @@ class JsonlResponse(StreamingResponse):
     response_model=BatchOut,
     responses=error_responses(401, 408, 409, 413, 422, 503),
     openapi_extra=BATCH_BODY_DOC,
+    dependencies=SINGLE_VALUED_QUERY,
 )
 async def submit_batch(
     request: Request,
@@ -119,10 +124,11 @@ async def submit_batch(
     session: SessionDep,
     tenant: TenantDep,
     idempotency_key: IdempotencyKeyHeader = None,
+    priority: Annotated[Priority | None, Query(description=PRIORITY_QUERY_DOC)] = None,
 ) -> BatchOut:
     """Queue a batch: JSONL lines ``{"custom_id", "body"}`` or JSON ``{"requests": [...]}``."""
     batch, _ = await res.submitter.submit_batch(
-        tenant, request.stream(), request.headers.get("content-type", ""), idempotency_key
+        tenant, request.stream(), request.headers.get("content-type", ""), idempotency_key, priority
     )
     return shown.batch_out(batch, await run_in_threadpool(service.batch_counts, session, batch.id))
 

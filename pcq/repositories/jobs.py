@@ -58,6 +58,7 @@ _COPY_COLUMNS = {  # column -> key of a row given to insert_many
     "stream": "stream",
     "metadata": "metadata_json",
     "webhook_url": "webhook_url",
+    "priority": "priority",
     "status": "status",
     "attempts": "attempts",
     "enqueued_at": "enqueued_at",
@@ -83,6 +84,17 @@ def insert_many(session: Session, rows: list[dict[str, Any]]) -> None:
     else:
         for start in range(0, len(rows), 1000):
             session.execute(insert(Job), rows[start : start + 1000])
+
+
+def set_priority(session: Session, job_ids: list[str], rank: int) -> None:
+    """Set the priority (its rank) of jobs just inserted, in statements of 1,000 ids."""
+    for start in range(0, len(job_ids), 1000):
+        session.execute(
+            update(Job)
+            .where(Job.id.in_(job_ids[start : start + 1000]))
+            .values(priority=rank)
+            .execution_options(synchronize_session=False)
+        )
 
 
 # --- reads, scoped to a tenant

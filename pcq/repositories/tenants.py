@@ -1,14 +1,15 @@
-"""Statements on ``tenants`` and ``api_keys``."""
+"""Statements on ``tenants`` and ``api_keys``, and the count of each tenant's queued and running
+jobs that ``pcq tenants list`` shows beside its share."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from datetime import datetime
 
-from sqlalchemy import Row, select, update
+from sqlalchemy import Row, and_, func, select, update
 from sqlalchemy.orm import Session
 
-from pcq.models import ApiKey, Tenant
+from pcq.models import ACTIVE_STATUSES, ApiKey, Job, Tenant
 
 
 def tenant_by_name(session: Session, name: str) -> Tenant | None:
@@ -61,3 +62,27 @@ def policies(session: Session, tenant_ids: list[str]) -> Sequence[Row[str, int, 
     return session.execute(
         select(Tenant.id, Tenant.weight, Tenant.max_share).where(Tenant.id.in_(tenant_ids))
     ).all()
+
+
+def set_share(session: Session, tenant_id: str, *, weight: int | None, max_share: float | None) -> None:
+    """Set the tenant's weight and quota cap; a value left None is kept."""
+    values = {k: v for k, v in (("weight", weight), ("max_share", max_share)) if v is not None}
+    session.execute(
+        update(Tenant)
+        .where(Tenant.id == tenant_id)
+        .values(**values)
+        .execution_options(synchronize_session=False)
+    )
+
+
+def share_rows(session: Session) -> Sequence[Row[str, int, float, str | None, int]]:
+    """(name, weight, max_share, status, jobs) by tenant name: one row per status of the tenant's
+    queued and running jobs, or one with status None and 0 jobs for a tenant without any. One
+    statement (the counts read ix_jobs_tenant_status_id)."""
+    q = (
+        select(Tenant.name, Tenant.weight, Tenant.max_share, Job.status, func.count(Job.id))
+        .outerjoin(Job, and_(Job.tenant_id == Tenant.id, Job.status.in_(ACTIVE_STATUSES)))
+        .group_by(Tenant.id, Tenant.name, Tenant.weight, Tenant.max_share, Job.status)
+        .order_by(Tenant.name, Job.status)
+    )
+    return session.execute(q).all()

@@ -107,6 +107,19 @@ def test_enums_are_declared(pg_url: str) -> None:
     assert batch_status["enum"] == ["queued", "running", "completed"]
     (status,) = [p for p in doc["paths"]["/v1/jobs"]["get"]["parameters"] if p["name"] == "status"]
     assert _resolve(doc, status["schema"]["$ref"])["enum"] == statuses
+    priorities = ["high", "normal", "low"]
+    for model in ("JobCreate", "BatchCreate", "JobOut"):
+        assert _resolve(doc, schemas[model]["properties"]["priority"]["$ref"])["enum"] == priorities
+    assert schemas["JobCreate"]["properties"]["priority"]["default"] == "normal"
+    assert schemas["BatchCreate"]["properties"]["priority"]["default"] == "normal"
+    line = schemas["BatchLine"]["properties"]["priority"]  # absent or null: the batch's
+    assert [_resolve(doc, b["$ref"])["enum"] if "$ref" in b else b for b in line["anyOf"]] == [
+        priorities,
+        {"type": "null"},
+    ]
+    (priority,) = [p for p in doc["paths"]["/v1/batches"]["post"]["parameters"] if p["name"] == "priority"]
+    assert priority["in"] == "query"
+    assert _resolve(doc, priority["schema"]["$ref"])["enum"] == priorities
     assert "401" not in doc["paths"]["/healthz"]["get"]["responses"]
     assert "413" not in doc["paths"]["/v1/jobs/{job_id}"]["get"]["responses"]
     assert "503" in doc["paths"]["/readyz"]["get"]["responses"]

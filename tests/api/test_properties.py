@@ -154,6 +154,7 @@ def test_post_jobs_never_5xx_and_a_202_round_trips(probe: Probe, body: Any) -> N
         assert job["custom_id"] == body.get("custom_id")
         assert job["metadata"] == body.get("metadata")
         assert job["model"] == body["request"]["model"]
+        assert job["priority"] == body.get("priority", "normal")
 
 
 @PROPS
@@ -164,15 +165,19 @@ def test_post_jsonl_batches_never_5xx_and_a_202_round_trips(probe: Probe, lines:
         page = probe.client.get(
             "/v1/jobs", params={"batch_id": r.json()["id"]}, headers={"x-api-key": probe.key}
         ).json()
-        got = {j["custom_id"]: j["metadata"] for j in page["data"]}
-        assert got == {x["custom_id"]: x.get("metadata") for x in lines}
+        got = {j["custom_id"]: (j["metadata"], j["priority"]) for j in page["data"]}
+        assert got == {x["custom_id"]: (x.get("metadata"), x.get("priority") or "normal") for x in lines}
 
 
 # BatchCreate's own schema: its requests are BatchLines (the model reads them one by one).
 json_batch = (
     st.fixed_dictionaries(
         {"requests": st.lists(model_strategy(BatchLine), min_size=1, max_size=3)},
-        optional={"metadata": st.none() | st.dictionaries(text, any_json, max_size=3), "webhook_url": text},
+        optional={
+            "metadata": st.none() | st.dictionaries(text, any_json, max_size=3),
+            "webhook_url": text,
+            "priority": st.sampled_from(["high", "normal", "low"]) | any_json,
+        },
     )
     | any_json
 )
@@ -185,6 +190,12 @@ def test_post_json_batches_never_5xx_and_a_202_round_trips(probe: Probe, body: A
     if r.status_code == 202:
         assert r.json()["metadata"] == body.get("metadata")
         assert r.json()["total"] == len(body["requests"])
+        page = probe.client.get(
+            "/v1/jobs", params={"batch_id": r.json()["id"]}, headers={"x-api-key": probe.key}
+        ).json()
+        got = {j["custom_id"]: j["priority"] for j in page["data"]}
+        batch_priority = body.get("priority", "normal")
+        assert got == {x["custom_id"]: x.get("priority") or batch_priority for x in body["requests"]}
 
 
 @PROPS

@@ -21,7 +21,7 @@ from api.intake import NewJob, create_batch, create_job
 from pcq.db import SessionFactory, make_engine, make_session_factory, unit_of_work
 from pcq.jobs import outbox
 from pcq.jobs.outbox import AttemptOutcome
-from pcq.models import DeliveryStatus, Job, WebhookAttempt, WebhookEvent, utcnow
+from pcq.models import DeliveryStatus, Job, Priority, WebhookAttempt, WebhookEvent, utcnow
 from pcq.repositories import jobs as job_rows
 from pcq.repositories.results import answers_of
 from pcq.tenants import create_key
@@ -49,6 +49,7 @@ class Body:
     metadata_json: str | None = None
     webhook_url: str | None = None
     webhook_events: str | None = None
+    priority: Priority | None = None
 
     def jobs(self) -> Iterator[NewJob]:
         yield from self.items

@@ -15,7 +15,7 @@ import pytest
 from sqlalchemy import select
 
 from pcq.db import make_engine, make_session_factory
-from pcq.models import ApiKey
+from pcq.models import ApiKey, Job, Tenant
 from pcq.settings import key_id
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -216,3 +216,98 @@ def test_keys_upstream_lists_ids_and_limits_never_the_keys() -> None:
     assert lines[1].split() == [key_id("sk-live-main-key-AAAA"), "AAAA", "300", "5", "none"]
     assert lines[2].split() == [key_id("sk-live-second-key-BBBB"), "BBBB", "1200", "5", "50"]
     assert "sk-live" not in out.stdout + out.stderr
+
+
+def _shares(url: str) -> dict[str, tuple[int, float]]:
+    engine = make_engine(url)
+    with make_session_factory(engine)() as s:
+        rows = s.execute(select(Tenant.name, Tenant.weight, Tenant.max_share)).all()
+    engine.dispose()
+    return {name: (weight, max_share) for name, weight, max_share in rows}
+
+
+def test_tenants_set_changes_the_weight_and_the_max_share_alone_or_together(sqlite_url: str) -> None:
+    env = {"DATABASE_URL": sqlite_url}
+    for tenant in ("acme", "globex"):
+        pcq("keys", "create", "--tenant", tenant, env=env)
+    assert _shares(sqlite_url) == {"acme": (1, 1.0), "globex": (1, 1.0)}  # the defaults
+    weight = pcq("tenants", "set", "acme", "--weight", "4", env=env)
+    assert weight.returncode == 0, weight.stderr
+    assert weight.stdout.strip() == "tenant 'acme': weight 4, max_share 1.0"
+    assert _shares(sqlite_url) == {"acme": (4, 1.0), "globex": (1, 1.0)}
+    share = pcq("tenants", "set", "acme", "--max-share", "0.25", env=env)
+    assert share.returncode == 0, share.stderr
+    assert _shares(sqlite_url) == {"acme": (4, 0.25), "globex": (1, 1.0)}  # the weight kept
+    both = pcq("tenants", "set", "globex", "--weight", "1000", "--max-share", "1", env=env)
+    assert both.returncode == 0, both.stderr
+    assert _shares(sqlite_url) == {"acme": (4, 0.25), "globex": (1000, 1.0)}
+
+
+@pytest.mark.parametrize(
+    ("args", "says"),
+    [
+        (["nope", "--weight", "2"], "no tenant is named 'nope'"),
+        (["acme", "--weight", "0"], "--weight must be a whole number from 1 to 1000"),
+        (["acme", "--weight", "1001"], "--weight must be a whole number from 1 to 1000"),
+        (["acme", "--weight", "1.5"], "invalid int value"),
+        (["acme", "--max-share", "0"], "--max-share must be a fraction above 0 and at most 1"),
+        (["acme", "--max-share", "1.01"], "--max-share must be a fraction above 0 and at most 1"),
+        (["acme", "--max-share", "nan"], "--max-share must be a fraction above 0 and at most 1"),
+        (["acme", "--weight", "2", "--max-share", "-0.5"], "--max-share must be"),
+        (["acme"], "give --weight, --max-share or both"),
+    ],
+    ids=[
+        "unknown-tenant",
+        "weight-0",
+        "weight-over-1000",
+        "weight-not-whole",
+        "share-0",
+        "share-over-1",
+        "share-nan",
+        "one-of-two-bad",
+        "nothing-to-set",
+    ],
+)
+def test_tenants_set_refuses_with_exit_2_and_changes_nothing(
+    sqlite_url: str, args: list[str], says: str
+) -> None:
+    env = {"DATABASE_URL": sqlite_url}
+    pcq("keys", "create", "--tenant", "acme", env=env)
+    out = pcq("tenants", "set", *args, env=env)
+    assert out.returncode == 2
+    assert says in out.stderr
+    assert "Traceback" not in out.stderr
+    assert out.stdout == ""
+    assert _shares(sqlite_url) == {"acme": (1, 1.0)}
+
+
+def test_tenants_list_shows_each_share_and_its_queued_and_running_jobs(sqlite_url: str) -> None:
+    env = {"DATABASE_URL": sqlite_url}
+    for tenant in ("globex", "acme", "initech"):
+        pcq("keys", "create", "--tenant", tenant, env=env)
+    assert pcq("tenants", "set", "acme", "--weight", "3", "--max-share", "0.5", env=env).returncode == 0
+    engine = make_engine(sqlite_url)
+    with make_session_factory(engine)() as s:
+        ids = {name: id_ for name, id_ in s.execute(select(Tenant.name, Tenant.id))}
+        statuses = {"acme": ["queued"] * 3 + ["running"] * 2 + ["succeeded"], "globex": ["failed", "running"]}
+        for name, these in statuses.items():
+            for n, status in enumerate(these):
+                s.add(
+                    Job(
+                        id=f"job_{name}_{n}",
+                        tenant_id=ids[name],
+                        request_json="{}",
+                        model="lite",
+                        status=status,
+                    )
+                )
+        s.commit()
+    engine.dispose()
+    out = pcq("tenants", "list", env=env)
+    assert out.returncode == 0, out.stderr
+    assert [line.split() for line in out.stdout.splitlines()] == [
+        ["name", "weight", "max_share", "queued", "running"],
+        ["acme", "3", "0.5", "3", "2"],
+        ["globex", "1", "1.0", "0", "1"],
+        ["initech", "1", "1.0", "0", "0"],
+    ]
