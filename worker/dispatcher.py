@@ -144,7 +144,10 @@ class Dispatcher:
         if not self._woken:
             await asyncio.sleep(min(seconds, POLL_SECONDS))
             return
-        await self._redis.blpop([self._wake_key], timeout=seconds)
+        try:
+            await self._redis.blpop([self._wake_key], timeout=seconds)
+        except (RedisError, OSError):  # Redis away: wait the time out, then try again
+            await asyncio.sleep(seconds)
 
     async def dispatch_once(self) -> tuple[bool, int]:
         """One dispatch: ``(more to send at once, jobs left waiting)``."""

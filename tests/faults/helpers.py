@@ -28,9 +28,12 @@ from sqlalchemy import Engine, create_engine, select
 from sqlalchemy.orm import Session
 from sqlalchemy.pool import NullPool
 
-from pcq.models import Attempt, Citation, Job, Result, Usage
+from pcq.db import make_session_factory, unit_of_work
+from pcq.jobs import dispatch
+from pcq.models import Attempt, Citation, Job, Result, Usage, utcnow
 from pcq.models.job import TERMINAL_STATUSES
-from pcq.settings import normalize_database_url
+from pcq.queue import Enqueuer, make_celery
+from pcq.settings import load_settings, normalize_database_url
 from pcq.tenants import create_key_at
 from shell.procs import free_port
 from tests.audit import basis_citations_in_raw
@@ -553,3 +556,19 @@ def mock_calls(stats: dict[str, Any], content: str) -> int:
     """Upstream requests the mock saw for one message content (needs a directive in it),
     from a ``Stack.mock_stats()`` taken before the stack stopped."""
     return int(stats["by_content_hash"].get(content_digest(content), 0))
+
+
+def dispatch_waiting(stack: Stack, engine: Engine) -> list[str]:
+    """Send every job waiting for dispatch, as a dispatcher in another worker would (mark them
+    sent and send their messages, in one transaction): for tests whose only worker is stopped."""
+    settings = load_settings(
+        {"REDIS_URL": stack.env["REDIS_URL"], "PCQ_QUEUE_NAME": stack.env["PCQ_QUEUE_NAME"]}
+    )
+    enqueuer = Enqueuer(make_celery(settings, publisher=True), settings.queue_name)
+    with unit_of_work(make_session_factory(engine)) as session:
+        now = utcnow()
+        groups = dispatch.backlog(session, now=now)
+        ids = dispatch.take(session, [(g, g.waiting) for g in groups], now=now)
+        # One message each: a stopped worker's pending BRPOP takes one message, not all.
+        assert enqueuer.enqueue(ids, per_message=1) == len(ids)
+    return ids

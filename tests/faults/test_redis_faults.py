@@ -33,6 +33,7 @@ from tests.faults.helpers import (
     Tenant,
     chat,
     check_invariants,
+    dispatch_waiting,
     fault_env,
     mock_calls,
     start_stack,
@@ -131,6 +132,8 @@ class MidBatch:
         os.killpg(self.stack.procs["worker"].pid, signal.SIGSTOP)
         try:
             self.only_in_redis = self.submit_singles("only in redis", 6, 10)
+            # The dispatcher lives in the stopped worker: send them as another worker's would.
+            assert sorted(dispatch_waiting(self.stack, self.db.engine)) == sorted(self.only_in_redis)
             waiting, _ = self.redis.queue_depth(self.queue)
         except BaseException:
             self.resume()
