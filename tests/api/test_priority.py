@@ -28,7 +28,7 @@ def api(db_url: str) -> Iterator[Api]:
     settings = make_settings(DATABASE_URL=db_url, PCQ_BROKER_URL="memory://")
     with TestClient(create_app(settings)) as client:
         a = Api(client, create_key_at(db_url, "acme"), create_key_at(db_url, "globex"), db_url)
-        a.sent_messages()
+        a.waiting()
         yield a
 
 
@@ -181,7 +181,7 @@ def test_an_unknown_priority_is_a_422_naming_it_and_stores_nothing(
     assert needle in r.json()["detail"]
     assert api.count(Job) == 0
     assert api.count(Batch) == 0
-    assert api.sent_messages() == []
+    assert api.waiting() == []
 
 
 def test_a_job_without_a_priority_and_one_with_normal_are_the_same_request(api: Api) -> None:
