@@ -58,7 +58,7 @@ T = TypeVar("T")
 
 DB_RETRY_SECONDS = (0.5, 1, 2, 4, 8, 15, 30)  # riding out a database restart
 WRITE_BATCH = 200  # outcomes per transaction at most
-WRITE_LINGER = 0.01  # seconds a small batch waits for company
+WRITE_LINGER = 0.01  # seconds a small batch waits for company, while other calls run
 SWEEP_CHUNK = 1000  # jobs one sweep query sends at most
 RECOVERY_CHUNKS = 50  # after a broker loss, chunks one sweep sends before the next sweep goes on
 # SQLSTATE classes of a statement the database refuses whatever the retry: data exception (a
@@ -432,7 +432,9 @@ class Engine:
             batch = [await self._outbox.get()]
             while len(batch) < WRITE_BATCH:
                 if self._outbox.empty():
-                    if len(batch) >= 20:
+                    # Wait for company only if some call could still bring it: with no other
+                    # call running here (an idle worker), lingering only delays the answer.
+                    if len(batch) >= 20 or len(self._running) <= len(batch):
                         break
                     await asyncio.sleep(WRITE_LINGER)
                     if self._outbox.empty():
