@@ -10,6 +10,11 @@ Modes (see docs/benchmarks.md for what each measures and the results):
               succeeded jobs with citations: lines/s, time, the API's peak RSS (ops/bench/export.py)
   audit       GET /v1/citations filters and /v1/batches/{id}/domains over 1,000,000 citation
               rows (100,000 jobs x 10) in PostgreSQL: p50/p99 per query (ops/bench/audit.py)
+  latency     one job at a time (POST /v1/jobs, then GET every 2 ms) on an idle stack, mock
+              answering at once: submit→stored and submit→seen p50/p99, and where the time
+              goes, stage by stage; then the same at 50% of a 600/min quota (ops/bench/latency.py)
+  fairness    600/min: tenant A's 3,000-job batch, 8 s later tenant B's one job and A's 10-job
+              "high" batch: their time to done, and the quota used (ops/bench/fairness.py)
 
 Every mode starts its own processes, uses a fresh PostgreSQL database per phase (dropped at
 the end), Redis db 12 for pcq and db 11 for the naive peer, talks to 127.0.0.1 only, and
@@ -42,6 +47,7 @@ from ops.bench.common import (
     fresh_database,
     git_state,
     machine,
+    md_table,
     mock_stats,
     percentile,
     query,
@@ -49,6 +55,8 @@ from ops.bench.common import (
     versions,
 )
 from ops.bench.export import export_table, run_export
+from ops.bench.fairness import fairness, fairness_table
+from ops.bench.latency import latency, latency_table
 from ops.bench.measure import PhaseMeter, code_fingerprint, proc_status_kb, sockets_to_port, wait_quiet
 from ops.bench.profile import Profiler
 from ops.bench.systems import batch_body, pcq_env, run_ceiling, run_naive, run_pcq, start_pcq, wait_batch
@@ -85,12 +93,6 @@ def median_of(runs: list[dict[str, Any]]) -> dict[str, Any]:
             vals = [r[k] for r in runs if isinstance(r.get(k), int | float)]
             out[k] = round(statistics.median(vals), 3) if vals else None
     return out
-
-
-def md_table(head: list[str], rows: list[list[Any]]) -> str:
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
-    return "\n".join(lines)
 
 
 # ------------------------------------------------------------------------- throughput
@@ -521,6 +523,8 @@ MODE_DEFAULTS: dict[str, dict[str, Any]] = {
     "limiter": {"jobs": 1_600, "latency_ms": 200, "workers": 3},
     "export": {"jobs": 100_000, "citations": 3},
     "audit": {"jobs": 100_000},
+    "latency": {"jobs": 25, "latency_ms": 0, "workers": 1},
+    "fairness": {"jobs": 3_000, "latency_ms": 100, "workers": 1},
 }
 
 
@@ -532,11 +536,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--jobs",
         type=int,
-        help="jobs per run (throughput 10000, inflight 2500, limiter 1600, export 100000, audit 100000)",
+        help="jobs per run (throughput 10000, inflight 2500, limiter 1600, export 100000, audit 100000;"
+        " latency: timed jobs, 25; fairness: tenant A's backlog, 3000)",
     )
     p.add_argument("--repeat", type=int, default=1, help="throughput, export: runs to take the median of")
     p.add_argument(
-        "--latency-ms", type=int, help="mock latency (throughput 500, inflight 60000, limiter 200)"
+        "--latency-ms",
+        type=int,
+        help="mock latency (throughput 500, inflight 60000, limiter 200, latency 0, fairness 100)",
     )
     p.add_argument(
         "--citations",
@@ -555,7 +562,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--naive-concurrency", type=int, default=100, help="threads of the naive Celery worker")
     p.add_argument("--profile", action="store_true", help="py-spy the worker processes in the first round")
     p.add_argument("--max-in-flight", type=int, default=2500, help="inflight: PCQ_MAX_IN_FLIGHT")
-    p.add_argument("--rate", type=int, default=600, help="limiter: PCQ_RATE_LIMIT_PER_MINUTE")
+    p.add_argument(
+        "--rate",
+        type=int,
+        default=600,
+        help="limiter, fairness, latency's loaded phase: PCQ_RATE_LIMIT_PER_MINUTE",
+    )
     p.add_argument(
         "--enforce-rpm", type=int, help="limiter: the mock's --enforce-rpm (default: the same as --rate)"
     )
@@ -565,9 +577,44 @@ def main(argv: list[str] | None = None) -> int:
         help="limiter: several upstream keys, one quota each (e.g. 600,1200): pcq's per-key "
         "limits and the mock's per-key enforcement",
     )
-    p.add_argument("--warmup", type=float, default=10.0, help="limiter: seconds excluded at the start")
+    p.add_argument(
+        "--warmup",
+        type=float,
+        default=10.0,
+        help="limiter, fairness: seconds excluded at the start of the rate",
+    )
     p.add_argument(
         "--extra-path", help="PYTHONPATH entry for the ceiling (default .venv/bench-extras if present)"
+    )
+    p.add_argument("--poll-ms", type=float, default=2.0, help="latency: GET /v1/jobs/{id} every this long")
+    p.add_argument(
+        "--gap", type=float, default=0.5, help="latency: seconds between one job's end and the next"
+    )
+    p.add_argument("--warmup-jobs", type=int, default=2, help="latency: untimed jobs first, per phase")
+    p.add_argument(
+        "--load",
+        type=float,
+        default=0.5,
+        help="latency: another tenant's jobs as a fraction of --rate in the second phase (0: idle only)",
+    )
+    p.add_argument("--settle", type=float, default=5.0, help="latency: seconds of load before the probes")
+    p.add_argument("--jitter-ms", type=int, default=50, help="fairness: mock latency jitter (±)")
+    p.add_argument("--delay", type=float, default=8.0, help="fairness: seconds from A's batch to B's job")
+    p.add_argument("--urgent", type=int, default=10, help="fairness: jobs in A's high-priority batch")
+    p.add_argument(
+        "--no-priority", action="store_true", help="fairness: send no priority field (a base without it)"
+    )
+    p.add_argument(
+        "--give-up-after",
+        type=float,
+        default=400.0,
+        help="fairness: stop waiting for B's job and the urgent batch this long after they were sent",
+    )
+    p.add_argument(
+        "--window",
+        type=float,
+        default=60.0,
+        help="fairness: seconds the backlog keeps running once both are done (quota use), then stop",
     )
     p.add_argument("--pg-admin", default=PG_ADMIN)
     p.add_argument("--out", type=Path, default=REPO / "bench-results")
@@ -589,10 +636,18 @@ def main(argv: list[str] | None = None) -> int:
         "limiter": limiter,
         "export": export,
         "audit": audit,
+        "latency": latency,
+        "fairness": fairness,
     }
     res = modes[args.mode](args, args.out)
     tables = {"throughput": throughput_table, "inflight": inflight_table, "limiter": limiter_table}
-    table = {**tables, "export": export_table, "audit": audit_table}[args.mode](res)
+    table = {
+        **tables,
+        "export": export_table,
+        "audit": audit_table,
+        "latency": latency_table,
+        "fairness": fairness_table,
+    }[args.mode](res)
     record = {
         "mode": args.mode,
         "command": "python -m ops.bench " + " ".join(sys.argv[1:] if argv is None else argv),
