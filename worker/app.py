@@ -46,7 +46,10 @@ class Runtime:
 
     def __init__(self, settings: Settings, app: Celery) -> None:
         self.settings = settings
-        self.db_engine = make_engine(settings.database_url)
+        # No pre-ping (a round trip at each checkout, 2 ms of an idle job's 40): the claims and
+        # the writes retry a lost connection (Engine._retrying_db), and SQLAlchemy drops the
+        # pool's stale connections at the first disconnect it sees after a restart.
+        self.db_engine = make_engine(settings.database_url, pool_pre_ping=False)
         self.engine = Engine(
             settings,
             make_session_factory(self.db_engine),

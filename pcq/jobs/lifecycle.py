@@ -202,7 +202,9 @@ def claim_many(
     if not job_ids:
         return Claimed([], [])
     deferred: list[str] = []
-    if suspect_room is not None:
+    # Fewer ids than the lane's room (one job at a time on an idle worker): no suspect can be
+    # deferred, so the query that finds them is skipped.
+    if suspect_room is not None and len(job_ids) > max(suspect_room, 0):
         suspects = job_rows.ids_among(
             session, job_ids, claimable(now), _losses_after_claim() >= SUSPECT_AFTER_LOSSES
         )
