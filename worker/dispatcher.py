@@ -47,6 +47,7 @@ MAX_PER_DISPATCH = 5000  # jobs one transaction sends at most; more go in the ne
 IDLE_SECONDS = 1.0  # with the API's wake: how long to block for one when nothing waits
 BACKLOG_SECONDS = 0.2  # jobs wait for quota room: look again this soon
 POLL_SECONDS = 0.1  # no wake channel (embedded mode): poll this often
+TERMS_SECONDS = 2.0  # tenants' weights and caps are read again after this
 
 _RENEW = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then
@@ -85,6 +86,8 @@ class Dispatcher:
         self._token = f"{os.getpid()}:{uuid.uuid4().hex[:12]}"
         self._leader = False
         self._renew_at = 0.0
+        self._known_terms: dict[str, dispatch.Policy] = {}
+        self._terms_until = 0.0
         quota = sum(window_safe(k.limit_per_minute, k.burst)[0] for k in pool.keys) / 60
         self.order = FairOrder(quota, settings.admission_horizon_seconds)
 
@@ -149,6 +152,15 @@ class Dispatcher:
         except (RedisError, OSError):  # Redis away: wait the time out, then try again
             await asyncio.sleep(seconds)
 
+    def _terms(self, session: Session, tenants: set[str]) -> dict[str, dispatch.Policy]:
+        """The tenants' weights and caps, read again at most every TERMS_SECONDS (a change by
+        ``pcq tenants set`` takes effect within that)."""
+        clock = time.monotonic()
+        if clock >= self._terms_until or not tenants <= self._known_terms.keys():
+            self._known_terms = dispatch.policies(session, tenants)
+            self._terms_until = clock + TERMS_SECONDS
+        return self._known_terms
+
     async def dispatch_once(self) -> tuple[bool, int]:
         """One dispatch: ``(more to send at once, jobs left waiting)``."""
         room, _opens_in = await self._pool.room(self.settings.admission_horizon_seconds)
@@ -164,7 +176,7 @@ class Dispatcher:
             groups = dispatch.backlog(session, now=now)
             if not groups:
                 return False, 0
-            terms = dispatch.policies(session, {g.tenant_id for g in groups})
+            terms = self._terms(session, {g.tenant_id for g in groups})
             ids = dispatch.take(session, self.order.plan(groups, terms, n, clock), now=now)
             sent = self._enqueuer.enqueue(ids) if ids else 0
             if sent < len(ids):  # the broker is away: they stay unsent, picked again later

@@ -445,23 +445,21 @@ def take_waiting(
     """Up to ``limit`` of a group's waiting jobs, oldest first, marked as sent ``now``; rows
     another transaction holds are skipped (on PostgreSQL), not waited for."""
     in_batch = Job.batch_id.is_(None) if batch_id is None else Job.batch_id == batch_id
-    ids = list(
-        session.scalars(
-            select(Job.id)
-            .where(Job.tenant_id == tenant_id, Job.priority == priority, in_batch, _waiting(now))
-            .order_by(Job.id)
-            .limit(limit)
-            .with_for_update(skip_locked=True)
-        )
+    oldest = (
+        select(Job.id)
+        .where(Job.tenant_id == tenant_id, Job.priority == priority, in_batch, _waiting(now))
+        .order_by(Job.id)
+        .limit(limit)
+        .with_for_update(skip_locked=True)
     )
-    if ids:
-        session.execute(
-            update(Job)
-            .where(Job.id.in_(ids))
-            .values(enqueued_at=now)
-            .execution_options(synchronize_session=False)
-        )
-    return ids
+    taken = session.scalars(
+        update(Job)
+        .where(Job.id.in_(oldest.scalar_subquery()))
+        .values(enqueued_at=now)
+        .returning(Job.id)
+        .execution_options(synchronize_session=False)
+    )
+    return sorted(taken)  # one statement; RETURNING keeps no order
 
 
 def _sent() -> ColumnElement[bool]:
