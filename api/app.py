@@ -18,7 +18,7 @@ from api.tenant_limits import QueueCap, build_rate_limiter
 from api.uploads import UploadSlots
 from api.webhook_urls import WebhookUrlGuard
 from pcq.db import make_engine, make_session_factory
-from pcq.queue import DispatchWake
+from pcq.queue import DispatchWake, Enqueuer, make_celery
 from pcq.settings import Settings, get_settings
 
 # How long a request waits for a pooled database connection before it answers 503 with
@@ -47,6 +47,10 @@ def build_resources(settings: Settings) -> Resources:
             max_batch_lines=settings.max_batch_lines,
             max_line_bytes=settings.max_request_bytes,
             queue_cap=QueueCap.from_settings(settings),
+            # Sends a single job's message while the dispatcher says nothing waits (Redis only).
+            direct=Enqueuer(make_celery(settings, publisher=True), settings.queue_name)
+            if redis_client
+            else None,
             uploads=UploadSlots(settings.max_uploads_per_tenant, settings.max_uploads),
             webhook_urls=WebhookUrlGuard(allow_private=settings.webhook_allow_private),
         ),

@@ -92,15 +92,18 @@ def _job_row(
 
 
 def create_job(
-    session: Session, tenant_id: str, item: NewJob, idempotency_key: str | None
+    session: Session, tenant_id: str, item: NewJob, idempotency_key: str | None, *, sent: bool = False
 ) -> tuple[Job, bool]:
-    """Insert one job; with an idempotency key a replay returns the first job (created=False)."""
+    """Insert one job; with an idempotency key a replay returns the first job (created=False).
+    ``sent``: its message is sent after the commit by the caller, not by the dispatcher."""
     fingerprint = item.fingerprint()
     if idempotency_key is not None:
         existing = job_rows.by_idempotency_key(session, tenant_id, idempotency_key)
         if existing is not None:
             return _replayed(existing, fingerprint), False
     row = _job_row(tenant_id, item, None, utcnow())
+    if sent:
+        row["enqueued_at"] = row["created_at"]
     job = Job(**row, idempotency_key=idempotency_key, request_hash=fingerprint)
     try:
         job_rows.add(session, job)

@@ -43,9 +43,10 @@ from api.tenant_limits import QueueCap
 from api.uploads import Spooled, UploadSlots, spool
 from api.webhook_urls import WebhookUrlGuard
 from pcq.db import SessionFactory, unit_of_work
-from pcq.jobs import dispatch, outbox
+from pcq.jobs import dispatch, lifecycle, outbox
 from pcq.jobs.errors import InvalidInput, NotFound
 from pcq.models import JOB_STATUSES, Batch, Citation, DeliveryStatus, Job, JobStatus, Priority, utcnow
+from pcq.queue import DispatchWake, Enqueuer
 from pcq.repositories import batches as batch_rows
 from pcq.repositories import deliveries as delivery_rows
 from pcq.repositories import jobs as job_rows
@@ -60,10 +61,12 @@ T = TypeVar("T")
 @dataclass
 class Submitter:
     sessions: SessionFactory
-    # Wakes the dispatcher after jobs are queued; it, not the API, sends their messages.
-    wake: Callable[[], None]
+    # Wakes the dispatcher after jobs are queued; it, not the API, sends their messages, except
+    # a single job's while the dispatcher says nothing waits (``direct`` sends it then).
+    wake: DispatchWake
     max_batch_lines: int
     max_line_bytes: int
+    direct: Enqueuer | None = None
     queue_cap: QueueCap = QueueCap()  # PCQ_TENANT_MAX_QUEUED, checked before each commit that queues jobs
     # PCQ_MAX_UPLOADS_PER_TENANT, PCQ_MAX_UPLOADS: batch bodies received or stored at once
     uploads: UploadSlots = field(default_factory=partial(UploadSlots, 4, 32))
@@ -84,12 +87,23 @@ class Submitter:
             priority=body.priority,
         )
         self.webhook_urls.check(item.webhook_url)  # a lookup, before any transaction begins
+        # Nothing waits for the quota and it has room to spare (the dispatcher says so): the
+        # job skips the dispatcher's hop, as the fair order would send it at once anyway.
+        direct = self.direct is not None and self.wake.is_open()
         with unit_of_work(self.sessions) as session:
-            job, created = intake.create_job(session, tenant_id, item, idempotency_key)
+            job, created = intake.create_job(session, tenant_id, item, idempotency_key, sent=direct)
             self.queue_cap.check(session, tenant_id, int(created))
         if created:
-            self.wake()
+            if direct:
+                self._send_now(job.id)
+            self.wake()  # to count it, or to send it if it could not be sent here
         return job
+
+    def _send_now(self, job_id: str) -> None:
+        assert self.direct is not None
+        if self.direct.enqueue([job_id]) < 1:  # the broker is away: the dispatcher sends it later
+            with unit_of_work(self.sessions) as session:
+                lifecycle.clear_enqueued(session, [job_id])
 
     async def submit_batch(
         self,

@@ -146,21 +146,41 @@ def wake_key(queue_name: str) -> str:
     return f"pcq:dispatch:wake:{queue_name}"
 
 
+def open_key(queue_name: str) -> str:
+    """Set (with a short TTL) by the dispatcher while nothing waits and the quota has room to
+    spare: the API may then send a single job's message itself."""
+    return f"pcq:dispatch:open:{queue_name}"
+
+
 class DispatchWake:
     """Tells the dispatcher that jobs were queued, so it need not wait for its next poll.
 
-    The API sends no message itself: the dispatcher (pcq.jobs.dispatch) picks what the broker
-    gets, in the fair order. A wake is one ``LPUSH`` (the list is trimmed to one entry) on the
-    Redis of ``PCQ_REDIS_URL``; it is a hint, never needed for correctness (the dispatcher
-    polls), so a failure is logged and Redis is not asked again for ``pause_seconds``.
+    The API sends no message itself (but see ``is_open``): the dispatcher (pcq.jobs.dispatch)
+    picks what the broker gets, in the fair order. A wake is one ``LPUSH`` (the list is trimmed
+    to one entry) on the Redis of ``PCQ_REDIS_URL``; it is a hint, never needed for correctness
+    (the dispatcher polls), so a failure is logged and Redis is not asked again for
+    ``pause_seconds``.
     Without Redis (embedded mode) it does nothing and the dispatcher polls more often.
     """
 
     def __init__(self, client: Any | None, queue_name: str, pause_seconds: float = 5.0) -> None:
         self.client = client
         self.key = wake_key(queue_name)
+        self.open_key = open_key(queue_name)
         self.pause_seconds = pause_seconds
         self._down_until = 0.0
+
+    def is_open(self) -> bool:
+        """Whether the dispatcher says no job waits and the quota has room to spare (one
+        ``EXISTS``): a single job may then skip the dispatcher's hop. False when unsure."""
+        if self.client is None or time.monotonic() < self._down_until:
+            return False
+        try:
+            return bool(self.client.exists(self.open_key))
+        except Exception as exc:
+            self._down_until = time.monotonic() + self.pause_seconds
+            log.warning("could not ask the dispatcher: %s", type(exc).__name__)
+            return False
 
     def __call__(self) -> None:
         if self.client is None or time.monotonic() < self._down_until:

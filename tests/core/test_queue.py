@@ -5,9 +5,10 @@ from __future__ import annotations
 import time
 import uuid
 
+import fakeredis
 import pytest
 
-from pcq.queue import Enqueuer, make_celery
+from pcq.queue import DispatchWake, Enqueuer, make_celery, open_key, wake_key
 from tests.conftest import make_settings
 
 
@@ -55,3 +56,26 @@ def test_backlog_of_an_unreachable_broker_is_unknown() -> None:
     settings = make_settings(REDIS_URL="redis://127.0.0.1:1/0")
     enqueuer = Enqueuer(make_celery(settings, publisher=True), settings.queue_name, pause_seconds=30)
     assert enqueuer.backlog() is None
+
+
+def test_a_wake_leaves_one_entry_and_the_open_flag_is_read_until_redis_fails() -> None:
+    client = fakeredis.FakeRedis()
+    wake = DispatchWake(client, "q")
+    wake()
+    wake()
+    assert client.llen(wake_key("q")) == 1  # a hint, not a count: the dispatcher reads the database
+    assert not wake.is_open()
+    client.set(open_key("q"), 1, px=2000)
+    assert wake.is_open()
+
+    class Down:
+        def exists(self, _key: str) -> int:
+            raise ConnectionError("refused")
+
+        def pipeline(self, transaction: bool = True) -> None:
+            raise ConnectionError("refused")
+
+    broken = DispatchWake(Down(), "q", pause_seconds=60)
+    assert not broken.is_open()  # unsure: the dispatcher sends it
+    broken()  # a failed wake is only logged
+    assert DispatchWake(None, "q").is_open() is False  # embedded mode: no Redis

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import time
 from collections.abc import Iterator
 from datetime import datetime
@@ -196,3 +197,37 @@ def _owner(pids: dict[int, str], pid: int) -> str:
     parent = int(Path(f"/proc/{pid}/stat").read_text().split()[3])
     assert parent in pids, (pid, parent, os.getpid())
     return pids[parent]
+
+
+@pytest.mark.timeout(90)
+def test_a_single_job_skips_the_dispatcher_only_while_nothing_waits(
+    stack: Stack, pg_url: str, db: Db, private_redis: PrivateRedis
+) -> None:
+    flag = f"pcq:dispatch:open:{stack.env['PCQ_QUEUE_NAME']}"
+    wait_for("the dispatcher to say it is open", lambda: private_redis.client().exists(flag), timeout=10)
+    tenant = Tenant.create(stack, pg_url)
+
+    def sent_by_the_api() -> bool:
+        """Submit one job while the worker (and its dispatcher) is stopped: was its message
+        sent at submission (by the API), or is it left for the dispatcher?"""
+        os.killpg(stack.procs["worker"].pid, signal.SIGSTOP)
+        try:
+            r = tenant.submit_job(chat("one"))
+            assert r.status_code == 202, r.text
+
+            def read(s: object) -> tuple[datetime, datetime | None]:
+                row = s.execute(  # type: ignore[attr-defined]
+                    select(Job.created_at, Job.enqueued_at).where(Job.id == r.json()["id"])
+                ).one()
+                return row.created_at, row.enqueued_at
+
+            created, enqueued = db._read(read)  # type: ignore[arg-type]
+        finally:
+            os.killpg(stack.procs["worker"].pid, signal.SIGCONT)
+        db.wait_terminal([r.json()["id"]], timeout=30, stack=stack)
+        return enqueued == created
+
+    assert sent_by_the_api()
+    _batch(tenant, 60, "bulk")  # half a minute of quota: the flag goes at the next dispatch
+    wait_for("the flag to go", lambda: not private_redis.client().exists(flag), timeout=5)
+    assert not sent_by_the_api()
