@@ -91,6 +91,8 @@ class Submitter:
         # job skips the dispatcher's hop, as the fair order would send it at once anyway.
         direct = self.direct is not None and self.wake.is_open()
         with unit_of_work(self.sessions) as session:
+            # A tenant with a max_share is counted against it by the dispatcher: never direct.
+            direct = direct and not dispatch.capped(session, tenant_id)
             job, created = intake.create_job(session, tenant_id, item, idempotency_key, sent=direct)
             self.queue_cap.check(session, tenant_id, int(created))
         if created:

@@ -97,6 +97,11 @@ class Enqueuer:
         self._epoch = BrokerEpoch.for_broker(app.conf.broker_url, queue_name)
         self._epoch_written = self._epoch is None or self._epoch.ensure()
 
+    @property
+    def paused(self) -> bool:
+        """A send failed less than ``pause_seconds`` ago: the next one would not be tried."""
+        return time.monotonic() < self._down_until
+
     def backlog(self) -> int | None:
         """Messages waiting in the queue (not those reserved by workers); None if unknown."""
         if time.monotonic() < self._down_until:

@@ -8,10 +8,12 @@ that dies (``kill -9``) stops renewing, and another worker leads within LEASE_SE
 One dispatch, in one transaction: count what the broker holds (sent, not claimed); from the
 room the shared quota has within the admission horizon, less that, pick jobs in the fair
 order (pcq.jobs.dispatch), mark them sent, send their messages, commit. A crash before the
-commit rolls the marks back (the jobs wait to be picked again; a message that did leave is a
-duplicate, which its claim drops), and a broker that refuses the send leaves its jobs unsent.
-So the broker holds at most a horizon of work, and a job submitted behind a backlog waits for
-at most that, not for the backlog.
+commit rolls the marks back: the jobs wait to be picked again (a message that did leave runs
+its job, once: the copy a later dispatch sends finds it claimed and is dropped). A broker that
+refuses the send leaves its jobs unsent. So the broker holds at most a horizon of work, and a
+job submitted behind a backlog waits for at most that, not for the backlog. A job sent more
+than SENT_HORIZONS horizons ago and still unclaimed stops counting as held (its message may
+have gone with a dead worker; the sweeper sends it again), so it cannot stall the others.
 
 The API wakes the dispatcher after each submission (pcq.queue.DispatchWake: a Redis list it
 blocks on), so an idle stack dispatches a new job at once; without that wake (embedded mode,
@@ -29,6 +31,7 @@ import os
 import time
 import uuid
 from collections.abc import Awaitable, Callable
+from datetime import timedelta
 from typing import Any, TypeVar
 
 from redis.exceptions import RedisError
@@ -53,6 +56,10 @@ POLL_SECONDS = 0.1  # no wake channel (embedded mode): poll this often
 TERMS_SECONDS = 2.0  # tenants' weights and caps are read again after this
 OPEN_SECONDS = 2.0  # the TTL of the "open" flag (pcq.queue.open_key), refreshed while it holds
 OPEN_SHARE = 0.2  # open while at least this share of the horizon's room is free
+# A job sent this many horizons ago and still unclaimed no longer counts as held by the broker
+# (its message was likely lost with a worker; the sweeper sends it again).
+SENT_HORIZONS = 3
+FAILURES_TO_RESIGN = 3  # dispatches failing in a row: hand the lease to another worker
 
 _RENEW = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then
@@ -89,11 +96,13 @@ class Dispatcher:
         self._wake_key = wake_key(settings.queue_name)
         self._open_key = open_key(settings.queue_name)
         self._open_until = 0.0  # monotonic: when the flag we set expires (0: not set)
+        self._flag_cleared = False  # we deleted the flag since we took the lease
         self._spare = 0  # room the last dispatch left unused
         # Which process dispatches, for an operator (and a test) reading the lease: pid:random.
         self._token = f"{os.getpid()}:{uuid.uuid4().hex[:12]}"
         self._leader = False
         self._renew_at = 0.0
+        self._lead_after = 0.0  # monotonic: after resigning, do not lead again before this
         self._known_terms: dict[str, dispatch.Policy] = {}
         self._terms_until = 0.0
         quota = sum(window_safe(k.limit_per_minute, k.burst)[0] for k in pool.keys) / 60
@@ -105,6 +114,7 @@ class Dispatcher:
         return self._leader
 
     async def run(self) -> None:
+        failures = 0
         try:
             while not self._closing():
                 try:
@@ -113,16 +123,26 @@ class Dispatcher:
                         continue
                     more, waiting = await self.dispatch_once()
                     await self._say_open(not waiting and self._spare >= self._open_margin)
-                except (RedisError, OSError) as exc:
-                    log.warning("dispatch: Redis unreachable (%s)", type(exc).__name__)
-                    await asyncio.sleep(RENEW_SECONDS)
-                    continue
+                    failures = 0
                 except Exception as exc:
-                    log.warning("dispatch failed: %s", type(exc).__name__)
+                    failures += 1
+                    log.warning("dispatch failed (%s), %d in a row", type(exc).__name__, failures)
+                    if failures >= FAILURES_TO_RESIGN:
+                        # Perhaps only this worker is cut off (its database pool, its Redis
+                        # connection): let another one lead instead of holding the lease.
+                        await self._resign()
+                        self._lead_after = time.monotonic() + LEASE_SECONDS
+                        failures = 0
                     await asyncio.sleep(RENEW_SECONDS)
                     continue
-                if not more:
-                    await self._wait(BACKLOG_SECONDS if waiting else IDLE_SECONDS)
+                if more:
+                    continue
+                if waiting:
+                    # Jobs wait for room: look again soon, but not at every submission's wake
+                    # (each dispatch reads the backlog's groups).
+                    await asyncio.sleep(BACKLOG_SECONDS)
+                else:
+                    await self._wait(IDLE_SECONDS)
         finally:
             await self._resign()
 
@@ -135,16 +155,20 @@ class Dispatcher:
             self._leader = bool(await self._redis.eval(_RENEW, 1, self._lease_key, self._token, ms))
             if not self._leader:
                 log.warning("dispatch: lost the dispatcher's lease; another worker dispatches")
+        elif now < self._lead_after:
+            return False  # it resigned: another worker's turn first
         else:
             self._leader = bool(await self._redis.set(self._lease_key, self._token, nx=True, px=ms))
             if self._leader:
                 log.info("dispatch: this worker dispatches")
                 self.order = FairOrder(self.order.quota_per_second, self.order.horizon)
+                self._flag_cleared = False
         self._renew_at = now + RENEW_SECONDS
         return self._leader
 
     async def _resign(self) -> None:
-        """A worker that stops hands the lease on at once instead of after its TTL."""
+        """Hand the lease on at once instead of after its TTL (a worker that stops, or one
+        whose dispatches keep failing)."""
         if not self._leader:
             return
         self._leader = False
@@ -165,9 +189,11 @@ class Dispatcher:
         if is_open and now >= self._open_until - OPEN_SECONDS / 2:
             await self._redis.set(self._open_key, 1, px=int(OPEN_SECONDS * 1000))
             self._open_until = now + OPEN_SECONDS
-        elif not is_open and self._open_until > now:
+        elif not is_open and (self._open_until > now or not self._flag_cleared):
+            # Also once after taking the lease: the flag may be a dead leader's.
             await self._redis.delete(self._open_key)
             self._open_until = 0.0
+            self._flag_cleared = True
 
     async def _wait(self, seconds: float) -> None:
         if not self._woken:
@@ -196,8 +222,12 @@ class Dispatcher:
         now = utcnow()
         clock = time.monotonic()
 
+        since = now - timedelta(seconds=SENT_HORIZONS * self.settings.admission_horizon_seconds)
+
         def work(session: Session) -> tuple[bool, int]:
-            n = min(room - dispatch.sent_unclaimed(session), MAX_PER_DISPATCH)
+            if self._enqueuer.paused:  # the broker refused a send moments ago: take nothing
+                return False, 1
+            n = min(room - dispatch.sent_unclaimed(session, since=since), MAX_PER_DISPATCH)
             if n <= 0:
                 return False, 1
             groups = dispatch.backlog(session, now=now)

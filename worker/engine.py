@@ -60,6 +60,7 @@ DB_RETRY_SECONDS = (0.5, 1, 2, 4, 8, 15, 30)  # riding out a database restart
 WRITE_BATCH = 200  # outcomes per transaction at most
 WRITE_LINGER = 0.01  # seconds a small batch waits for company, while other calls run
 SWEEP_CHUNK = 1000  # jobs one sweep query sends at most
+SUSPECT_DEFER_SECONDS = 2.0  # a suspect left for a free lane is offered again after this
 RECOVERY_CHUNKS = 50  # after a broker loss, chunks one sweep sends before the next sweep goes on
 # SQLSTATE classes of a statement the database refuses whatever the retry: data exception (a
 # value a column cannot hold), integrity violation, syntax or access, program limit exceeded
@@ -147,7 +148,7 @@ class Engine:
         """Let calls finish for up to ``timeout`` s, then hand the rest back at once.
 
         Calls still running (a ``core`` call can take minutes) get their leases expired, so
-        the next sweep of any worker re-sends them instead of waiting for the lease to run out.
+        the dispatcher sends them again instead of waiting for the lease to run out.
         """
         if self._stop is not None and self._thread.is_alive():
             drain = asyncio.run_coroutine_threadsafe(self._drain(timeout), self._loop)
@@ -292,7 +293,7 @@ class Engine:
             while remaining:
                 room = await self._room(len(remaining))
                 if self._closing:
-                    # Shutting down: leave them queued and let the next sweep (anywhere) send them.
+                    # Shutting down: leave them queued and unsent; the dispatcher sends them again.
                     await self._db(lambda db, ids=remaining: lifecycle.clear_enqueued(db, ids))  # type: ignore[misc]
                     break
                 await self._slots.acquire()
@@ -324,9 +325,9 @@ class Engine:
         """Claim ids for which a slot is already held; start their calls; free unused slots.
 
         Suspects (jobs whose worker died under them twice) run at most SUSPECT_LANE at a time
-        here; the others are left queued and unsent, so the next sweep offers them to a worker
-        whose lane is free, and a job that kills its worker cannot take innocent ones with it
-        again and again.
+        here; the others are left queued and unsent for SUSPECT_DEFER_SECONDS, after which the
+        dispatcher offers them again, perhaps to a worker whose lane is free; so a job that
+        kills its worker cannot take innocent ones with it again and again.
         """
         assert self._slots is not None
         s = self.settings
@@ -348,7 +349,8 @@ class Engine:
                 self._slots.release()
             raise
         if result.deferred:
-            await self._db(lambda db: lifecycle.clear_enqueued(db, result.deferred))
+            later = utcnow() + timedelta(seconds=SUSPECT_DEFER_SECONDS)
+            await self._db(lambda db: lifecycle.defer(db, result.deferred, until=later))
         for _ in range(len(chunk) - len(result.jobs)):
             self._slots.release()
         for job in result.jobs:
@@ -476,7 +478,8 @@ class Engine:
                 self._broker_epoch.close()
 
     async def sweep_once(self) -> int:
-        """Send messages for due retries, lost messages and expired leases.
+        """Send messages for lost messages and expired leases (never-sent jobs, first runs and
+        due retries, are the dispatcher's).
 
         A job whose message is merely old is sent again only once the broker's queue is empty
         (or its length unknown): with a backlog longer than ``PCQ_REQUEUE_AFTER_SECONDS`` (the

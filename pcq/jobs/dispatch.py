@@ -36,6 +36,7 @@ from pcq.repositories import jobs as job_rows
 from pcq.repositories import tenants as tenant_rows
 
 K = TypeVar("K", bound=Hashable)
+MIN_SHARE = 0.001  # the smallest max_share the order honours
 
 
 @dataclass(frozen=True)
@@ -208,12 +209,24 @@ def backlog(session: Session, *, now: datetime) -> list[Group]:
 
 
 def policies(session: Session, tenant_ids: Iterable[str]) -> dict[str, Policy]:
-    return {t: Policy(w, s) for t, w, s in tenant_rows.policies(session, list(tenant_ids))}
+    """The tenants' terms, kept in range whatever the table holds (the CLI refuses a weight
+    below 1 and a share outside (0, 1]; a row changed by hand must not stall the order)."""
+    return {
+        t: Policy(max(1, int(w)), min(1.0, max(MIN_SHARE, float(s))))
+        for t, w, s in tenant_rows.policies(session, list(tenant_ids))
+    }
 
 
-def sent_unclaimed(session: Session) -> int:
-    """Jobs sent to the broker and not yet claimed: what it holds."""
-    return job_rows.count_sent_unclaimed(session)
+def capped(session: Session, tenant_id: str) -> bool:
+    """Whether the tenant has a ``max_share`` below 1 (its jobs must go through the order)."""
+    return any(p.max_share < 1 for p in policies(session, [tenant_id]).values())
+
+
+def sent_unclaimed(session: Session, *, since: datetime) -> int:
+    """Jobs sent to the broker since ``since`` and not yet claimed: what it holds. Older ones
+    are left out: a message a dead worker had reserved, or one the broker lost, would otherwise
+    hold the room of every tenant until the sweeper sends it again."""
+    return job_rows.count_sent_unclaimed(session, since=since)
 
 
 def take(session: Session, picks: Sequence[tuple[Group, int]], *, now: datetime) -> list[str]:

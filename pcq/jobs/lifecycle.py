@@ -260,7 +260,7 @@ def renew_leases(
 
 def release(session: Session, claims: list[tuple[str, int]], *, now: datetime) -> int:
     """Hand back the jobs of (job id, attempt) claims this worker gives up as it shuts down:
-    ``queued`` and unsent, so the next sweep sends them at once. Not a lease loss: the worker
+    ``queued`` and unsent, so the dispatcher sends them again at once. Not a lease loss: the worker
     did not die, so the job is not a suspect; its call (if it was made) counts as an attempt."""
     if not claims:
         return 0
@@ -470,6 +470,13 @@ def due_for_enqueue(
     if resend_stale:
         unsent = or_(unsent, Job.enqueued_at < now - timedelta(seconds=requeue_after_seconds))
     return job_rows.take_for_enqueue(session, and_(claimable(now), unsent), now=now, limit=limit)
+
+
+def defer(session: Session, job_ids: list[str], *, until: datetime) -> None:
+    """Suspects a worker left unclaimed (its lane was busy): unsent, and not due before
+    ``until``, so the dispatcher does not hand them straight back to the same busy lane (nor
+    take each pass's share of their batch for them)."""
+    job_rows.defer(session, job_ids, until=until)
 
 
 def clear_enqueued(session: Session, job_ids: list[str]) -> None:

@@ -115,7 +115,8 @@ class Job(Base):
             sqlite_where=UNSENT,
             postgresql_where=UNSENT,
         ),
-        # What the broker holds (counted at each dispatch), and messages a sweep may send again.
+        # What the broker holds, counted at each dispatch (the sweep's query, which also asks for
+        # expired leases, reads the status index instead).
         Index("ix_jobs_sent", "enqueued_at", sqlite_where=SENT, postgresql_where=SENT),
     )
 

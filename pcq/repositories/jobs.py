@@ -407,6 +407,17 @@ def take_for_enqueue(session: Session, due: ColumnElement[bool], *, now: datetim
     return ids
 
 
+def defer(session: Session, job_ids: list[str], *, until: datetime) -> None:
+    """Mark active jobs unsent and, if queued, not due before ``until`` (a running job with an
+    expired lease is the sweeper's, and its ``next_attempt_at`` is not read)."""
+    session.execute(
+        update(Job)
+        .where(Job.id.in_(job_ids), Job.status.in_(ACTIVE_STATUSES))
+        .values(enqueued_at=None, next_attempt_at=until)
+        .execution_options(synchronize_session=False)
+    )
+
+
 def clear_enqueued(session: Session, job_ids: list[str]) -> None:
     """Mark active jobs unsent (1,000 ids a statement, however many are given)."""
     for start in range(0, len(job_ids), 1000):
@@ -467,11 +478,17 @@ def _sent() -> ColumnElement[bool]:
 
 
 def count_sent_unclaimed(
-    session: Session, *, other_than: str | None = None, before: datetime | None = None
+    session: Session,
+    *,
+    other_than: str | None = None,
+    before: datetime | None = None,
+    since: datetime | None = None,
 ) -> int:
     """Jobs whose message was sent and that no worker claimed yet (ix_jobs_sent); with
-    ``other_than``, outside that batch; with ``before``, sent before then."""
+    ``other_than``, outside that batch; with ``before`` / ``since``, sent before / since then."""
     q = select(func.count()).where(_sent())
+    if since is not None:
+        q = q.where(Job.enqueued_at >= since)
     if other_than is not None:
         q = q.where(or_(Job.batch_id.is_(None), Job.batch_id != other_than))
     if before is not None:

@@ -10,10 +10,11 @@ from datetime import timedelta
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from sqlalchemy import update
 
 from pcq.db import SessionFactory, make_engine, make_session_factory, unit_of_work
 from pcq.jobs import dispatch
-from pcq.jobs.dispatch import FairOrder, Group, Policy, Ring, ahead_in_order
+from pcq.jobs.dispatch import MIN_SHARE, FairOrder, Group, Policy, Ring, ahead_in_order
 from pcq.models import Job, Tenant, new_id, utcnow
 
 HIGH, NORMAL, LOW = 0, 1, 2
@@ -216,17 +217,23 @@ def test_the_backlog_in_groups_and_taking_the_oldest_of_each(sessions: SessionFa
     a_high = _jobs(sessions, a, 2, priority=HIGH)
     b_jobs = _jobs(sessions, b, 1)
     _jobs(sessions, b, 2, enqueued_at=utcnow())  # sent already: the broker holds them
+    _jobs(sessions, b, 1, enqueued_at=utcnow() - timedelta(hours=1))  # sent, lost with a worker
     _jobs(sessions, b, 1, next_attempt_at=utcnow() + timedelta(minutes=5))  # a retry not due
     now = utcnow()
     with unit_of_work(sessions) as s:
         groups = {(g.tenant_id, g.priority, g.batch_id): g.waiting for g in dispatch.backlog(s, now=now)}
         assert groups == {(a, NORMAL, None): 3, (a, HIGH, None): 2, (b, NORMAL, None): 1}
-        assert dispatch.sent_unclaimed(s) == 2
+        recent = now - timedelta(seconds=30)
+        assert dispatch.sent_unclaimed(s, since=recent) == 2  # the lost one holds no room
         taken = dispatch.take(s, [(Group(a, NORMAL, None, 3), 2), (Group(b, NORMAL, None, 1), 1)], now=now)
     assert taken == a_old[:2] + b_jobs  # the oldest of each group
     with unit_of_work(sessions) as s:
-        assert dispatch.sent_unclaimed(s) == 5
+        assert dispatch.sent_unclaimed(s, since=recent) == 5
         left = {(g.tenant_id, g.priority): g.waiting for g in dispatch.backlog(s, now=now)}
         assert left == {(a, NORMAL): 1, (a, HIGH): 2}
         assert dispatch.policies(s, [a, b]) == {a: Policy(1, 1.0), b: Policy(1, 1.0)}
+        assert not dispatch.capped(s, a)
+        s.execute(update(Tenant).where(Tenant.id == a).values(weight=0, max_share=0))  # by hand
+        assert dispatch.policies(s, [a]) == {a: Policy(1, MIN_SHARE)}  # kept in range
+        assert dispatch.capped(s, a)
     assert len(a_high) == 2

@@ -228,6 +228,13 @@ def test_a_single_job_skips_the_dispatcher_only_while_nothing_waits(
         return enqueued == created
 
     assert sent_by_the_api()
+    # A tenant with a max_share is counted against it by the dispatcher: never sent directly.
+    with db.engine.begin() as conn:
+        conn.execute(update(TenantRow).where(TenantRow.name == "faults").values(max_share=0.5))
+    wait_for("the dispatcher to say it is open", lambda: private_redis.client().exists(flag), timeout=10)
+    assert not sent_by_the_api()
+    with db.engine.begin() as conn:
+        conn.execute(update(TenantRow).where(TenantRow.name == "faults").values(max_share=1.0))
     _batch(tenant, 60, "bulk")  # half a minute of quota: the flag goes at the next dispatch
     wait_for("the flag to go", lambda: not private_redis.client().exists(flag), timeout=5)
     assert not sent_by_the_api()
