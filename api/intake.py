@@ -159,20 +159,9 @@ class StoredBatch:
     batch: Batch
     created: bool  # False: a replay, the batch another request stored with this idempotency key
     total: int = 0
-    # The new jobs' ids, one space-separated string per chunk inserted: a list of 100,000 str
-    # would take three times the memory.
+    # The new jobs' ids, one space-separated string per chunk inserted (a late batch priority
+    # is given to them by chunk): a list of 100,000 str would take three times the memory.
     id_chunks: list[str] = field(default_factory=list)
-
-    def job_ids(self) -> Iterator[list[str]]:
-        """The new jobs' ids, in lists of at least CHUNK_JOBS (the last may be shorter)."""
-        ids: list[str] = []
-        for text in self.id_chunks:
-            ids += text.split(" ")
-            if len(ids) >= CHUNK_JOBS:
-                yield ids
-                ids = []
-        if ids:
-            yield ids
 
 
 def create_batch(

@@ -109,10 +109,6 @@ class Dispatcher:
         self.order = FairOrder(quota, settings.admission_horizon_seconds)
         self._open_margin = max(1, int(quota * settings.admission_horizon_seconds * OPEN_SHARE))
 
-    @property
-    def leader(self) -> bool:
-        return self._leader
-
     async def run(self) -> None:
         failures = 0
         try:

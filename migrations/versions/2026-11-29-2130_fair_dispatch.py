@@ -33,19 +33,34 @@ INDEXES = {
 }
 
 
+COLUMNS = (  # table, column, PostgreSQL type, default
+    ("jobs", "priority", "smallint", "1"),
+    ("tenants", "weight", "integer", "1"),
+    ("tenants", "max_share", "double precision", "1"),
+)
+
+
 def upgrade() -> None:
-    op.add_column("jobs", sa.Column("priority", sa.SmallInteger(), nullable=False, server_default="1"))
-    op.add_column("tenants", sa.Column("weight", sa.Integer(), nullable=False, server_default="1"))
-    op.add_column("tenants", sa.Column("max_share", sa.Float(), nullable=False, server_default="1"))
-    if op.get_bind().dialect.name == "postgresql":
-        with op.get_context().autocommit_block():  # commits the lines above
-            for name, (columns, where) in INDEXES.items():
-                op.execute(
-                    f"CREATE INDEX CONCURRENTLY {name} ON jobs ({columns}) WHERE status = 'queued' AND {where}"
-                )
-    else:
+    if op.get_bind().dialect.name != "postgresql":
+        op.add_column("jobs", sa.Column("priority", sa.SmallInteger(), nullable=False, server_default="1"))
+        op.add_column("tenants", sa.Column("weight", sa.Integer(), nullable=False, server_default="1"))
+        op.add_column("tenants", sa.Column("max_share", sa.Float(), nullable=False, server_default="1"))
         for name, (columns, where) in INDEXES.items():
             op.execute(f"CREATE INDEX {name} ON jobs ({columns}) WHERE status = 'queued' AND {where}")
+        return
+    # Safe to run again after a failure: the columns are committed before the indexes are
+    # built (CONCURRENTLY cannot run in a transaction), so a build that failed leaves them, and
+    # perhaps an invalid index, behind with the revision still at 0008.
+    for table, column, type_, default in COLUMNS:
+        op.execute(
+            f"ALTER TABLE {table} ADD COLUMN IF NOT EXISTS {column} {type_} NOT NULL DEFAULT {default}"
+        )
+    with op.get_context().autocommit_block():  # commits the lines above
+        for name, (columns, where) in INDEXES.items():
+            op.execute(f"DROP INDEX CONCURRENTLY IF EXISTS {name}")
+            op.execute(
+                f"CREATE INDEX CONCURRENTLY {name} ON jobs ({columns}) WHERE status = 'queued' AND {where}"
+            )
 
 
 def downgrade() -> None:

@@ -72,7 +72,7 @@ def batch(sessions: SessionFactory, tenant_id: str, n: int, *, events: list[str]
     body = Body(items, webhook_url=HOOK, webhook_events=json.dumps(events) if events else None)
     with unit_of_work(sessions) as s:
         stored = create_batch(s, tenant_id, body, idempotency_key=None, fingerprint="f")
-        return [i for chunk in stored.job_ids() for i in chunk]
+        return [i for chunk in stored.id_chunks for i in chunk.split(" ")]
 
 
 def succeed(sessions: SessionFactory, job_id: str) -> None:
