@@ -6,13 +6,18 @@ import argparse
 import logging
 import os
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from pcq.settings import Settings, SettingsError, load_settings
+
+if TYPE_CHECKING:
+    from sqlalchemy.orm import Session
+
+T = TypeVar("T")
 
 
 def _settings() -> Settings:
@@ -51,22 +56,33 @@ def _when(value: datetime | None) -> str:
     return value.strftime("%Y-%m-%dT%H:%M:%SZ") if value is not None else "-"
 
 
-def cmd_keys_list(_: argparse.Namespace) -> int:
-    """Every API key: id, tenant, ``pcq_<prefix>_…``, created, revoked. Never a secret or hash."""
+def _read(fn: Callable[[Session], T]) -> T:
+    """``fn`` in a read session on the configured database (its engine disposed after)."""
     from pcq.db import make_engine, make_session_factory
-    from pcq.tenants import list_keys
 
     engine = make_engine(_settings().database_url)
     try:
         with make_session_factory(engine)() as session:
-            keys = list_keys(session)
+            return fn(session)
     finally:
         engine.dispose()
+
+
+def _print_table(rows: Sequence[tuple[str, ...]]) -> None:
+    """Columns padded to their widest cell, the last one left ragged."""
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]) - 1)]
+    for r in rows:
+        print("  ".join([*(c.ljust(w) for c, w in zip(r, widths, strict=False)), r[-1]]))  # noqa: T201
+
+
+def cmd_keys_list(_: argparse.Namespace) -> int:
+    """Every API key: id, tenant, ``pcq_<prefix>_…``, created, revoked. Never a secret or hash."""
+    from pcq.tenants import list_keys
+
+    keys = _read(list_keys)
     rows = [("id", "tenant", "key", "created", "revoked")]
     rows += [(k.id, k.tenant_name, k.shown, _when(k.created_at), _when(k.revoked_at)) for k in keys]
-    widths = [max(len(r[i]) for r in rows) for i in range(4)]
-    for r in rows:
-        print("  ".join([*(c.ljust(w) for c, w in zip(r, widths, strict=False)), r[4]]))  # noqa: T201
+    _print_table(rows)
     return 0
 
 
@@ -132,20 +148,12 @@ def cmd_tenants_set(args: argparse.Namespace) -> int:
 
 def cmd_tenants_list(_: argparse.Namespace) -> int:
     """Every tenant: name, weight, max_share, queued and running jobs."""
-    from pcq.db import make_engine, make_session_factory
     from pcq.tenants import list_tenants
 
-    engine = make_engine(_settings().database_url)
-    try:
-        with make_session_factory(engine)() as session:
-            tenants = list_tenants(session)
-    finally:
-        engine.dispose()
+    tenants = _read(list_tenants)
     rows = [("name", "weight", "max_share", "queued", "running")]
     rows += [(t.name, str(t.weight), str(t.max_share), str(t.queued), str(t.running)) for t in tenants]
-    widths = [max(len(r[i]) for r in rows) for i in range(4)]
-    for r in rows:
-        print("  ".join([*(c.ljust(w) for c, w in zip(r, widths, strict=False)), r[4]]))  # noqa: T201
+    _print_table(rows)
     return 0
 
 

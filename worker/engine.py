@@ -133,7 +133,6 @@ class Engine:
         self._closing = False
         self._accept_lock = asyncio.Lock()
         self._sweeper: asyncio.Task[None] | None = None
-        self.dispatcher: Dispatcher | None = None
         # The sweeper's view of the broker's Redis: None for a broker that cannot lose its data.
         self._broker_epoch = BrokerEpoch.for_settings(settings)
         self._lost_before: datetime | None = None  # messages sent before this may be lost
@@ -227,7 +226,7 @@ class Engine:
         # Webhooks go out from the same loop, with their own cap: never an upstream slot.
         poster = WebhookPoster(allow_private=s.webhook_allow_private, timeout=s.webhook_timeout_seconds)
         deliverer = Deliverer(s, self._db, poster)
-        self.dispatcher = Dispatcher(
+        dispatcher = Dispatcher(
             s,
             self._db,
             self._pool,
@@ -237,7 +236,7 @@ class Engine:
             woken=bool(s.redis_url),
         )
         background = [
-            asyncio.create_task(self.dispatcher.run(), name="dispatcher"),
+            asyncio.create_task(dispatcher.run(), name="dispatcher"),
             asyncio.create_task(deliverer.run(), name="webhook-deliverer"),
             self._sweeper,
             asyncio.create_task(self._renew_forever(), name="lease-renewer"),

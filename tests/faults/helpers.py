@@ -328,11 +328,15 @@ class Tenant:
     def headers(self) -> dict[str, str]:
         return {"Authorization": f"Bearer {self.key}"}
 
-    def submit_batch(self, requests: list[dict[str, Any]], timeout: float = 30) -> tuple[str, list[str]]:
-        """POST one JSONL batch; returns (batch id, job ids in line order)."""
+    def submit_batch(
+        self, requests: list[dict[str, Any]], timeout: float = 30, **params: str
+    ) -> tuple[str, list[str]]:
+        """POST one JSONL batch (``params``: its query, e.g. ``priority``); returns (batch id,
+        job ids in line order)."""
         lines = [json.dumps({"custom_id": f"c{i}", "body": body}) for i, body in enumerate(requests)]
         r = httpx.post(
             f"{self.stack.api_url}/v1/batches",
+            params=params,
             content="\n".join(lines) + "\n",
             headers={**self.headers, "Content-Type": "application/x-ndjson"},
             timeout=timeout,

@@ -9,7 +9,6 @@ by another worker's, and every job ends with one stored result.
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import time
@@ -17,7 +16,6 @@ from collections.abc import Iterator
 from datetime import datetime
 from pathlib import Path
 
-import httpx
 import pytest
 from sqlalchemy import func, select, update
 
@@ -67,24 +65,8 @@ def _counts(db: Db, batch_id: str) -> dict[str, int]:
 
 
 def _batch(tenant: Tenant, n: int, prefix: str, **params: str) -> tuple[str, list[str]]:
-    lines = "".join(
-        json.dumps({"custom_id": f"{prefix}{i}", "body": chat(f"{prefix} {i}")}) + "\n" for i in range(n)
-    )
-    r = httpx.post(
-        f"{tenant.stack.api_url}/v1/batches",
-        params=params,
-        content=lines,
-        headers={**tenant.headers, "Content-Type": "application/x-ndjson"},
-        timeout=30,
-    )
-    assert r.status_code == 202, r.text
-    page = httpx.get(
-        f"{tenant.stack.api_url}/v1/jobs",
-        params={"batch_id": r.json()["id"], "limit": 1000},
-        headers=tenant.headers,
-        timeout=30,
-    ).json()
-    return r.json()["id"], [j["id"] for j in page["data"]]
+    """A JSONL batch of ``n`` chats, told apart by ``prefix``: (batch id, job ids)."""
+    return tenant.submit_batch([chat(f"{prefix} {i}") for i in range(n)], **params)
 
 
 @pytest.mark.timeout(120)
