@@ -134,6 +134,8 @@ class Job(Base):
     metadata_json: Mapped[str | None] = mapped_column("metadata", Text, default=None)
     webhook_url: Mapped[str | None] = mapped_column(Text, default=None)
     priority: Mapped[int] = mapped_column(SmallInteger, default=1, server_default="1")  # Priority.rank
+    # The X-Request-ID of the API request that submitted it: the worker's log lines carry it too.
+    request_id: Mapped[str | None] = mapped_column(String(64), default=None)
 
     status: Mapped[str] = mapped_column(String(16), default=JobStatus.QUEUED)
     attempts: Mapped[int] = mapped_column(Integer, default=0)

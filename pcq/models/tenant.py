@@ -32,3 +32,7 @@ class ApiKey(Base):
     key_hash: Mapped[str] = mapped_column(String(64))
     created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
     revoked_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), default=None)
+    # None: never expires (``pcq keys create --expires-in``).
+    expires_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), default=None)
+    # When a request last authenticated with it (written at most once a minute per key).
+    last_used_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), default=None)
