@@ -19,10 +19,14 @@ demo: install  ## the main job on embedded defaults: API + worker + mock upstrea
 test: install  ## every test; the real-service ones need PostgreSQL and Redis on 127.0.0.1
 	$(BIN)/pytest
 
-lint: install
+lint: install  ## ruff, mypy, and the Prometheus config and alert rules (when promtool is installed)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
+	@if command -v promtool >/dev/null; then \
+	  promtool check config ops/prometheus/prometheus.yml && \
+	  promtool test rules ops/prometheus/alerts.test.yml; \
+	else echo "promtool not found: alert rules not checked (Debian: apt-get install prometheus)"; fi
 
 clean:
 	rm -rf $(VENV) pcq.sqlite3* pcq-broker.sqlite3*
