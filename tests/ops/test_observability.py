@@ -200,3 +200,43 @@ def test_the_dashboard_and_alerts_read_only_metrics_pcq_exports() -> None:
     used = _families(_dashboard_exprs() + [rule["expr"] for rule in _alert_rules()])
     assert len(used) >= 15
     assert used <= exported, f"used but not exported: {sorted(used - exported)}"
+
+
+def _runbook_sections() -> dict[str, str]:
+    sections: dict[str, str] = {}
+    title = ""
+    for line in RUNBOOK.read_text().splitlines():
+        if line.startswith("## "):
+            title = line[3:].strip()
+            sections[title] = ""
+        elif title:
+            sections[title] += line + "\n"
+    return sections
+
+
+def test_the_runbook_covers_each_failure_with_its_symptom_and_commands() -> None:
+    sections = _runbook_sections()
+    for title in (
+        "Redis lost",
+        "PostgreSQL failover",
+        "Quota changed",
+        "Poison job",
+        "Upstream outage",
+        "Key rotation (upstream and tenant)",
+        "Webhook receiver down for days",
+    ):
+        body = sections[title]
+        assert "**Dashboard" in body, title
+        assert "```bash" in body, title
+        assert "**Recovered when**" in body, title
+
+
+def test_the_runbook_names_only_panels_the_dashboard_has() -> None:
+    """Symptoms are quoted panel titles: renaming a panel must update the runbook too."""
+    titles = {p["title"] for p in _graph_panels()}
+    quoted = set()
+    for paragraph in RUNBOOK.read_text().split("\n\n"):
+        if paragraph.startswith("**Dashboard"):
+            quoted |= {" ".join(q.split()) for q in re.findall(r'"([^"]+)"', paragraph)}
+    assert len(quoted) >= 10
+    assert quoted <= titles, sorted(quoted - titles)
