@@ -63,11 +63,11 @@ def test_keys_list_shows_ids_tenants_and_prefixes_never_a_secret_or_hash(sqlite_
     out = pcq("keys", "list", env=env)
     assert out.returncode == 0, out.stderr
     lines = out.stdout.splitlines()
-    assert lines[0].split() == ["id", "tenant", "key", "created", "revoked"]
+    assert lines[0].split() == ["id", "tenant", "key", "created", "revoked", "expires", "last_used"]
     assert len(lines) == 3
     first, second = (line.split() for line in lines[1:])
     assert first[:3] == [rows[0].id, "acme", f"pcq_{rows[0].prefix}_…"]
-    assert first[4] == "-"
+    assert first[4:] == ["-", "never", "never"]
     assert second[:3] == [rows[1].id, "globex", f"pcq_{rows[1].prefix}_…"]
     assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ", second[4])
     for key, row in zip(keys, rows, strict=True):
