@@ -118,7 +118,7 @@ def parse_lifetime(text: str) -> timedelta:
     amount = int(match[1])
     if amount <= 0:
         raise ValueError(f"{text!r}: a key's lifetime must be more than 0")
-    lifetime = timedelta(seconds=amount * LIFETIME_UNITS[match[2]])
-    if lifetime > MAX_LIFETIME:
+    seconds = amount * LIFETIME_UNITS[match[2]]
+    if seconds > MAX_LIFETIME.total_seconds():  # compared as a number: a timedelta this long overflows
         raise ValueError(f"{text!r}: at most 10 years (3650d); leave --expires-in out for a key without end")
-    return lifetime
+    return timedelta(seconds=seconds)
