@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -10,6 +11,7 @@ from typing import Annotated, Any
 from fastapi import Depends, Query, Request, Security
 from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy import Engine
+from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session
 
 from api.events import StreamSlots
@@ -19,7 +21,9 @@ from pcq.db import SessionFactory
 from pcq.jobs.errors import InvalidInput, Unauthorized
 from pcq.models import utcnow
 from pcq.settings import Settings
-from pcq.tenants import authenticate
+from pcq.tenants import KeyRefused, tenant_for_key
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -72,7 +76,8 @@ def tenant_id(
     bearer: Annotated[HTTPAuthorizationCredentials | None, Security(bearer_key)],
     x_api_key: Annotated[str | None, Security(header_key)],
 ) -> str:
-    """Authenticate ``Authorization: Bearer <key>`` or ``x-api-key: <key>``.
+    """Authenticate ``Authorization: Bearer <key>`` or ``x-api-key: <key>`` (a refusal's detail
+    is pcq.tenants.tenant_for_key's: malformed, expired, or invalid or revoked).
 
     In a session of its own, closed before the route runs: the route's read session (if any)
     takes a connection only when it queries, so a request that then waits, for an upload's
@@ -83,9 +88,14 @@ def tenant_id(
     if not presented:
         raise Unauthorized("send your key as 'Authorization: Bearer <key>' or 'x-api-key: <key>'")
     with res.sessions() as session:
-        tenant = authenticate(session, presented, res.settings.key_pepper.get_secret_value(), utcnow())
-    if tenant is None:
-        raise Unauthorized("invalid or revoked API key")
+        try:
+            tenant = tenant_for_key(session, presented, res.settings.key_pepper.get_secret_value(), utcnow())
+        except KeyRefused as exc:
+            raise Unauthorized(str(exc)) from None
+        try:
+            session.commit()  # the key's last_used_at, when it was due
+        except SQLAlchemyError as exc:  # the use goes unrecorded; the request goes on
+            log.debug("last_used_at not committed (%s)", type(exc).__name__)
     return tenant
 
 

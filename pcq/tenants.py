@@ -4,27 +4,44 @@ statements are pcq.repositories.tenants'; the caller owns the transaction."""
 
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass, replace
-from datetime import datetime
+from datetime import datetime, timedelta
 
+from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session
 
 from pcq.db import make_engine, make_session_factory, unit_of_work
-from pcq.keys import KEY_SCHEME, mint_key, split_prefix, verify
+from pcq.keys import KEY_SCHEME, MalformedKey, mint_key, parse_key, verify
 from pcq.models import ApiKey, JobStatus, Tenant, new_id
 from pcq.repositories import tenants as rows
 
+log = logging.getLogger(__name__)
 
-def create_key(session: Session, tenant_name: str, pepper: str) -> tuple[Tenant, str]:
-    """Create the tenant if new, mint a key for it; returns the plaintext key (shown once)."""
+# last_used_at is written at most this often per key: a busy key costs one write a minute.
+LAST_USED_RESOLUTION = timedelta(seconds=60)
+
+
+def create_key(
+    session: Session, tenant_name: str, pepper: str, expires_at: datetime | None = None
+) -> tuple[Tenant, str]:
+    """Create the tenant if new, mint a key for it, refused from ``expires_at`` on (None: never);
+    returns the plaintext key (shown once)."""
     tenant = rows.tenant_by_name(session, tenant_name)
     if tenant is None:
         tenant = Tenant(id=new_id("ten"), name=tenant_name)
         rows.add_tenant(session, tenant)
     key = mint_key(pepper)
     rows.add_key(
-        session, ApiKey(id=new_id("key"), tenant_id=tenant.id, prefix=key.prefix, key_hash=key.key_hash)
+        session,
+        ApiKey(
+            id=new_id("key"),
+            tenant_id=tenant.id,
+            prefix=key.prefix,
+            key_hash=key.key_hash,
+            expires_at=expires_at,
+        ),
     )
     return tenant, key.plaintext
 
@@ -38,6 +55,8 @@ class KeyInfo:
     prefix: str
     created_at: datetime
     revoked_at: datetime | None
+    expires_at: datetime | None
+    last_used_at: datetime | None
 
     @property
     def shown(self) -> str:
@@ -64,28 +83,69 @@ def revoke_key(session: Session, key_id: str, now: datetime) -> tuple[KeyInfo, b
     return KeyInfo(*found[0]), bool(revoked)
 
 
-def authenticate(session: Session, presented: str, pepper: str, now: datetime) -> str | None:
-    """The tenant id for a presented key, or None. Never says which part was wrong.
+class KeyRefused(Exception):
+    """A presented key that is not accepted; the message says why, as far as it may (the 401's
+    detail)."""
+
+
+INVALID_KEY = "invalid or revoked API key"
+
+
+def tenant_for_key(session: Session, presented: str, pepper: str, now: datetime) -> str:
+    """The tenant id for a presented key; raises KeyRefused.
+
+    A malformed key (not the key's shape, or a checksum that does not match: pcq.keys) is
+    refused with what is wrong with it, before any lookup. For a well-formed key an unknown
+    prefix, a wrong secret and a revoked key get the one message, so a guesser learns nothing.
+    An expired key says so, and since when: only after its secret has matched, so only its
+    holder learns it, and that tells them to get a new key rather than to look for a typo.
 
     Nothing is cached: every request reads the key's row (one indexed lookup by prefix, in the
     request's own session), so a key revoked with ``pcq keys revoke`` is refused by every API
-    process from the next request on.
+    process from the next request on. A key accepted has its last_used_at set to ``now`` in the
+    session, when the stored one is over a minute old (the caller commits it).
     """
-    prefix = split_prefix(presented)
-    if prefix is None:
-        return None
+    try:
+        prefix = parse_key(presented)
+    except MalformedKey as exc:
+        raise KeyRefused(str(exc)) from None
     row = rows.key_by_prefix(session, prefix)
-    if row is None or (row.revoked_at is not None and row.revoked_at <= now):
+    if row is None or not verify(presented, row.key_hash, pepper):
+        raise KeyRefused(INVALID_KEY)
+    if row.revoked_at is not None and row.revoked_at <= now:
+        raise KeyRefused(INVALID_KEY)
+    if row.expires_at is not None and row.expires_at <= now:
+        raise KeyRefused(f"expired API key (since {row.expires_at:%Y-%m-%dT%H:%M:%SZ}): ask for a new one")
+    if row.last_used_at is None or row.last_used_at < now - LAST_USED_RESOLUTION:
+        _note_use(session, row.id, now)
+    return row.tenant_id
+
+
+def _note_use(session: Session, key_id: str, now: datetime) -> None:
+    """Record the key's use; a failure (a read-only replica, a lock wait cut short, SQLite busy)
+    is not the request's: it is rolled back (the write is the only one in an authentication's
+    session) and the key is accepted all the same."""
+    try:
+        rows.note_use(session, key_id, now=now, older_than=now - LAST_USED_RESOLUTION)
+    except SQLAlchemyError as exc:
+        session.rollback()
+        log.debug("last_used_at of API key %s not recorded (%s)", key_id, type(exc).__name__)
+
+
+def authenticate(session: Session, presented: str, pepper: str, now: datetime) -> str | None:
+    """The tenant id for a presented key, or None (``tenant_for_key`` without the reason)."""
+    try:
+        return tenant_for_key(session, presented, pepper, now)
+    except KeyRefused:
         return None
-    return row.tenant_id if verify(presented, row.key_hash, pepper) else None
 
 
-def create_key_at(url: str, tenant: str, pepper: str = "") -> str:
+def create_key_at(url: str, tenant: str, pepper: str = "", expires_at: datetime | None = None) -> str:
     """``create_key`` in its own unit of work on the database at ``url``: the plaintext key."""
     engine = make_engine(url)
     try:
         with unit_of_work(make_session_factory(engine)) as session:
-            _, key = create_key(session, tenant, pepper)
+            _, key = create_key(session, tenant, pepper, expires_at)
     finally:
         engine.dispose()
     return key

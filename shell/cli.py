@@ -8,7 +8,7 @@ import os
 import sys
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from datetime import datetime
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -36,24 +36,37 @@ def cmd_migrate(_: argparse.Namespace) -> int:
     return 0
 
 
+def _lifetime(text: str) -> timedelta:
+    """``--expires-in``: checked by argparse, so a bad value exits 2 before anything is created."""
+    from pcq.keys import parse_lifetime
+
+    try:
+        return parse_lifetime(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def cmd_keys_create(args: argparse.Namespace) -> int:
     from pcq.db import make_engine, make_session_factory, unit_of_work
+    from pcq.models import utcnow
     from pcq.tenants import create_key
 
     settings = _settings()
+    expires_at = utcnow() + args.expires_in if args.expires_in is not None else None
     engine = make_engine(settings.database_url)
     try:
         with unit_of_work(make_session_factory(engine)) as session:
-            tenant, key = create_key(session, args.tenant, settings.key_pepper.get_secret_value())
+            tenant, key = create_key(session, args.tenant, settings.key_pepper.get_secret_value(), expires_at)
     finally:
         engine.dispose()
-    print(f"created a key for tenant {tenant.name!r} ({tenant.id}); it is shown only once:")  # noqa: T201
+    lifetime = f"it expires at {_when(expires_at)}" if expires_at is not None else "it never expires"
+    print(f"created a key for tenant {tenant.name!r} ({tenant.id}); {lifetime}; it is shown only once:")  # noqa: T201
     print(key)  # noqa: T201
     return 0
 
 
-def _when(value: datetime | None) -> str:
-    return value.strftime("%Y-%m-%dT%H:%M:%SZ") if value is not None else "-"
+def _when(value: datetime | None, none: str = "-") -> str:
+    return value.strftime("%Y-%m-%dT%H:%M:%SZ") if value is not None else none
 
 
 def _read(fn: Callable[[Session], T]) -> T:
@@ -76,12 +89,24 @@ def _print_table(rows: Sequence[tuple[str, ...]]) -> None:
 
 
 def cmd_keys_list(_: argparse.Namespace) -> int:
-    """Every API key: id, tenant, ``pcq_<prefix>_…``, created, revoked. Never a secret or hash."""
+    """Every API key: id, tenant, ``pcq_<prefix>_…``, created, revoked, expires, last used.
+    Never a secret or hash."""
     from pcq.tenants import list_keys
 
     keys = _read(list_keys)
-    rows = [("id", "tenant", "key", "created", "revoked")]
-    rows += [(k.id, k.tenant_name, k.shown, _when(k.created_at), _when(k.revoked_at)) for k in keys]
+    rows = [("id", "tenant", "key", "created", "revoked", "expires", "last_used")]
+    rows += [
+        (
+            k.id,
+            k.tenant_name,
+            k.shown,
+            _when(k.created_at),
+            _when(k.revoked_at),
+            _when(k.expires_at, "never"),
+            _when(k.last_used_at, "never"),
+        )
+        for k in keys
+    ]
     _print_table(rows)
     return 0
 
@@ -323,9 +348,18 @@ def build_parser() -> argparse.ArgumentParser:
     keys = sub.add_parser("keys", help="manage API keys").add_subparsers(dest="keys_command", required=True)
     kc = keys.add_parser("create", help="mint a key for a tenant (created if new); prints it once, last")
     kc.add_argument("--tenant", required=True)
+    kc.add_argument(
+        "--expires-in",
+        type=_lifetime,
+        metavar="DURATION",
+        help="refuse the key this long from now: a whole number and s, m, h, d or w (90d, 12h, 2w); "
+        "default: never",
+    )
     kc.set_defaults(fn=cmd_keys_create)
     keys.add_parser(
-        "list", help="list the API keys: id, tenant, pcq_<prefix>_…, created, revoked (never a secret)"
+        "list",
+        help="list the API keys: id, tenant, pcq_<prefix>_…, created, revoked, expires, last used "
+        "(never a secret)",
     ).set_defaults(fn=cmd_keys_list)
     kr = keys.add_parser("revoke", help="revoke an API key by id (from `pcq keys list`); effective at once")
     kr.add_argument("key_id")

@@ -6,7 +6,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from datetime import datetime
 
-from sqlalchemy import Row, and_, func, select, update
+from sqlalchemy import Row, and_, func, or_, select, update
 from sqlalchemy.orm import Session
 
 from pcq.models import ACTIVE_STATUSES, ApiKey, Job, Tenant
@@ -33,15 +33,34 @@ def key_by_prefix(session: Session, prefix: str) -> ApiKey | None:
 
 def key_rows(
     session: Session, key_id: str | None = None
-) -> Sequence[Row[str, str, str, datetime, datetime | None]]:
-    """(key id, tenant name, prefix, created_at, revoked_at) of every key, or of ``key_id``;
-    oldest first."""
-    q = select(ApiKey.id, Tenant.name, ApiKey.prefix, ApiKey.created_at, ApiKey.revoked_at).join(
-        Tenant, Tenant.id == ApiKey.tenant_id
-    )
+) -> Sequence[Row[str, str, str, datetime, datetime | None, datetime | None, datetime | None]]:
+    """(key id, tenant name, prefix, created_at, revoked_at, expires_at, last_used_at) of every
+    key, or of ``key_id``; oldest first."""
+    q = select(
+        ApiKey.id,
+        Tenant.name,
+        ApiKey.prefix,
+        ApiKey.created_at,
+        ApiKey.revoked_at,
+        ApiKey.expires_at,
+        ApiKey.last_used_at,
+    ).join(Tenant, Tenant.id == ApiKey.tenant_id)
     if key_id is not None:
         q = q.where(ApiKey.id == key_id)
     return session.execute(q.order_by(ApiKey.created_at, ApiKey.id)).all()
+
+
+def note_use(session: Session, key_id: str, *, now: datetime, older_than: datetime) -> int:
+    """Set the key's last_used_at to ``now`` unless it is ``older_than`` or newer already (a
+    concurrent request set it): at most one write per key per interval, however busy the key.
+    The number of rows changed."""
+    result = session.execute(
+        update(ApiKey)
+        .where(ApiKey.id == key_id, or_(ApiKey.last_used_at.is_(None), ApiKey.last_used_at < older_than))
+        .values(last_used_at=now)
+        .execution_options(synchronize_session=False)
+    )
+    return int(result.rowcount)  # type: ignore[attr-defined]
 
 
 def revoke(session: Session, key_id: str, *, now: datetime) -> int:

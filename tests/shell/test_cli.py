@@ -9,14 +9,17 @@ import os
 import re
 import subprocess
 import sys
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
 from sqlalchemy import select
 
-from pcq.db import make_engine, make_session_factory
-from pcq.models import ApiKey, Job, Tenant
+from pcq.db import make_engine, make_session_factory, unit_of_work
+from pcq.keys import KEY_PATTERN
+from pcq.models import ApiKey, Job, Tenant, utcnow
 from pcq.settings import key_id
+from pcq.tenants import tenant_for_key
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -63,16 +66,75 @@ def test_keys_list_shows_ids_tenants_and_prefixes_never_a_secret_or_hash(sqlite_
     out = pcq("keys", "list", env=env)
     assert out.returncode == 0, out.stderr
     lines = out.stdout.splitlines()
-    assert lines[0].split() == ["id", "tenant", "key", "created", "revoked"]
+    assert lines[0].split() == ["id", "tenant", "key", "created", "revoked", "expires", "last_used"]
     assert len(lines) == 3
     first, second = (line.split() for line in lines[1:])
     assert first[:3] == [rows[0].id, "acme", f"pcq_{rows[0].prefix}_…"]
-    assert first[4] == "-"
+    assert first[4:] == ["-", "never", "never"]
     assert second[:3] == [rows[1].id, "globex", f"pcq_{rows[1].prefix}_…"]
     assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ", second[4])
     for key, row in zip(keys, rows, strict=True):
         assert key.split("_", 2)[2] not in out.stdout  # the secret part
         assert row.key_hash not in out.stdout
+
+
+def test_keys_create_expires_in_sets_the_expiry_and_shows_it(sqlite_url: str) -> None:
+    env = {"DATABASE_URL": sqlite_url}
+    before = utcnow()
+    out = pcq("keys", "create", "--tenant", "acme", "--expires-in", "90d", env=env)
+    assert out.returncode == 0, out.stderr
+    key = out.stdout.splitlines()[-1]
+    assert re.fullmatch(KEY_PATTERN, key)
+    engine = make_engine(sqlite_url)
+    with make_session_factory(engine)() as s:
+        expires_at = s.scalars(select(ApiKey.expires_at)).one()
+    engine.dispose()
+    assert expires_at is not None
+    assert before + timedelta(days=90) <= expires_at <= utcnow() + timedelta(days=90)
+    shown = expires_at.strftime("%Y-%m-%dT%H:%M:%SZ")
+    assert f"it expires at {shown}" in out.stdout
+    listed = pcq("keys", "list", env=env).stdout.splitlines()[1].split()
+    assert listed[4:] == ["-", shown, "never"]
+    never = pcq("keys", "create", "--tenant", "acme", env=env)
+    assert "it never expires" in never.stdout
+
+
+@pytest.mark.parametrize(
+    ("given", "says"),
+    [("0d", "more than 0"), ("-5d", "more than 0"), ("90", "a whole number and a unit"), ("soon", "unit")],
+)
+def test_keys_create_refuses_a_bad_expires_in_and_creates_nothing(
+    sqlite_url: str, given: str, says: str
+) -> None:
+    out = pcq("keys", "create", "--tenant", "acme", f"--expires-in={given}", env={"DATABASE_URL": sqlite_url})
+    assert out.returncode == 2
+    assert "--expires-in" in out.stderr
+    assert says in out.stderr
+    assert "Traceback" not in out.stderr
+    assert out.stdout == ""
+    engine = make_engine(sqlite_url)
+    with make_session_factory(engine)() as s:
+        assert s.scalars(select(ApiKey)).all() == []
+        assert s.scalars(select(Tenant)).all() == []
+    engine.dispose()
+
+
+def test_keys_list_shows_when_each_key_was_last_used(sqlite_url: str) -> None:
+    env = {"DATABASE_URL": sqlite_url}
+    used, unused = (pcq("keys", "create", "--tenant", t, env=env).stdout.splitlines()[-1] for t in ("a", "b"))
+    engine = make_engine(sqlite_url)
+    sessions = make_session_factory(engine)
+    with unit_of_work(sessions) as s:  # as the API authenticates a request
+        tenant_for_key(s, used, "", utcnow())
+    with sessions() as s:
+        last_used_at = s.scalars(select(ApiKey.last_used_at).where(ApiKey.last_used_at.is_not(None))).one()
+    engine.dispose()
+    out = pcq("keys", "list", env=env)
+    assert out.returncode == 0, out.stderr
+    rows = {line.split()[1]: line.split() for line in out.stdout.splitlines()[1:]}
+    assert rows["a"][6] == last_used_at.strftime("%Y-%m-%dT%H:%M:%SZ")
+    assert rows["b"][6] == "never"
+    assert unused[17:] not in out.stdout
 
 
 def test_keys_revoke_sets_revoked_at_once_and_refuses_an_unknown_id(sqlite_url: str) -> None:
