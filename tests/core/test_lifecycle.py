@@ -235,6 +235,18 @@ def test_sweeper_picks_due_retries_lost_messages_and_expired_leases_once(session
     assert (fresh, "stale") in later
 
 
+def test_sweeper_says_a_message_sent_before_a_broker_loss_is_due_as_broker_lost(sessions) -> None:
+    sent = _new_job(sessions)
+    with unit_of_work(sessions) as s:
+        s.get(Job, sent).enqueued_at = utcnow()  # young: not stale, but sent before the loss
+    leased = _new_job(sessions)
+    _claim(sessions, leased, lease=1)
+    now = utcnow() + timedelta(seconds=5)
+    with unit_of_work(sessions) as s:
+        due = lifecycle.due_for_enqueue(s, now=now, requeue_after_seconds=60, lost_before=now)
+    assert sorted(due) == sorted([(sent, "broker_lost"), (leased, "lease_expired")])
+
+
 def test_a_repeated_attempt_number_does_not_fail_the_other_outcomes(sessions) -> None:
     a, b = _new_job(sessions), _new_job(sessions)
     ja, jb = _claim(sessions, a), _claim(sessions, b)
