@@ -28,7 +28,16 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 from fastapi import APIRouter, Request, Response
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    GCCollector,
+    Histogram,
+    PlatformCollector,
+    ProcessCollector,
+    generate_latest,
+)
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 from starlette.routing import Match
@@ -116,6 +125,10 @@ class ApiMetrics:
 
     def __init__(self, fleet: FleetCollector | None = None) -> None:
         self.registry = CollectorRegistry()
+        # What the global registry would have had: the process's CPU, memory, start time, GC.
+        ProcessCollector(registry=self.registry)
+        PlatformCollector(registry=self.registry)
+        GCCollector(registry=self.registry)
         self.requests = Counter(
             "pcq_http_requests",
             "HTTP requests answered, by method, route template and status.",

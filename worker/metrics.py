@@ -21,7 +21,16 @@ import logging
 from collections.abc import Collection, Sequence
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    GCCollector,
+    Histogram,
+    PlatformCollector,
+    ProcessCollector,
+    start_http_server,
+)
 
 from pcq.jobs.lifecycle import Settled
 from pcq.wire import KNOWN_MODELS, Outcome
@@ -80,6 +89,10 @@ class WorkerMetrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
+        # What the global registry would have had: the process's CPU, memory, start time, GC.
+        ProcessCollector(registry=r)
+        PlatformCollector(registry=r)
+        GCCollector(registry=r)
         self.upstream_requests = Counter(
             "pcq_upstream_requests",
             "Upstream calls made, by requested model, outcome (as attempts.outcome: ok, "
