@@ -117,8 +117,8 @@ def test_both_endpoints_count_what_the_database_holds(metered: tuple[Stack, str,
     while True:
         polls += 1
         state = httpx.get(f"{s.api_url}/v1/batches/{batch_id}", headers=h).json()
-        delivered = rows(db, "SELECT count(*) FROM webhook_events WHERE status = 'failed'")[0][0]
-        if state["done"] and delivered == 1:
+        failed_events = rows(db, "SELECT count(*) FROM webhook_events WHERE status = 'failed'")[0][0]
+        if state["done"] and failed_events == 1:
             break
         assert time.monotonic() < deadline, s.logs()
         time.sleep(0.3)
