@@ -9,7 +9,7 @@ from typing import Any
 
 from fastapi import FastAPI
 
-from api import errors, openapi
+from api import errors, metrics, openapi
 from api.deps import Resources
 from api.events import StreamSlots
 from api.routes import batches, citations, deliveries, health, jobs, webhooks
@@ -83,7 +83,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     errors.install(app)
     openapi.install(app)
-    for module in (jobs, batches, citations, webhooks, deliveries, health):
+    for module in (jobs, batches, citations, webhooks, deliveries, health, metrics):
         app.include_router(module.router)
     app.add_middleware(errors.RejectNul)
     app.add_middleware(
@@ -92,6 +92,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         batch_limit=settings.max_batch_bytes,
         upload_timeout=settings.upload_timeout_seconds,
     )
+    # Outermost, so it counts what the middlewares above answer (413, 408, 422) too.
+    app.state.metrics = metrics.ApiMetrics()
+    app.add_middleware(metrics.HttpMetrics, metrics=app.state.metrics)
     return app
 
 

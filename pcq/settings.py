@@ -200,6 +200,19 @@ class Settings(BaseSettings):
     )
     api_key: SecretStr | None = Field(default=None, description="Key for `pcq submit`/`export`.")
     log_level: str = "INFO"
+    # Each worker's Prometheus metrics (worker/metrics.py); the API serves its own at /metrics.
+    metrics_port: int = Field(
+        default=0,
+        ge=0,
+        le=65535,
+        description="Port of this worker's metrics server; 0 = off (several workers on one host "
+        "each need their own).",
+    )
+    metrics_host: str = Field(
+        default="0.0.0.0",  # noqa: S104  (Prometheus scrapes it from another host: README, Metrics)
+        description="Address the worker's metrics server binds; it has no authentication, so "
+        "keep the port on an internal network.",
+    )
 
     # Per-tenant limits of the API (api/tenant_limits.py); 0 = off.
     api_rate_limit_per_minute: int = Field(

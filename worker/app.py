@@ -18,6 +18,7 @@ from pcq.db import make_engine, make_session_factory
 from pcq.queue import RUN_JOB_TASK, Enqueuer, make_celery
 from pcq.settings import Settings
 from worker.engine import Engine
+from worker.metrics import WorkerMetrics, serve
 
 log = logging.getLogger(__name__)
 
@@ -50,17 +51,23 @@ class Runtime:
         # the writes retry a lost connection (Engine._retrying_db), and SQLAlchemy drops the
         # pool's stale connections at the first disconnect it sees after a restart.
         self.db_engine = make_engine(settings.database_url, pool_pre_ping=False)
+        metrics = WorkerMetrics()
         self.engine = Engine(
             settings,
             make_session_factory(self.db_engine),
             Enqueuer(app, settings.queue_name),
             _redis_factory(settings),
+            metrics,
         )
         self.engine.start()
+        # PCQ_METRICS_PORT (0 = off); a port in use is logged and the worker runs on without.
+        self.metrics_server = serve(metrics, settings.metrics_host, settings.metrics_port)
 
     def close(self) -> None:
         self.engine.stop()
         self.db_engine.dispose()
+        if self.metrics_server is not None:
+            self.metrics_server.shutdown()
 
 
 def create_worker_app(settings: Settings) -> Celery:

@@ -25,6 +25,7 @@ from pcq.jobs.outbox import AttemptOutcome, Delivery
 from pcq.models import utcnow
 from pcq.settings import Settings
 from pcq.webhooks import signed_headers
+from worker.metrics import WorkerMetrics, webhook_outcome
 from worker.webhook_net import WebhookPoster
 
 log = logging.getLogger(__name__)
@@ -53,10 +54,12 @@ class Deliverer:
         settings: Settings,
         db: RunInDb,
         poster: WebhookPoster,
+        metrics: WorkerMetrics | None = None,
     ) -> None:
         self.settings = settings
         self._db = db
         self.poster = poster
+        self.metrics = metrics or WorkerMetrics()
         self._in_flight: set[asyncio.Task[None]] = set()
 
     async def run(self) -> None:
@@ -101,6 +104,7 @@ class Deliverer:
             headers = signed_headers(d.secrets, d.id, int(time.time()), d.body)
             at = utcnow()
             sent = await self.poster.post(d.url, d.body, headers)
+            self.metrics.webhook_attempts.labels(webhook_outcome(sent.error, sent.status_code)).inc()
             outcome = AttemptOutcome(
                 at=at,
                 status_code=sent.status_code,

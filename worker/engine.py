@@ -22,6 +22,7 @@ import functools
 import logging
 import tempfile
 import threading
+import time
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timedelta
@@ -50,6 +51,7 @@ from pcq.settings import Settings
 from worker.deliverer import Deliverer
 from worker.dispatcher import Dispatcher
 from worker.limiter import KeyPool, PoolKey
+from worker.metrics import WorkerMetrics
 from worker.upstream import UpstreamClient
 from worker.webhook_net import WebhookPoster
 
@@ -114,8 +116,10 @@ class Engine:
         session_factory: SessionFactory,
         enqueuer: Enqueuer,
         redis_factory: Callable[[], Any],
+        metrics: WorkerMetrics | None = None,
     ) -> None:
         self.settings = settings
+        self.metrics = metrics or WorkerMetrics()
         self.sessions = session_factory
         self.enqueuer = enqueuer
         self._redis_factory = redis_factory
@@ -225,7 +229,7 @@ class Engine:
         self._sweeper = asyncio.create_task(self._sweep_forever(), name="sweeper")
         # Webhooks go out from the same loop, with their own cap: never an upstream slot.
         poster = WebhookPoster(allow_private=s.webhook_allow_private, timeout=s.webhook_timeout_seconds)
-        deliverer = Deliverer(s, self._db, poster)
+        deliverer = Deliverer(s, self._db, poster, self.metrics)
         dispatcher = Dispatcher(
             s,
             self._db,
@@ -372,7 +376,9 @@ class Engine:
             held = await self._admit(job)
             if held is None:
                 return
-            outcome = await self._upstream.call(job.request_json, held[0])
+            with self.metrics.calls_in_flight.track_inprogress():
+                outcome = await self._upstream.call(job.request_json, held[0])
+            self.metrics.record_call(job.model, outcome)
             if outcome.status_code == 429:
                 # Every worker pauses this key (Retry-After, else backoff) and then sends to
                 # it more slowly; its rate climbs back while no 429 comes.
@@ -413,9 +419,12 @@ class Engine:
         assert self._pool is not None
         # A loop, not tenacity: this runs once per job, and an AsyncRetrying call costs ~40 µs
         # of CPU even when the first try succeeds (measured when tenacity came in).
+        waiting_since = self._loop.time()
         for delay in (0.1, 0.5, 1, 2, 4, 8):
             try:
-                return await self._pool.acquire()
+                held = await self._pool.acquire()
+                self.metrics.ratelimit_wait.observe(self._loop.time() - waiting_since)
+                return held
             except (RedisError, OSError) as exc:
                 log.warning("limiter unreachable (%s); retrying in %ss", type(exc).__name__, delay)
                 await asyncio.sleep(delay)
@@ -456,10 +465,16 @@ class Engine:
                         done.set_exception(exc)
 
     async def _store(self, items: list[Settled]) -> set[str]:
-        return await self._retrying_db(
-            lambda db: lifecycle.store_outcomes(db, items, max_attempts=self.settings.max_attempts),
-            what=f"storing {len(items)} outcome(s)",
-        )
+        started = time.perf_counter()
+        try:
+            owned = await self._retrying_db(
+                lambda db: lifecycle.store_outcomes(db, items, max_attempts=self.settings.max_attempts),
+                what=f"storing {len(items)} outcome(s)",
+            )
+        finally:
+            self.metrics.db_write.observe(time.perf_counter() - started)
+        self.metrics.record_stored(items, owned)
+        return owned
 
     # -- background duties -------------------------------------------------------------
     async def _sweep_forever(self) -> None:
@@ -499,7 +514,7 @@ class Engine:
             lost_before = self._lost_before
             # Marked as sent no earlier than the loss, so a chunk is never picked twice.
             now = utcnow() if lost_before is None else max(utcnow(), lost_before)
-            ids = await self._db(
+            due = await self._db(
                 functools.partial(
                     lifecycle.due_for_enqueue,
                     now=now,
@@ -509,8 +524,11 @@ class Engine:
                     lost_before=lost_before,
                 )
             )
+            ids = [d.id for d in due]
             sent = await self._loop.run_in_executor(None, self.enqueuer.enqueue, ids) if ids else 0
             total += sent
+            for d in due[:sent]:
+                self.metrics.sweeper_resent.labels(d.reason).inc()
             if sent < len(ids):  # the broker is away: the next sweep goes on from here
                 await self._db(functools.partial(lifecycle.clear_enqueued, job_ids=ids[sent:]))
                 break

@@ -21,7 +21,7 @@ import random
 from dataclasses import dataclass
 from dataclasses import field as dataclass_field
 from datetime import datetime, timedelta
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from sqlalchemy import ColumnElement, and_, case, or_
 from sqlalchemy.orm import Session
@@ -62,6 +62,7 @@ class ClaimedJob:
     request_json: str  # the submitted request, verbatim: what the upstream receives
     attempts_base: int = 0  # claims made before the last manual retry
     lease_losses: int = 0  # claims since then that died with their worker
+    model: str = ""  # the requested model (jobs.model): a metrics label, once bounded
 
     @property
     def tries(self) -> int:
@@ -231,6 +232,7 @@ def claim_many(
             row.request_json,
             row.attempts_base,
             row.lease_losses,
+            row.model,
         )
         cap = crash_cap(max_attempts)
         if job.lease_losses >= cap:
@@ -443,6 +445,13 @@ def _int(value: Any) -> int | None:
     return value if isinstance(value, int) and not isinstance(value, bool) else None
 
 
+class DueJob(NamedTuple):
+    """A job the sweeper sends again, and why (a label of ``pcq_sweeper_resent_total``)."""
+
+    id: str
+    reason: str  # lease_expired | broker_lost | stale
+
+
 def due_for_enqueue(
     session: Session,
     *,
@@ -451,8 +460,10 @@ def due_for_enqueue(
     limit: int = 1000,
     resend_stale: bool = True,
     lost_before: datetime | None = None,
-) -> list[str]:
-    """Jobs that need a message again: lost messages, expired leases. (A job never sent, a
+) -> list[DueJob]:
+    """Jobs that need a message again, each with why: ``lease_expired`` (running, its worker
+    died, never sent since), ``broker_lost`` (its message was sent before the broker lost its
+    data), ``stale`` (its message was sent long ago and is presumed lost). (A job never sent, a
     first run or a retry, waits for the dispatcher: pcq.jobs.dispatch.)
 
     ``resend_stale=False`` leaves out jobs whose message was sent (and is merely old): the
@@ -464,12 +475,20 @@ def due_for_enqueue(
     """
     # A queued job never sent is the dispatcher's (pcq.jobs.dispatch), not the sweep's: a NULL
     # enqueued_at compares as false below, and only a running job's expired lease is sent here.
-    unsent: ColumnElement[bool] = and_(Job.status == JobStatus.RUNNING, Job.enqueued_at.is_(None))
+    expired: ColumnElement[bool] = and_(Job.status == JobStatus.RUNNING, Job.enqueued_at.is_(None))
+    unsent = expired
+    # The reason, in the same statement: the first of the conditions below that holds.
+    whens: list[tuple[ColumnElement[bool], str]] = []
     if lost_before is not None:
-        unsent = or_(unsent, Job.enqueued_at < lost_before)
+        lost = Job.enqueued_at < lost_before
+        unsent = or_(unsent, lost)
+        whens.append((lost, "broker_lost"))
+    whens.append((expired, "lease_expired"))
     if resend_stale:
         unsent = or_(unsent, Job.enqueued_at < now - timedelta(seconds=requeue_after_seconds))
-    return job_rows.take_for_enqueue(session, and_(claimable(now), unsent), now=now, limit=limit)
+    reason = case(*whens, else_="stale")
+    rows = job_rows.take_for_enqueue(session, and_(claimable(now), unsent), reason, now=now, limit=limit)
+    return [DueJob(job_id, why) for job_id, why in rows]
 
 
 def defer(session: Session, job_ids: list[str], *, until: datetime) -> None:

@@ -258,10 +258,10 @@ def claim(
     lease_losses: Any,
     now: datetime,
     lease_until: datetime,
-) -> Sequence[Row[str, str, str | None, int, int, int, str]]:
+) -> Sequence[Row[str, str, str | None, int, int, int, str, str]]:
     """Take those of ``job_ids`` that are ``claimable`` for one more attempt, in one statement;
-    returns (id, tenant_id, batch_id, attempts, attempts_base, lease_losses, request_json) of
-    each job taken."""
+    returns (id, tenant_id, batch_id, attempts, attempts_base, lease_losses, request_json,
+    model) of each job taken."""
     return session.execute(
         update(Job)
         .where(Job.id.in_(job_ids), claimable)
@@ -283,6 +283,7 @@ def claim(
             Job.attempts_base,
             Job.lease_losses,
             Job.request_json,
+            Job.model,
         )
         .execution_options(synchronize_session=False)
     ).all()
@@ -389,22 +390,25 @@ def running_attempts(session: Session, job_ids: list[str]) -> dict[str, int]:
     return {job_id: attempts for job_id, attempts in rows}
 
 
-def take_for_enqueue(session: Session, due: ColumnElement[bool], *, now: datetime, limit: int) -> list[str]:
-    """Up to ``limit`` ids of ``due`` jobs, marked as enqueued ``now`` (on PostgreSQL, rows
-    another sweeper is marking are skipped rather than sent twice)."""
-    ids = list(
-        session.scalars(
-            select(Job.id).where(due).order_by(Job.id).limit(limit).with_for_update(skip_locked=True)
+def take_for_enqueue(
+    session: Session, due: ColumnElement[bool], reason: ColumnElement[str], *, now: datetime, limit: int
+) -> list[tuple[str, str]]:
+    """Up to ``limit`` (id, ``reason``) of ``due`` jobs, marked as enqueued ``now`` (on
+    PostgreSQL, rows another sweeper is marking are skipped rather than sent twice)."""
+    rows = [
+        (job_id, why)
+        for job_id, why in session.execute(
+            select(Job.id, reason).where(due).order_by(Job.id).limit(limit).with_for_update(skip_locked=True)
         )
-    )
-    if ids:
+    ]
+    if rows:
         session.execute(
             update(Job)
-            .where(Job.id.in_(ids))
+            .where(Job.id.in_([job_id for job_id, _ in rows]))
             .values(enqueued_at=now)
             .execution_options(synchronize_session=False)
         )
-    return ids
+    return rows
 
 
 def defer(session: Session, job_ids: list[str], *, until: datetime) -> None:

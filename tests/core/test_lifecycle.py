@@ -227,12 +227,24 @@ def test_sweeper_picks_due_retries_lost_messages_and_expired_leases_once(session
     now = utcnow() + timedelta(seconds=5)
     with unit_of_work(sessions) as s:
         due = lifecycle.due_for_enqueue(s, now=now, requeue_after_seconds=60)
-    assert due == [leased]
+    assert due == [(leased, "lease_expired")]
     with unit_of_work(sessions) as s:
         assert lifecycle.due_for_enqueue(s, now=now, requeue_after_seconds=60) == []
     with unit_of_work(sessions) as s:
         later = lifecycle.due_for_enqueue(s, now=now + timedelta(seconds=120), requeue_after_seconds=60)
-    assert fresh in later
+    assert (fresh, "stale") in later
+
+
+def test_sweeper_says_a_message_sent_before_a_broker_loss_is_due_as_broker_lost(sessions) -> None:
+    sent = _new_job(sessions)
+    with unit_of_work(sessions) as s:
+        s.get(Job, sent).enqueued_at = utcnow()  # young: not stale, but sent before the loss
+    leased = _new_job(sessions)
+    _claim(sessions, leased, lease=1)
+    now = utcnow() + timedelta(seconds=5)
+    with unit_of_work(sessions) as s:
+        due = lifecycle.due_for_enqueue(s, now=now, requeue_after_seconds=60, lost_before=now)
+    assert sorted(due) == sorted([(sent, "broker_lost"), (leased, "lease_expired")])
 
 
 def test_a_repeated_attempt_number_does_not_fail_the_other_outcomes(sessions) -> None:
@@ -265,7 +277,7 @@ def test_sweeper_leaves_old_messages_alone_while_the_broker_still_holds_messages
         due = lifecycle.due_for_enqueue(s, now=later, requeue_after_seconds=60, resend_stale=False)
     assert due == []
     with unit_of_work(sessions) as s:  # the queue is empty now: the old message was lost
-        assert lifecycle.due_for_enqueue(s, now=later, requeue_after_seconds=60) == [waiting]
+        assert lifecycle.due_for_enqueue(s, now=later, requeue_after_seconds=60) == [(waiting, "stale")]
     with sessions() as s:
         assert s.get(Job, unsent).enqueued_at is None  # still waiting for the dispatcher
 
