@@ -9,7 +9,7 @@ from typing import Any
 
 from fastapi import FastAPI
 
-from api import errors, openapi
+from api import errors, openapi, request_ids
 from api.deps import Resources
 from api.events import StreamSlots
 from api.routes import batches, citations, deliveries, health, jobs, webhooks
@@ -92,6 +92,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         batch_limit=settings.max_batch_bytes,
         upload_timeout=settings.upload_timeout_seconds,
     )
+    request_ids.install(app)
     return app
 
 
@@ -109,4 +110,6 @@ def serve(app: FastAPI, *, host: str, port: int, log_level: str) -> None:
                 res.draining.set()
             super().handle_exit(sig, frame)
 
-    Server(uvicorn.Config(app, host=host, port=port, log_level=log_level)).run()
+    # log_config=None: uvicorn's lines, access lines included, go to the root logger's handler
+    # (pcq.logs.configure), in PCQ_LOG_FORMAT and with the request's id, not to its own.
+    Server(uvicorn.Config(app, host=host, port=port, log_level=log_level, log_config=None)).run()

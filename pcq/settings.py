@@ -14,7 +14,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from pydantic import (
     AliasGenerator,
@@ -200,6 +200,11 @@ class Settings(BaseSettings):
     )
     api_key: SecretStr | None = Field(default=None, description="Key for `pcq submit`/`export`.")
     log_level: str = "INFO"
+    log_format: Literal["json", "text"] | None = Field(
+        default=None,
+        description="`json` (one object per line) or `text`; unset: text when stderr is a "
+        "terminal, else JSON (pcq/logs.py).",
+    )
 
     # Per-tenant limits of the API (api/tenant_limits.py); 0 = off.
     api_rate_limit_per_minute: int = Field(
