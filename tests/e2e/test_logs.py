@@ -112,6 +112,34 @@ def test_one_job_is_followed_by_its_request_id_from_api_to_worker(json_stack: St
     stored = next(e for e in worker_lines if e["msg"] == "stored")
     assert (stored["status"], stored["citations"]) == ("succeeded", cited)
 
+    # A JSONL batch (its jobs stored by COPY) carries its request's id into the worker too.
+    brid = f"batch-{uuid.uuid4().hex[:12]}"
+    lines = "".join(json.dumps({"custom_id": f"c{i}", "body": body["request"]}) + "\n" for i in range(2))
+    r = httpx.post(
+        f"{s.api_url}/v1/batches",
+        content=lines,
+        headers={
+            "Authorization": f"Bearer {key}",
+            "X-Request-ID": brid,
+            "Content-Type": "application/x-ndjson",
+        },
+    )
+    assert r.status_code == 202, r.text
+    batch_id = r.json()["id"]
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        stored_b = [
+            e for e in events(s.log("worker")) if e.get("batch_id") == batch_id and e["msg"] == "stored"
+        ]
+        if len(stored_b) == 2:
+            break
+        time.sleep(0.2)
+    assert len(stored_b) == 2, s.logs()
+    assert {(e["request_id"], e["tenant"], e["status"]) for e in stored_b} == {(brid, tenant, "succeeded")}
+    assert len({e["job_id"] for e in stored_b}) == 2
+    (accepted_b,) = [e for e in events(s.log("api")) if e["msg"] == "batch accepted"]
+    assert (accepted_b["request_id"], accepted_b["batch_id"], accepted_b["jobs"]) == (brid, batch_id, 2)
+
     # No line says the upstream key or the tenant's key.
     for path in (s.log("api"), s.log("worker")):
         text = path.read_text()
