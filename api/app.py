@@ -9,7 +9,7 @@ from typing import Any
 
 from fastapi import FastAPI
 
-from api import errors, metrics, openapi
+from api import errors, metrics, openapi, request_ids
 from api.deps import Resources
 from api.events import StreamSlots
 from api.routes import batches, citations, deliveries, health, jobs, webhooks
@@ -95,6 +95,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     # Outermost, so it counts what the middlewares above answer (413, 408, 422) too.
     app.state.metrics = metrics.ApiMetrics()
     app.add_middleware(metrics.HttpMetrics, metrics=app.state.metrics)
+    request_ids.install(app)
     return app
 
 
@@ -112,4 +113,6 @@ def serve(app: FastAPI, *, host: str, port: int, log_level: str) -> None:
                 res.draining.set()
             super().handle_exit(sig, frame)
 
-    Server(uvicorn.Config(app, host=host, port=port, log_level=log_level)).run()
+    # log_config=None: uvicorn's lines, access lines included, go to the root logger's handler
+    # (pcq.logs.configure), in PCQ_LOG_FORMAT and with the request's id, not to its own.
+    Server(uvicorn.Config(app, host=host, port=port, log_level=log_level, log_config=None)).run()

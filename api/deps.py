@@ -17,6 +17,7 @@ from sqlalchemy.orm import Session
 from api.events import StreamSlots
 from api.service import Submitter
 from api.tenant_limits import TenantRateLimiter
+from pcq import logs
 from pcq.db import SessionFactory
 from pcq.jobs.errors import InvalidInput, Unauthorized
 from pcq.models import utcnow
@@ -107,7 +108,15 @@ def rate_limited_tenant(res: ResourcesDep, tenant: Annotated[str, Depends(tenant
     return tenant
 
 
-TenantDep = Annotated[str, Depends(rate_limited_tenant)]
+async def bound_tenant(tenant: Annotated[str, Depends(rate_limited_tenant)]) -> str:
+    """The caller's tenant, bound for the request's log lines (pcq.logs). Async on purpose: a
+    sync dependency runs in a thread, in a copy of the request's context, and what it binds
+    there would not reach the route or uvicorn's access line."""
+    logs.bind(tenant=tenant)
+    return tenant
+
+
+TenantDep = Annotated[str, Depends(bound_tenant)]
 
 
 def single_valued_query(request: Request, _tenant: TenantDep) -> None:

@@ -15,6 +15,7 @@ from typing import Any, Protocol
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
+from pcq import logs
 from pcq.jobs.errors import IdempotencyMismatch, InvalidInput
 from pcq.models import Batch, Job, JobStatus, Priority, new_id, utcnow
 from pcq.repositories import batches as batch_rows
@@ -68,10 +69,16 @@ def batch_fingerprint(body_sha256: str, priority: Priority | None) -> str:
 
 
 def _job_row(
-    tenant_id: str, item: NewJob, batch_id: str | None, now: datetime, batch_priority: Priority | None = None
+    tenant_id: str,
+    item: NewJob,
+    batch_id: str | None,
+    now: datetime,
+    batch_priority: Priority | None = None,
+    request_id: str | None = None,
 ) -> dict[str, Any]:
     """A new job: queued, no attempt yet, no message sent (the dispatcher sends it). Its priority is its own,
-    else its batch's, else normal."""
+    else its batch's, else normal. ``request_id`` is the submitting request's (api.request_ids),
+    so the worker's log lines for the job carry it."""
     return {
         "id": new_id("job"),
         "tenant_id": tenant_id,
@@ -88,6 +95,7 @@ def _job_row(
         "enqueued_at": None,
         "created_at": now,
         "updated_at": now,
+        "request_id": request_id,
     }
 
 
@@ -101,7 +109,7 @@ def create_job(
         existing = job_rows.by_idempotency_key(session, tenant_id, idempotency_key)
         if existing is not None:
             return _replayed(existing, fingerprint), False
-    row = _job_row(tenant_id, item, None, utcnow())
+    row = _job_row(tenant_id, item, None, utcnow(), request_id=logs.bound().get("request_id"))
     if sent:
         row["enqueued_at"] = row["created_at"]
     job = Job(**row, idempotency_key=idempotency_key, request_hash=fingerprint)
@@ -178,6 +186,7 @@ def create_batch(
     # Per chunk inserted: the batch priority its jobs were given, and which took it ("1") rather
     # than naming their own ("0"), in case the body names another one later.
     given: list[tuple[Priority | None, str]] = []
+    request_id = logs.bound().get("request_id")
     for chunk in _in_chunks(body.jobs()):
         if stored is None:
             batch, created = _open_batch(session, tenant_id, idempotency_key, fingerprint)
@@ -185,7 +194,7 @@ def create_batch(
             if not created:
                 return stored
         rows = [
-            _job_row(tenant_id, item, stored.batch.id, stored.batch.created_at, body.priority)
+            _job_row(tenant_id, item, stored.batch.id, stored.batch.created_at, body.priority, request_id)
             for item in chunk
         ]
         job_rows.insert_many(session, rows)

@@ -58,6 +58,15 @@ METHODS = frozenset({"DELETE", "GET", "HEAD", "OPTIONS", "PATCH", "POST", "PUT"}
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 
 
+# The fleet's gauges, as FleetCollector.collect names them.
+FLEET_METRICS = (
+    "pcq_jobs",
+    "pcq_oldest_queued_job_age_seconds",
+    "pcq_batches_open",
+    "pcq_webhook_deliveries",
+)
+
+
 class FleetCollector(Collector):
     """The fleet's gauges, read from the database on a scrape at most every ``interval`` s."""
 
@@ -144,6 +153,12 @@ class ApiMetrics:
         )
         self.fleet = fleet or FleetCollector()
         self.registry.register(self.fleet)
+
+
+def exported_metric_names() -> set[str]:
+    """Every metric family the API exports (counters without ``_total``, as prometheus_client
+    names families): what ops/grafana and ops/prometheus may use (tests/ops)."""
+    return {family.name for family in ApiMetrics().registry.collect()} | set(FLEET_METRICS)
 
 
 def route_template(app: Any, scope: Scope) -> str:

@@ -9,6 +9,7 @@ at the end); they return models and rows, which api.views shapes into responses.
 from __future__ import annotations
 
 import base64
+import logging
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -55,6 +56,7 @@ from pcq.repositories.jobs import ExportJob
 from pcq.repositories.results import Answers, CitationFilter, DomainCount, ExportAnswers
 from pcq.views import all_counts
 
+log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 
@@ -96,9 +98,12 @@ class Submitter:
             job, created = intake.create_job(session, tenant_id, item, idempotency_key, sent=direct)
             self.queue_cap.check(session, tenant_id, int(created))
         if created:
+            log.info("job accepted", extra={"job_id": job.id, "model": job.model})
             if direct:
                 self._send_now(job.id)
             self.wake()  # to count it, or to send it if it could not be sent here
+        else:
+            log.info("job replayed (Idempotency-Key)", extra={"job_id": job.id})
         return job
 
     def _send_now(self, job_id: str) -> None:
@@ -146,6 +151,7 @@ class Submitter:
                 with self.sessions() as session:
                     replay = intake.replayed_batch(session, tenant_id, idempotency_key, fingerprint)
                 if replay is not None:
+                    log.info("batch replayed (Idempotency-Key)", extra={"batch_id": replay.id})
                     return replay, False
             reader: BatchSource = (
                 JsonlBatch(body.file, self.max_batch_lines, self.max_line_bytes, priority)
@@ -161,7 +167,10 @@ class Submitter:
                     self.webhook_urls.check(stored.batch.webhook_url)
                 self.queue_cap.check(session, tenant_id, stored.total)
         if stored.created:
+            log.info("batch accepted", extra={"batch_id": stored.batch.id, "jobs": stored.total})
             self.wake()
+        else:
+            log.info("batch replayed (Idempotency-Key)", extra={"batch_id": stored.batch.id})
         return stored.batch, stored.created
 
     def cancel_job(self, tenant_id: str, job_id: str) -> Job:

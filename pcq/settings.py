@@ -14,7 +14,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from pydantic import (
     AliasGenerator,
@@ -212,6 +212,11 @@ class Settings(BaseSettings):
         default="0.0.0.0",  # noqa: S104  (Prometheus scrapes it from another host: README, Metrics)
         description="Address the worker's metrics server binds; it has no authentication, so "
         "keep the port on an internal network.",
+    )
+    log_format: Literal["json", "text"] | None = Field(
+        default=None,
+        description="`json` (one object per line) or `text`; unset: text when stderr is a "
+        "terminal, else JSON (pcq/logs.py).",
     )
 
     # Per-tenant limits of the API (api/tenant_limits.py); 0 = off.

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import logging
 import os
 import sys
 from collections.abc import Callable, Iterator, Sequence
@@ -12,6 +11,7 @@ from datetime import datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
+from pcq import logs
 from pcq.settings import Settings, SettingsError, load_settings
 
 if TYPE_CHECKING:
@@ -479,10 +479,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    # One line per upstream request or migration plugin drowns what matters.
-    for noisy in ("httpx", "httpcore", "alembic.runtime.plugins"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
+    try:
+        settings = load_settings()
+        logs.configure(settings.log_format, settings.log_level)
+    except (SettingsError, ValueError):
+        logs.configure()  # the command itself reports the configuration error
     code: int = args.fn(args)
     return code
 

@@ -8,12 +8,14 @@ pool would build one engine (and one sweeper) per child for nothing.
 from __future__ import annotations
 
 import logging
+import os
 import threading
 from typing import Any
 
 from celery import Celery
-from celery.signals import worker_ready, worker_shutdown, worker_shutting_down
+from celery.signals import setup_logging, worker_ready, worker_shutdown, worker_shutting_down
 
+from pcq import logs
 from pcq.db import make_engine, make_session_factory
 from pcq.queue import RUN_JOB_TASK, Enqueuer, make_celery
 from pcq.settings import Settings
@@ -86,12 +88,19 @@ def create_worker_app(settings: Settings) -> Celery:
         # Returns None on purpose: Celery logs return values, and nothing else belongs there.
         runtime().engine.submit([job_ids] if isinstance(job_ids, str) else list(job_ids))
 
+    @setup_logging.connect(weak=False)
+    def _keep_our_logging(**_: Any) -> None:
+        """A receiver of this signal tells Celery to leave logging alone: it would otherwise
+        replace the root logger's handler (pcq.logs.configure, at PCQ_LOG_LEVEL, which is also
+        the --loglevel it is given) with its own text format, and send stdout to a logger."""
+
     @worker_ready.connect(weak=False)
     def _start(**_: Any) -> None:
         runtime()  # start the sweeper even if no message ever arrives
 
     @worker_shutting_down.connect(weak=False)
-    def _stop_claiming(**_: Any) -> None:
+    def _stop_claiming(how: str = "", **_: Any) -> None:
+        log.info("%s shutdown: claiming no more jobs", how or "a")
         rt = holder.get("rt")  # no lock: this runs in a signal handler
         if rt is not None:
             rt.engine.begin_shutdown()
@@ -117,6 +126,14 @@ def run_worker(settings: Settings, *, concurrency: int | None = None, loglevel: 
         "--without-gossip",
         "--without-mingle",
     ]
+    if logs.current_format() == "json":
+        # Every line must be an event. Celery writes its start-up banner (unless --quiet) and
+        # "worker: Warm shutdown" as text straight to file descriptor 1; our lines go to
+        # stderr, so stdout goes nowhere (the shutdown is logged by _stop_claiming instead).
+        argv.insert(0, "--quiet")
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, 1)
+        os.close(devnull)
     if settings.embedded:
         # The SQLite broker has no fan-out, which remote control needs.
         app.conf.worker_enable_remote_control = False

@@ -20,6 +20,7 @@ from typing import Protocol, TypeVar
 
 from sqlalchemy.orm import Session
 
+from pcq import logs
 from pcq.jobs import outbox
 from pcq.jobs.outbox import AttemptOutcome, Delivery
 from pcq.models import utcnow
@@ -100,6 +101,8 @@ class Deliverer:
         return len(due)
 
     async def _deliver(self, d: Delivery) -> None:
+        # This task's own context; never the URL (its userinfo or query may hold a token).
+        logs.bind(tenant=d.tenant_id, job_id=d.job_id, batch_id=d.batch_id, event_id=d.id)
         try:
             headers = signed_headers(d.secrets, d.id, int(time.time()), d.body)
             at = utcnow()

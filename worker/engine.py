@@ -41,6 +41,7 @@ from tenacity import (
     wait_fixed,
 )
 
+from pcq import logs
 from pcq.broker_epoch import BrokerEpoch
 from pcq.db import SessionFactory, unit_of_work
 from pcq.jobs import lifecycle
@@ -97,12 +98,25 @@ async def store_apart(
         item = items[0]
         if item.completion is None and item.code == "unstorable":
             raise  # even the failure cannot be stored: the lease expires and the job runs again
+        # The writer stores many jobs at once: this line names its own job's ids.
         log.error(
-            "job %s: the database refused its outcome (%s); failing it", item.job.id, type(exc).__name__
+            "job %s: the database refused its outcome (%s); failing it",
+            item.job.id,
+            type(exc).__name__,
+            extra=item.job.log_fields(),
         )
         error = f"the answer could not be stored: the database refused it ({type(exc).__name__})"
         failed = Settled(item.job, item.record, code="unstorable", error=error)
         return await store_apart(store, [failed])
+
+
+def _stored_fields(settled: Settled, max_attempts: int) -> dict[str, Any]:
+    """What the "stored" line says: the job's status now, and its citations if it succeeded."""
+    if settled.completion is not None:
+        cited = sum(len(b.citations) for b in settled.completion.basis)
+        return {"status": "succeeded", "citations": cited}
+    again = settled.retry_at is not None and not settled.job.exhausted(max_attempts)
+    return {"status": "queued" if again else "failed", "error_code": settled.code}
 
 
 def heartbeat_path(settings: Settings) -> Path:
@@ -131,7 +145,7 @@ class Engine:
         self._suspects = 0  # suspects among them (see lifecycle.SUSPECT_AFTER_LOSSES)
         self._stop: asyncio.Event | None = None
         self._slots: asyncio.Semaphore | None = None
-        self._outbox: asyncio.Queue[tuple[Settled, asyncio.Future[None]]] | None = None
+        self._outbox: asyncio.Queue[tuple[Settled, asyncio.Future[bool]]] | None = None
         self._upstream: UpstreamClient | None = None
         self._pool: KeyPool | None = None
         self._closing = False
@@ -217,6 +231,7 @@ class Engine:
             redis,
             [PoolKey(k.id, k.rate_limit_per_minute, k.rate_limit_burst, k.max_in_flight) for k in keys],
         )
+        self.metrics.quota_per_minute.set(sum(k.rate_limit_per_minute for k in keys))
         for k in keys:
             log.info(
                 "upstream key %s: %d/min, burst %d, in-flight cap %s",
@@ -361,7 +376,10 @@ class Engine:
             if job.suspect:
                 self._suspects += 1
                 log.warning(
-                    "job %s runs as a suspect: its worker died under it %d times", job.id, job.lease_losses
+                    "job %s runs as a suspect: its worker died under it %d times",
+                    job.id,
+                    job.lease_losses,
+                    extra=job.log_fields(),
                 )
             asyncio.create_task(self._execute(job), name=f"job-{job.id}")
         return len(result.jobs)
@@ -372,6 +390,9 @@ class Engine:
         assert self._pool is not None
         assert self._outbox is not None
         held: tuple[int, str] | None = None
+        # This task's own context: every line logged for the job from here carries its ids.
+        logs.bind(**job.log_fields())
+        log.info("claimed")
         try:
             held = await self._admit(job)
             if held is None:
@@ -379,6 +400,11 @@ class Engine:
             with self.metrics.calls_in_flight.track_inprogress():
                 outcome = await self._upstream.call(job.request_json, held[0])
             self.metrics.record_call(job.model, outcome)
+            latency_ms = int((outcome.finished_at - outcome.started_at).total_seconds() * 1000)
+            log.info(
+                "upstream call done",
+                extra={"status_code": outcome.status_code, "latency_ms": latency_ms, "outcome": outcome.kind},
+            )
             if outcome.status_code == 429:
                 # Every worker pauses this key (Retry-After, else backoff) and then sends to
                 # it more slowly; its rate climbs back while no 429 comes.
@@ -389,12 +415,13 @@ class Engine:
                     await self._pool.report_429(held[0], pause)
                 except (RedisError, OSError) as exc:  # the attempt must still be stored
                     log.warning("could not share a 429 cool-down (%s)", type(exc).__name__)
-            stored: asyncio.Future[None] = self._loop.create_future()
+            stored: asyncio.Future[bool] = self._loop.create_future()
             settled = lifecycle.settle(job, outcome, self.settings, self._pool.keys[held[0]].id)
             self._outbox.put_nowait((settled, stored))
             self._pool.release(*held)  # the call is over; storing it needs no permit
             held = None
-            await stored
+            if await stored:
+                log.info("stored", extra=_stored_fields(settled, self.settings.max_attempts))
         except Exception:
             # The lease will expire and the sweeper hands the job to a worker again.
             log.exception("job %s attempt %d: unexpected error", job.id, job.attempt)
@@ -456,9 +483,9 @@ class Engine:
                 lost = [i.job.id for i in items if i.job.id not in owned]
                 if lost:
                     log.info("%d outcome(s) discarded: claim lost (taken over or cancelled)", len(lost))
-                for _, done in batch:
+                for item, done in batch:
                     if not done.done():
-                        done.set_result(None)
+                        done.set_result(item.job.id in owned)
             except Exception as exc:
                 for _, done in batch:
                     if not done.done():

@@ -116,6 +116,12 @@ class WorkerMetrics:
         self.calls_in_flight = Gauge(
             "pcq_calls_in_flight", "Upstream calls open in this worker now.", registry=r
         )
+        self.quota_per_minute = Gauge(
+            "pcq_ratelimit_quota_per_minute",
+            "Upstream calls a minute this worker's key pool allows (the sum of its keys' "
+            "quotas, shared by every worker: take the max across workers, never the sum).",
+            registry=r,
+        )
         self.upstream_429 = Counter(
             "pcq_upstream_429", "Upstream calls answered 429 (rate limited).", registry=r
         )
@@ -176,6 +182,12 @@ class WorkerMetrics:
                 value = usage.get(f"{kind}_tokens")
                 if isinstance(value, int) and not isinstance(value, bool) and value > 0:
                     self.tokens.labels(label, kind).inc(value)
+
+
+def exported_metric_names() -> set[str]:
+    """Every metric family a worker exports (counters without ``_total``, as prometheus_client
+    names families): what ops/grafana and ops/prometheus may use (tests/ops)."""
+    return {family.name for family in WorkerMetrics().registry.collect()}
 
 
 def serve(metrics: WorkerMetrics, host: str, port: int) -> Any | None:

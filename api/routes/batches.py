@@ -14,6 +14,7 @@ from api.deps import SINGLE_VALUED_QUERY, Cursor, ResourcesDep, SessionDep, Stre
 from api.errors import error_responses
 from api.routes.jobs import MAX_PAGE
 from api.schemas import DomainCountOut, DomainPage, IdempotencyKeyHeader
+from pcq import logs
 from pcq import views as shown
 from pcq.models import Batch, BatchStatus, Priority
 from pcq.views import BatchOut
@@ -130,6 +131,7 @@ async def submit_batch(
     batch, _ = await res.submitter.submit_batch(
         tenant, request.stream(), request.headers.get("content-type", ""), idempotency_key, priority
     )
+    logs.bind(batch_id=batch.id)  # for the access line
     return shown.batch_out(batch, await run_in_threadpool(service.batch_counts, session, batch.id))
 
 

@@ -11,7 +11,7 @@ from api import service
 from api.deps import SINGLE_VALUED_QUERY, Cursor, QueryText, ResourcesDep, SessionDep, TenantDep
 from api.errors import error_responses
 from api.schemas import IdempotencyKeyHeader, JobCreate, JobPage
-from pcq import views
+from pcq import logs, views
 from pcq.models import JobStatus
 from pcq.views import JobOut
 
@@ -32,6 +32,7 @@ async def submit_job(
     """Queue one chat-completion request; answers once the job is stored durably."""
     raw = await request.body()  # already read (and cached) to build ``body``
     job = await run_in_threadpool(res.submitter.submit_job, tenant, body, raw, idempotency_key)
+    logs.bind(job_id=job.id)  # for the access line
     return views.job_out(job)
 
 

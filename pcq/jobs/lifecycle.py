@@ -63,6 +63,7 @@ class ClaimedJob:
     attempts_base: int = 0  # claims made before the last manual retry
     lease_losses: int = 0  # claims since then that died with their worker
     model: str = ""  # the requested model (jobs.model): a metrics label, once bounded
+    request_id: str | None = None  # X-Request-ID of the API request that submitted it (for logs)
 
     @property
     def tries(self) -> int:
@@ -77,6 +78,16 @@ class ClaimedJob:
     def exhausted(self, max_attempts: int) -> bool:
         """No further call after this one: a retryable failure now fails the job."""
         return self.tries >= max_attempts
+
+    def log_fields(self) -> dict[str, Any]:
+        """The ids a log line about this claim carries (pcq.logs.bind, or ``extra=``)."""
+        return {
+            "request_id": self.request_id,
+            "tenant": self.tenant_id,
+            "job_id": self.id,
+            "batch_id": self.batch_id,
+            "attempt": self.attempt,
+        }
 
 
 @dataclass
@@ -233,6 +244,7 @@ def claim_many(
             row.attempts_base,
             row.lease_losses,
             row.model,
+            row.request_id,
         )
         cap = crash_cap(max_attempts)
         if job.lease_losses >= cap:

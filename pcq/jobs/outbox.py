@@ -121,6 +121,8 @@ class Delivery:
     failures: int
     first_failed_at: datetime | None
     leased: datetime  # the lease this worker holds (its attempt is stored only under it)
+    job_id: str | None = None  # the job or batch the event is about (for log lines)
+    batch_id: str | None = None
 
 
 def take_due(
@@ -155,6 +157,8 @@ def take_due(
             e.failures,
             e.first_failed_at,
             leased,
+            e.job_id,
+            e.batch_id,
         )
         for e in events
     ]

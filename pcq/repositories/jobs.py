@@ -64,6 +64,7 @@ _COPY_COLUMNS = {  # column -> key of a row given to insert_many
     "enqueued_at": "enqueued_at",
     "created_at": "created_at",
     "updated_at": "updated_at",
+    "request_id": "request_id",
 }
 
 
@@ -258,10 +259,10 @@ def claim(
     lease_losses: Any,
     now: datetime,
     lease_until: datetime,
-) -> Sequence[Row[str, str, str | None, int, int, int, str, str]]:
+) -> Sequence[Row[str, str, str | None, int, int, int, str, str, str | None]]:
     """Take those of ``job_ids`` that are ``claimable`` for one more attempt, in one statement;
     returns (id, tenant_id, batch_id, attempts, attempts_base, lease_losses, request_json,
-    model) of each job taken."""
+    model, request_id) of each job taken."""
     return session.execute(
         update(Job)
         .where(Job.id.in_(job_ids), claimable)
@@ -284,6 +285,7 @@ def claim(
             Job.lease_losses,
             Job.request_json,
             Job.model,
+            Job.request_id,
         )
         .execution_options(synchronize_session=False)
     ).all()
