@@ -14,7 +14,9 @@ enforcer, and deterministic per-request fault directives written into the LAST u
 
 Several blocks may appear in one message; ``times`` applies to the block it is in and is
 counted per (hash of the full content, block). Run it with ``pcq mock-upstream`` (see
-``pcq mock-upstream --help``; the default port is 8900).
+``pcq mock-upstream --help``; the default port is 8900). It accepts any non-empty key unless
+told which ones (``--api-keys-env VAR``: the keys in that variable, so they stay out of ``ps``);
+any other key is answered ``401``, as the real API answers a revoked or mistyped key.
 """
 
 from __future__ import annotations
@@ -69,7 +71,8 @@ class MockConfig:
     enforce_rpm: int | None = None
     # Per-key quotas (key -> requests per minute), overriding enforce_rpm for those keys.
     enforce_rpm_by_key: dict[str, int] = field(default_factory=dict)
-    api_key: str | None = None
+    # The keys it accepts (x-api-key or Bearer); any other answers 401. Empty: any non-empty key.
+    api_keys: tuple[str, ...] = ()
     seed: int | None = None
 
 
@@ -402,9 +405,9 @@ def _presented_keys(request: web.Request) -> list[str]:
     return [k for k in keys if k]
 
 
-def _authorized_key(request: web.Request, expected: str | None) -> str | None:
+def _authorized_key(request: web.Request, accepted: tuple[str, ...]) -> str | None:
     for key in _presented_keys(request):
-        if expected is None or hmac.compare_digest(key.encode(), expected.encode()):
+        if not accepted or any(hmac.compare_digest(key.encode(), a.encode()) for a in accepted):
             return key
     return None
 
@@ -650,7 +653,7 @@ def _lengthen(completion: JSON, n: int) -> None:
 
 
 async def _handle(request: web.Request, st: _State, rid: str) -> web.StreamResponse:
-    key = _authorized_key(request, st.config.api_key)
+    key = _authorized_key(request, st.config.api_keys)
     if key is None:
         error = {"message": "Invalid or missing API key.", "type": "authentication_error"}
         return _json(401, {"error": error}, rid)
