@@ -8,6 +8,8 @@ enforcer, and deterministic per-request fault directives written into the LAST u
     [[mock:status=429,times=2]]      the first 2 requests with this exact content get it
     [[mock:hang]]  [[mock:truncate]]  [[mock:malformed]]  [[mock:null_usage]]  (+ ",times=N")
     [[mock:latency_ms=1500]]  [[mock:retry_after=2]]  [[mock:big_bytes=20000000]]
+    [[mock:echo_key]]                answer 401 naming the key it was sent, whole and by its first
+                                     12 characters, as some APIs do: a client must not store it
     [[mock:long_fields=4000]]        every free-text field of the answer longer than any column:
                                      a citation URL of that many random characters, a 300-character
                                      host, and an id, model, finish_reason and confidence of it
@@ -85,6 +87,7 @@ class _Directives:
     truncate: bool = False
     malformed: bool = False
     null_usage: bool = False
+    echo_key: bool = False
     latency_ms: float | None = None
     retry_after: float | None = None
     big_bytes: int | None = None
@@ -174,7 +177,7 @@ def _apply_block(d: _Directives, items: dict[str, str]) -> None:
     for key, value in items.items():
         if key == "status":
             d.status = int(value)
-        elif key in ("hang", "truncate", "malformed", "null_usage"):
+        elif key in ("hang", "truncate", "malformed", "null_usage", "echo_key"):
             setattr(d, key, True)
         elif key == "record":
             pass  # _read_payload kept the raw body already
@@ -685,6 +688,10 @@ async def _handle_authorized(request: web.Request, st: _State, rid: str, key: st
     latency_s = (d.latency_ms or 0.0) / 1000
     if latency_s > 0 and not await _sleep_while_connected(request, latency_s):
         return web.Response(status=_CLIENT_GONE)
+    if d.echo_key:
+        st.faults["echo_key"] += 1
+        message = f"API key {key} is not valid for this endpoint (keys beginning {key[:12]}… are not)"
+        return _json(401, {"error": {"message": message, "type": "authentication_error"}}, rid)
     if d.status is not None and 400 <= d.status <= 599:
         st.faults[str(d.status)] += 1
         retry = d.retry_after if d.retry_after is not None else st.config.retry_after_seconds

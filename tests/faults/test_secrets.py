@@ -6,12 +6,12 @@ upstream accepts only one, so calls on the other are answered 401), two tenants'
 rotated, so two sign), the database password (a role of our own in ``DATABASE_URL``), and a
 webhook URL with a password and a token in it.
 
-The run: jobs that meet 401, 429 with Retry-After, 500/503, 403, read timeouts and a malformed
-answer; webhooks to a receiver that always answers 500 and to one that works; a PostgreSQL
-restart while calls are in flight; bad API requests (no key, a mistyped key, a malformed one,
-bad JSON, another tenant's job, a bad page size); every read a client makes (jobs, batches,
-results, events, domains, citations, deliveries, a redelivery) and ``pcq export`` /
-``pcq keys list``.
+The run: jobs that meet 401, 429 with Retry-After, 500/503, 403, read timeouts, a malformed
+answer and a 401 that quotes the key it was sent (whole and its start); webhooks to a receiver
+that always answers 500 and to one that works; a PostgreSQL restart while calls are in flight;
+bad API requests (no key, a mistyped key, a malformed one, bad JSON, another tenant's job, a
+bad page size); every read a client makes (jobs, batches, results, events, domains, citations,
+deliveries, a redelivery) and ``pcq export`` / ``pcq keys list`` / ``pcq keys upstream``.
 
 Searched for each secret, whole and as any 10-character piece of its random part: every line
 of every process's log (the mock upstream's own log is searched for all but the upstream
@@ -218,6 +218,7 @@ CONTENTS = {
     "403": ["[[mock:status=403]] forbidden {i}"] * 3,
     "timeout": ["[[mock:latency_ms=2500,times=1]] silent too long {i}"] * 3,
     "malformed": ["[[mock:malformed,times=1]] a broken answer {i}"] * 2,
+    "echo": ["[[mock:echo_key]] an upstream that repeats the key {i}"] * 2,
 }
 
 
