@@ -8,13 +8,17 @@ enforcer, and deterministic per-request fault directives written into the LAST u
     [[mock:status=429,times=2]]      the first 2 requests with this exact content get it
     [[mock:hang]]  [[mock:truncate]]  [[mock:malformed]]  [[mock:null_usage]]  (+ ",times=N")
     [[mock:latency_ms=1500]]  [[mock:retry_after=2]]  [[mock:big_bytes=20000000]]
+    [[mock:echo_key]]                answer 401 naming the key it was sent, whole and by its first
+                                     12 characters, as some APIs do: a client must not store it
     [[mock:long_fields=4000]]        every free-text field of the answer longer than any column:
                                      a citation URL of that many random characters, a 300-character
                                      host, and an id, model, finish_reason and confidence of it
 
 Several blocks may appear in one message; ``times`` applies to the block it is in and is
 counted per (hash of the full content, block). Run it with ``pcq mock-upstream`` (see
-``pcq mock-upstream --help``; the default port is 8900).
+``pcq mock-upstream --help``; the default port is 8900). It accepts any non-empty key unless
+told which ones (``--api-keys-env VAR``: the keys in that variable, so they stay out of ``ps``);
+any other key is answered ``401``, as the real API answers a revoked or mistyped key.
 """
 
 from __future__ import annotations
@@ -69,7 +73,8 @@ class MockConfig:
     enforce_rpm: int | None = None
     # Per-key quotas (key -> requests per minute), overriding enforce_rpm for those keys.
     enforce_rpm_by_key: dict[str, int] = field(default_factory=dict)
-    api_key: str | None = None
+    # The keys it accepts (x-api-key or Bearer); any other answers 401. Empty: any non-empty key.
+    api_keys: tuple[str, ...] = ()
     seed: int | None = None
 
 
@@ -82,6 +87,7 @@ class _Directives:
     truncate: bool = False
     malformed: bool = False
     null_usage: bool = False
+    echo_key: bool = False
     latency_ms: float | None = None
     retry_after: float | None = None
     big_bytes: int | None = None
@@ -171,7 +177,7 @@ def _apply_block(d: _Directives, items: dict[str, str]) -> None:
     for key, value in items.items():
         if key == "status":
             d.status = int(value)
-        elif key in ("hang", "truncate", "malformed", "null_usage"):
+        elif key in ("hang", "truncate", "malformed", "null_usage", "echo_key"):
             setattr(d, key, True)
         elif key == "record":
             pass  # _read_payload kept the raw body already
@@ -402,9 +408,9 @@ def _presented_keys(request: web.Request) -> list[str]:
     return [k for k in keys if k]
 
 
-def _authorized_key(request: web.Request, expected: str | None) -> str | None:
+def _authorized_key(request: web.Request, accepted: tuple[str, ...]) -> str | None:
     for key in _presented_keys(request):
-        if expected is None or hmac.compare_digest(key.encode(), expected.encode()):
+        if not accepted or any(hmac.compare_digest(key.encode(), a.encode()) for a in accepted):
             return key
     return None
 
@@ -650,7 +656,7 @@ def _lengthen(completion: JSON, n: int) -> None:
 
 
 async def _handle(request: web.Request, st: _State, rid: str) -> web.StreamResponse:
-    key = _authorized_key(request, st.config.api_key)
+    key = _authorized_key(request, st.config.api_keys)
     if key is None:
         error = {"message": "Invalid or missing API key.", "type": "authentication_error"}
         return _json(401, {"error": error}, rid)
@@ -682,6 +688,10 @@ async def _handle_authorized(request: web.Request, st: _State, rid: str, key: st
     latency_s = (d.latency_ms or 0.0) / 1000
     if latency_s > 0 and not await _sleep_while_connected(request, latency_s):
         return web.Response(status=_CLIENT_GONE)
+    if d.echo_key:
+        st.faults["echo_key"] += 1
+        message = f"API key {key} is not valid for this endpoint (keys beginning {key[:12]}… are not)"
+        return _json(401, {"error": {"message": message, "type": "authentication_error"}}, rid)
     if d.status is not None and 400 <= d.status <= 599:
         st.faults[str(d.status)] += 1
         retry = d.retry_after if d.retry_after is not None else st.config.retry_after_seconds

@@ -223,6 +223,7 @@ def cmd_mock_upstream(args: argparse.Namespace) -> int:
     from mock_upstream import MockConfig, parse_key_quotas, serve
 
     by_key_env = args.enforce_rpm_by_key_env
+    accepted = os.environ.get(args.api_keys_env, "") if args.api_keys_env else ""
     config = MockConfig(
         latency_ms=args.latency_ms,
         latency_jitter_ms=args.latency_jitter_ms,
@@ -236,6 +237,7 @@ def cmd_mock_upstream(args: argparse.Namespace) -> int:
         null_usage_rate=args.null_usage,
         enforce_rpm=args.enforce_rpm,
         enforce_rpm_by_key=parse_key_quotas(os.environ.get(by_key_env, "")) if by_key_env else {},
+        api_keys=tuple(k.strip() for k in accepted.split(",") if k.strip()),
         seed=args.seed,
     )
     serve(args.host, args.port, config)
@@ -426,6 +428,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--enforce-rpm-by-key-env",
         metavar="VAR",
         help="per-key quotas read from this env var as key=rpm,key=rpm (keys stay out of `ps`)",
+    )
+    m.add_argument(
+        "--api-keys-env",
+        metavar="VAR",
+        help="accept only the keys in this env var (key1,key2) and answer 401 to any other; "
+        "default: any non-empty key",
     )
     m.add_argument("--seed", type=int, default=None)
     m.set_defaults(fn=cmd_mock_upstream)

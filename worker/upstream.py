@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import email.utils
+import functools
 import json
 import math
 import re
@@ -32,6 +33,7 @@ CHAT_PATH = "/v1beta/chat/completions"
 RETRYABLE_STATUS = {408, 409, 429, 500, 502, 503, 504}
 MAX_RETRY_AFTER_SECONDS = 3600.0
 RAW_ERROR_CHARS = 4000  # an upstream error body is kept (redacted) up to this many characters
+PIECE_CHARS = 8  # this many characters of a key in a row, anywhere in an error text, are redacted
 _SECRETISH = re.compile(r"(?i)(bearer\s+|x-api-key[\"':\s]+)?\b(sk|pcq|key)[-_][A-Za-z0-9_\-]{8,}")
 
 
@@ -68,10 +70,41 @@ def parse_retry_after(
 
 
 def redact(text: str, secrets: Sequence[str]) -> str:
+    """``text`` without any of ``secrets``, whole or in part, nor anything shaped like a key.
+
+    An upstream may quote part of the key it was sent ("keys beginning sk-abcd1234… are not
+    valid"), so any run of ``PIECE_CHARS`` or more characters of a secret goes too."""
     for s in secrets:
         if s:
             text = text.replace(s, "[redacted]")
+            if len(s) >= PIECE_CHARS:
+                text = _redact_pieces(text, _pieces_of(s))
     return _SECRETISH.sub("[redacted]", text)
+
+
+@functools.lru_cache(maxsize=64)
+def _pieces_of(secret: str) -> re.Pattern[str]:
+    """Where a ``PIECE_CHARS``-long piece of ``secret`` starts (a lookahead: overlapping)."""
+    pieces = {secret[i : i + PIECE_CHARS] for i in range(len(secret) - PIECE_CHARS + 1)}
+    return re.compile("(?=(?:" + "|".join(map(re.escape, sorted(pieces))) + "))")
+
+
+def _redact_pieces(text: str, starts: re.Pattern[str]) -> str:
+    """Each run of overlapping pieces becomes one ``[redacted]``."""
+    out: list[str] = []
+    kept = 0  # text[:kept] is decided
+    run_start, run_end = -1, -1
+    for m in starts.finditer(text):
+        if m.start() > run_end:  # a new run: close the previous one
+            if run_start >= 0:
+                out += [text[kept:run_start], "[redacted]"]
+                kept = run_end
+            run_start = m.start()
+        run_end = m.start() + PIECE_CHARS
+    if run_start >= 0:
+        out += [text[kept:run_start], "[redacted]"]
+        kept = run_end
+    return "".join(out) + text[kept:]
 
 
 def redact_cut(text: str, secrets: Sequence[str], limit: int) -> str:

@@ -1,4 +1,5 @@
-"""Fixtures every fault test shares: its own redis-server, and a reader of the database."""
+"""Fixtures the fault tests share: their own redis-server or PostgreSQL cluster, and a reader of
+the database."""
 
 from __future__ import annotations
 
@@ -7,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.faults.helpers import Db, PrivateRedis
+from migrations.migrate import upgrade_to_head
+from tests.faults.helpers import Db, PrivatePostgres, PrivateRedis
 
 
 @pytest.fixture
@@ -24,3 +26,16 @@ def db(pg_url: str) -> Iterator[Db]:
     d = Db(pg_url)
     yield d
     d.close()
+
+
+@pytest.fixture
+def private_pg() -> Iterator[PrivatePostgres]:
+    """A PostgreSQL 15 cluster of the test's own, migrated, that it may restart and stop."""
+    pg = PrivatePostgres()
+    try:
+        pg.init()
+        pg.start()
+        upgrade_to_head(pg.url)
+        yield pg
+    finally:
+        pg.cleanup()

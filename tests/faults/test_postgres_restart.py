@@ -1,20 +1,19 @@
 """PostgreSQL restarts (``pg_ctl restart -m fast``) while calls are in flight.
 
-The test runs its own PostgreSQL 15 cluster (initdb + pg_ctl as the ``postgres`` OS user, a
-free port on 127.0.0.1, trust auth, a data directory under /tmp that is removed at the end),
-so the shared cluster on 5432 is never touched.
+The test runs its own PostgreSQL 15 cluster (the ``private_pg`` fixture: initdb + pg_ctl as the
+``postgres`` OS user, a free port on 127.0.0.1, trust auth, a data directory under /tmp that is
+removed at the end), so the shared cluster on 5432 is never touched.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import httpx
 import pytest
 
-from migrations.migrate import upgrade_to_head
 from tests.faults.helpers import (
     Db,
     PrivatePostgres,
@@ -31,18 +30,6 @@ from tests.faults.helpers import (
 from tests.stack import Stack
 
 pytestmark = [pytest.mark.e2e, pytest.mark.realservices]
-
-
-@pytest.fixture
-def private_pg() -> Iterator[PrivatePostgres]:
-    pg = PrivatePostgres()
-    try:
-        pg.init()
-        pg.start()
-        upgrade_to_head(pg.url)
-        yield pg
-    finally:
-        pg.cleanup()
 
 
 def run_through_postgres_fault(

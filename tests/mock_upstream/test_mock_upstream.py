@@ -261,9 +261,10 @@ def test_auth() -> None:
         assert (await post(client, req("hi"), headers={"x-api-key": "secret"})).status == 200
         bearer = {"Authorization": "Bearer secret"}
         assert (await post(client, req("hi"), headers=bearer)).status == 200
+        assert (await post(client, req("hi"), headers={"x-api-key": "other"})).status == 200
 
     run(fast(), open_mode)
-    run(fast(api_key="secret"), fixed_key)
+    run(fast(api_keys=("secret", "other")), fixed_key)
 
 
 def test_unknown_model_is_403() -> None:

@@ -13,6 +13,7 @@ from aiohttp import web
 from pcq.jobs.lifecycle import backoff_seconds
 from tests.conftest import MockServer
 from worker.upstream import (
+    PIECE_CHARS,
     RAW_ERROR_CHARS,
     Outcome,
     UpstreamClient,
@@ -214,6 +215,27 @@ def answer(status: int, body: str, content_type: str, key: str) -> Outcome:
             await runner.cleanup()
 
     return asyncio.run(go())
+
+
+def pieces(text: str, key: str, n: int = PIECE_CHARS) -> list[str]:
+    """Every run of ``n`` characters of ``key`` that ``text`` holds."""
+    return [key[i : i + n] for i in range(len(key) - n + 1) if key[i : i + n] in text]
+
+
+@pytest.mark.parametrize("key", [KEY, OPAQUE])
+def test_a_key_the_upstream_quotes_in_part_leaves_no_piece_of_itself(key: str) -> None:
+    """Some APIs name the key they refused by its start or its end: no run of 8 of its
+    characters is kept, in the summary or the raw body, and the rest of the message is."""
+    message = f"key {key[:12]}… refused; key ending {key[-9:]} unknown; {key[4:13]}"
+    out = answer(401, json.dumps({"error": {"message": message}}), "application/json", key)
+    assert out.summary is not None
+    assert out.raw_error is not None
+    assert pieces(out.summary, key) == []
+    assert pieces(out.raw_error, key) == []
+    assert (
+        out.summary
+        == "upstream answered 401: key [redacted]… refused; key ending [redacted] unknown; [redacted]"
+    )
 
 
 @pytest.mark.parametrize("key", [KEY, OPAQUE])
