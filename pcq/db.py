@@ -13,7 +13,12 @@ SessionFactory = sessionmaker[Session]
 
 
 def make_engine(url: str, **kwargs: Any) -> Engine:
-    """Create an engine with the settings each backend needs for a job queue."""
+    """Create an engine with the settings each backend needs for a job queue.
+
+    Statement parameters are left out of every database error's text: an error logged with its
+    traceback would otherwise show the values bound to the statement (a webhook secret on its
+    insert, a request's text)."""
+    kwargs.setdefault("hide_parameters", True)
     if url.startswith("sqlite"):
         # SQLite serialises writers; WAL lets readers (the API) run beside the writer and
         # busy_timeout makes a second writer wait instead of failing with "database is locked".
