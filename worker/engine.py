@@ -266,6 +266,10 @@ class Engine:
         await self._stop.wait()
         for task in background:
             task.cancel()
+        # Let them unwind before the loop ends: a task cancelled but never run again is
+        # "destroyed but pending", an ERROR line at every shutdown. One stuck in a thread (a
+        # blocking Redis call) is not waited for beyond a few seconds.
+        await asyncio.wait(background, timeout=3)
         await http.close()
         await redis.aclose()
 

@@ -149,6 +149,9 @@ def test_one_job_is_followed_by_its_request_id_from_api_to_worker(json_stack: St
     s.stop_all()
     assert any("shutdown" in e["msg"] for e in events(s.log("worker")))
     assert any("Shutting down" in e["msg"] for e in events(s.log("api")))
+    # A clean run and a clean shutdown say nothing an operator must look at.
+    alarming = [e for p in (s.log("api"), s.log("worker")) for e in events(p) if e["level"] == "ERROR"]
+    assert not alarming, alarming
     # The trail of one job, kept beside the logs (the closing note of issue 13 shows it).
     trail = sorted(api_lines + worker_lines, key=lambda e: str(e["ts"]))
     (s.workdir / "one_job.jsonl").write_text("".join(json.dumps(e) + "\n" for e in trail))
