@@ -82,11 +82,17 @@ def tenant_id(
         presented = bearer.credentials.strip()
     if not presented:
         raise Unauthorized("send your key as 'Authorization: Bearer <key>' or 'x-api-key: <key>'")
-    with res.sessions() as session:
-        tenant = authenticate(session, presented, res.settings.key_pepper.get_secret_value(), utcnow())
+    tenant = tenant_of_key(res, presented)
     if tenant is None:
         raise Unauthorized("invalid or revoked API key")
     return tenant
+
+
+def tenant_of_key(res: Resources, presented: str) -> str | None:
+    """The tenant a presented key belongs to, or None: the one check of a key, for the API's
+    headers and the console's cookie alike (api.routes.console)."""
+    with res.sessions() as session:
+        return authenticate(session, presented, res.settings.key_pepper.get_secret_value(), utcnow())
 
 
 def rate_limited_tenant(res: ResourcesDep, tenant: Annotated[str, Depends(tenant_id)]) -> str:
