@@ -6,7 +6,8 @@ again as the API does (api.deps.tenant_of_key): no session table to keep in step
 revocation, and a revoked key ends its session at the next click. A signed session token would
 outlive the key it was made from, so would need that check as well. The cookie is the key, so
 the pages guard it: a strict Content-Security-Policy (no inline script or style: the script and
-stylesheet are files served here), ``Cache-Control: no-store``, no Referer sent out, and POSTs
+stylesheet are files served here), ``Cache-Control: no-store``, no Referer sent to other sites
+(``same-origin``: with none at all, a browser sends ``Origin: null`` with the forms), and POSTs
 from another origin refused.
 
 Read-only: nothing here cancels, retries or submits. Live progress comes from the batch's event
@@ -49,7 +50,7 @@ PAGE_HEADERS = {
     "Content-Security-Policy": CSP,
     "X-Content-Type-Options": "nosniff",
     "X-Frame-Options": "DENY",
-    "Referrer-Policy": "no-referrer",
+    "Referrer-Policy": "same-origin",
 }
 STATIC = {  # name -> media type; read once, from the package (the wheel ships them)
     "console.css": "text/css; charset=utf-8",
@@ -248,4 +249,11 @@ def citations(
     if domain:
         rows, next_cursor = console.citations_of_domain(session, tenant, domain, cursor or None)
         return page(request, "domain.html", domain=domain, rows=rows, next_cursor=next_cursor)
-    return page(request, "citations.html", domains=console.domains(session, tenant))
+    shown = console.domains(session, tenant)
+    return page(request, "citations.html", domains=shown, limit=console.DOMAINS_SHOWN)
+
+
+@router.get("/{rest:path}")
+def unknown(rest: str) -> Response:
+    """Any other console address: the 404 page (the API's JSON 404 is for API clients)."""
+    raise NotFound(f"no console page /console/{rest}")

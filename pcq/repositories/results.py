@@ -24,6 +24,7 @@ from sqlalchemy import (
     cast,
     func,
     insert,
+    literal_column,
     null,
     or_,
     select,
@@ -479,14 +480,17 @@ def domains_of_tenant(session: Session, tenant_id: str, *, limit: int) -> list[D
         .join(Batch, Batch.id == BatchDomain.batch_id)
         .where(Batch.tenant_id == tenant_id)
     )
+    # "" inline, not a parameter: PostgreSQL matches a GROUP BY expression to the select list's
+    # by its text, and two parameters are two texts.
+    host = func.coalesce(Citation.domain, literal_column("''"))
     loose = (
         select(
-            func.coalesce(Citation.domain, "").label("domain"),
+            host.label("domain"),
             func.count().label("citations"),
             func.count(Citation.job_id.distinct()).label("jobs"),
         )
         .where(Citation.tenant_id == tenant_id, Citation.batch_id.is_(None))
-        .group_by(func.coalesce(Citation.domain, ""))
+        .group_by(host)
     )
     both = union_all(batched, loose).subquery()
     n = func.sum(both.c.citations)
