@@ -487,3 +487,38 @@ def test_a_person_signs_in_watches_a_batch_finish_and_reads_a_jobs_citations(
         assert key not in s.logs()  # nor in any process's log
     finally:
         s.stop_all()
+
+
+def test_the_consoles_event_stream_is_the_batchs_and_counts_against_the_tenants_streams(
+    con: Console,
+) -> None:
+    from api.deps import tenant_of_key
+
+    con.sign_in()
+    con.client.post(f"/v1/jobs/{con.jobs[2]}/cancel", headers={"Authorization": f"Bearer {con.key}"})
+    r = con.client.get(f"/console/batches/{con.batch_id}/events")  # the batch has ended: one event
+    assert r.status_code == 200
+    assert r.headers["content-type"].startswith("text/event-stream")
+    event = dict(part.split(": ", 1) for part in r.text.strip().splitlines())
+    assert event["event"] == "batch.completed"
+    assert json.loads(event["data"])["counts"] == {
+        "queued": 0,
+        "running": 0,
+        "succeeded": 1,
+        "failed": 1,
+        "cancelled": 1,
+    }
+    seen = con.client.get(f"/console/batches/{con.batch_id}/events", headers={"Last-Event-ID": event["id"]})
+    assert seen.status_code == 204  # nothing newer: an EventSource stops reconnecting
+    res = con.client.app.state.resources  # type: ignore[attr-defined]
+    tenant = tenant_of_key(res, con.key)
+    assert tenant is not None
+    held = [res.event_streams.take(tenant) for _ in range(res.settings.sse_max_streams_per_tenant)]
+    try:
+        full = con.client.get(f"/console/batches/{con.batch_id}/events")
+        assert full.status_code == 429
+        assert "Retry-After" in full.headers
+        assert "text/html" in full.headers["content-type"]
+    finally:
+        for release in held:
+            release()
