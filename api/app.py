@@ -12,7 +12,7 @@ from fastapi import FastAPI
 from api import errors, metrics, openapi, request_ids
 from api.deps import Resources
 from api.events import StreamSlots
-from api.routes import batches, citations, deliveries, health, jobs, webhooks
+from api.routes import batches, citations, console, deliveries, health, jobs, webhooks
 from api.service import Submitter
 from api.tenant_limits import QueueCap, build_rate_limiter
 from api.uploads import UploadSlots
@@ -83,7 +83,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     errors.install(app)
     openapi.install(app)
-    for module in (jobs, batches, citations, webhooks, deliveries, health, metrics):
+    for module in (jobs, batches, citations, webhooks, deliveries, health, metrics, console):
         app.include_router(module.router)
     app.add_middleware(errors.RejectNul)
     app.add_middleware(

@@ -88,11 +88,19 @@ def tenant_id(
         presented = bearer.credentials.strip()
     if not presented:
         raise Unauthorized("send your key as 'Authorization: Bearer <key>' or 'x-api-key: <key>'")
+    try:
+        tenant = tenant_of_key(res, presented)
+    except KeyRefused as exc:
+        raise Unauthorized(str(exc)) from None
+    return tenant
+
+
+def tenant_of_key(res: Resources, presented: str) -> str:
+    """The tenant a presented key belongs to: the one check of a key, for the API's headers and
+    the console's cookie alike (api.routes.console). Raises KeyRefused, whose message says why
+    as far as it may. In a session of its own, which records the key's last use when due."""
     with res.sessions() as session:
-        try:
-            tenant = tenant_for_key(session, presented, res.settings.key_pepper.get_secret_value(), utcnow())
-        except KeyRefused as exc:
-            raise Unauthorized(str(exc)) from None
+        tenant = tenant_for_key(session, presented, res.settings.key_pepper.get_secret_value(), utcnow())
         try:
             session.commit()  # the key's last_used_at, when it was due
         except SQLAlchemyError as exc:  # the use goes unrecorded; the request goes on

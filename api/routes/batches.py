@@ -10,7 +10,15 @@ from starlette.concurrency import run_in_threadpool
 
 from api import events, service, views
 from api.batch_input import JSONL_TYPES
-from api.deps import SINGLE_VALUED_QUERY, Cursor, ResourcesDep, SessionDep, StreamingSessionDep, TenantDep
+from api.deps import (
+    SINGLE_VALUED_QUERY,
+    Cursor,
+    Resources,
+    ResourcesDep,
+    SessionDep,
+    StreamingSessionDep,
+    TenantDep,
+)
 from api.errors import error_responses
 from api.routes.jobs import MAX_PAGE
 from api.schemas import DomainCountOut, DomainPage, IdempotencyKeyHeader
@@ -189,6 +197,16 @@ async def batch_progress_events(
     ] = None,
 ) -> Response:
     """Live progress of a batch as Server-Sent Events, until every job has ended."""
+    # The header is what an EventSource sends on reconnecting, the query what it was opened with.
+    last = events.EventId.parse(last_event_id_header) or events.EventId.parse(last_event_id)
+    return await open_event_stream(res, tenant, batch_id, last)
+
+
+async def open_event_stream(
+    res: Resources, tenant: str, batch_id: str, last: events.EventId | None
+) -> Response:
+    """The event stream of a tenant's batch (404 if not its), within the tenant's cap of open
+    streams; also the console's (api.routes.console), which authenticates by its cookie."""
 
     def first_read() -> tuple[Batch, dict[str, int]]:
         # Sessions of its own, each closed at once: the stream holds no connection between polls.
@@ -200,8 +218,6 @@ async def batch_progress_events(
             return service.batch_counts(session, batch_id)
 
     batch, now = await run_in_threadpool(first_read)
-    # The header is what an EventSource sends on reconnecting, the query what it was opened with.
-    last = events.EventId.parse(last_event_id_header) or events.EventId.parse(last_event_id)
     if events.nothing_new(now, batch.total, last):
         return Response(status_code=204)
     release = res.event_streams.take(tenant)

@@ -42,3 +42,11 @@ def get(session: Session, tenant_id: str, batch_id: str) -> Batch | None:
     return session.scalars(
         select(Batch).where(Batch.id == batch_id, Batch.tenant_id == tenant_id)
     ).one_or_none()
+
+
+def newest_first(session: Session, tenant_id: str, *, before: str | None, limit: int) -> list[Batch]:
+    """The tenant's batches, newest first (ids sort by creation); ``before``: ids below this one."""
+    q = select(Batch).where(Batch.tenant_id == tenant_id)
+    if before is not None:
+        q = q.where(Batch.id < before)
+    return list(session.scalars(q.order_by(Batch.id.desc()).limit(limit)))

@@ -141,6 +141,19 @@ def status_counts(session: Session, batch_id: str) -> list[tuple[str, int]]:
     return [(status, n) for status, n in rows]
 
 
+def status_counts_of_batches(session: Session, batch_ids: Sequence[str]) -> list[tuple[str, str, int]]:
+    """(batch_id, status, jobs) of many batches in one query (a range of ``ix_jobs_batch_status``
+    each), for the statuses each has jobs in."""
+    if not batch_ids:
+        return []
+    rows = session.execute(
+        select(Job.batch_id, Job.status, func.count())
+        .where(Job.batch_id.in_(batch_ids))
+        .group_by(Job.batch_id, Job.status)
+    )
+    return [(batch_id, status, n) for batch_id, status, n in rows if batch_id is not None]
+
+
 ExportJob = Row[str, str | None, str, str | None, str | None]
 """What a batch export shows of a job: id, custom_id, status, error, error_code (a plain tuple)."""
 

@@ -24,16 +24,18 @@ from sqlalchemy import (
     cast,
     func,
     insert,
+    literal_column,
     null,
     or_,
     select,
     text,
+    union_all,
 )
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.dialects.postgresql import aggregate_order_by
 from sqlalchemy.orm import Session
 
-from pcq.models import Attempt, BasisField, BatchDomain, Citation, Job, Result, Usage
+from pcq.models import Attempt, BasisField, Batch, BatchDomain, Citation, Job, Result, Usage
 from pcq.repositories.bulk import copy_rows
 
 # --- writes (the worker)
@@ -160,6 +162,11 @@ def answers_of(session: Session, job_ids: Sequence[str]) -> Answers:
         )
     )
     return Answers(results, usage, basis, citations)
+
+
+def attempts_of(session: Session, job_id: str) -> list[Attempt]:
+    """Every upstream call of a job, in the order they were made."""
+    return list(session.scalars(select(Attempt).where(Attempt.job_id == job_id).order_by(Attempt.number)))
 
 
 # Export rows are plain tuples (an ORM object per row costs ~10x); JSON columns as their text.
@@ -455,3 +462,42 @@ def domains_of_batch(
         )
     rows = session.execute(q.order_by(BatchDomain.citations.desc(), BatchDomain.domain).limit(limit)).all()
     return [DomainCount(domain or None, n, jobs) for domain, n, jobs in rows]
+
+
+def domains_of_tenant(session: Session, tenant_id: str, *, limit: int) -> list[DomainCount]:
+    """The domains a tenant's citations name, most cited first (ties by domain), at most
+    ``limit``: citations and distinct jobs per domain. A batch's counts are read from
+    ``batch_domains`` (one row per batch and domain, not per citation); the citations of jobs
+    outside any batch, which that table does not count, are counted from their rows (a range of
+    ``ix_citations_tenant_batch``). A job is in one batch at most, so adding the batches' job
+    counts counts each job once."""
+    batched = (
+        select(
+            BatchDomain.domain.label("domain"),
+            BatchDomain.citations.label("citations"),
+            BatchDomain.jobs.label("jobs"),
+        )
+        .join(Batch, Batch.id == BatchDomain.batch_id)
+        .where(Batch.tenant_id == tenant_id)
+    )
+    # "" inline, not a parameter: PostgreSQL matches a GROUP BY expression to the select list's
+    # by its text, and two parameters are two texts.
+    host = func.coalesce(Citation.domain, literal_column("''"))
+    loose = (
+        select(
+            host.label("domain"),
+            func.count().label("citations"),
+            func.count(Citation.job_id.distinct()).label("jobs"),
+        )
+        .where(Citation.tenant_id == tenant_id, Citation.batch_id.is_(None))
+        .group_by(host)
+    )
+    both = union_all(batched, loose).subquery()
+    n = func.sum(both.c.citations)
+    q = (
+        select(both.c.domain, n, func.sum(both.c.jobs))
+        .group_by(both.c.domain)
+        .order_by(n.desc(), both.c.domain)
+        .limit(limit)
+    )
+    return [DomainCount(domain or None, int(c), int(j)) for domain, c, j in session.execute(q)]
