@@ -28,6 +28,7 @@ from fastapi.testclient import TestClient
 from api.app import create_app
 from pcq.db import make_engine, make_session_factory, unit_of_work
 from pcq.jobs.lifecycle import AttemptRecord
+from pcq.keys import mint_key
 from pcq.models import utcnow
 from pcq.tenants import create_key_at, list_keys, revoke_key
 from pcq.wire import BasisData, CitationData, ParsedCompletion
@@ -166,13 +167,22 @@ def test_over_https_the_cookie_is_secure(sqlite_url: str) -> None:
         assert "secure" in {p.strip().lower() for p in r.headers["set-cookie"].split(";")}
 
 
-@pytest.mark.parametrize("key", ["", "nope", "pcq_000000000000_wrongwrongwrongwrongwrong"])
-def test_a_bad_key_is_refused_with_a_clear_message_and_no_cookie(con: Console, key: str) -> None:
+@pytest.mark.parametrize(
+    ("key", "says"),
+    [
+        ("", "Enter your API key"),
+        ("nope", "malformed API key"),
+        ("pcq_000000000000_wrongwrongwrongwrongwrong", "malformed API key"),
+        # Well formed, checksum and all, but no such key: never which part was wrong.
+        (mint_key("").plaintext, "not valid, or it has been revoked"),
+    ],
+)
+def test_a_bad_key_is_refused_with_a_clear_message_and_no_cookie(con: Console, key: str, says: str) -> None:
     r = con.client.post("/console/login", data={"api_key": key}, follow_redirects=False)
     assert r.status_code == 401
     assert "set-cookie" not in r.headers
     assert 'role="alert"' in r.text
-    assert ("Enter your API key" if not key else "not valid, or it has been revoked") in r.text
+    assert says in r.text
     assert con.client.get("/console/batches", follow_redirects=False).status_code == 303
 
 
