@@ -1,7 +1,8 @@
 """The read-only console: server-rendered pages at ``/console`` for a person with an API key.
 
 Sign-in takes the key from a form (never a URL) and keeps it in a cookie (``pcq_console``:
-HttpOnly, SameSite=Strict, Path=/console, Secure over https, 12 h). Each request checks the key
+HttpOnly, SameSite=Strict, Path=/console, Secure over https, and a session cookie: no expiry,
+so the browser never writes the key to disk). Each request checks the key
 again as the API does (api.deps.tenant_of_key): no session table to keep in step with
 revocation, and a revoked key ends its session at the next click. A signed session token would
 outlive the key it was made from, so would need that check as well. The cookie is the key, so
@@ -36,11 +37,11 @@ from starlette.concurrency import run_in_threadpool
 from api import console, events
 from api.deps import Resources, ResourcesDep, SessionDep, tenant_of_key
 from api.routes.batches import open_event_stream
+from pcq import logs
 from pcq.jobs.errors import NotFound, PcqError, TooManyRequests, Unauthorized
 from pcq.tenants import INVALID_KEY, KeyRefused
 
 COOKIE = "pcq_console"
-COOKIE_MAX_AGE = 12 * 3600
 MAX_FORM_BYTES = 4096  # a sign-in form holds one key
 CSP = (
     "default-src 'none'; script-src 'self'; style-src 'self'; connect-src 'self'; img-src 'self'; "
@@ -140,18 +141,22 @@ def _cookie_tenant(request: Request, res: Resources) -> str | None:
     return tenant
 
 
-def console_tenant(request: Request, res: ResourcesDep) -> str:
-    tenant = _cookie_tenant(request, res)
+async def console_tenant(request: Request, res: ResourcesDep) -> str:
+    """The signed-in tenant, bound for the request's log lines (async, as api.deps.bound_tenant
+    is, so the binding reaches the route and the access line)."""
+    tenant = await run_in_threadpool(_cookie_tenant, request, res)
     if tenant is None:
         raise SignedOut
+    logs.bind(tenant=tenant)
     return tenant
 
 
-def stream_tenant(request: Request, res: ResourcesDep) -> str:
+async def stream_tenant(request: Request, res: ResourcesDep) -> str:
     """As console_tenant, but a 401: an EventSource cannot follow a redirect to a form."""
-    tenant = _cookie_tenant(request, res)
+    tenant = await run_in_threadpool(_cookie_tenant, request, res)
     if tenant is None:
         raise Unauthorized("signed out of the console")
+    logs.bind(tenant=tenant)
     return tenant
 
 
@@ -161,13 +166,29 @@ StreamTenant = Annotated[str, Depends(stream_tenant)]
 
 def same_origin(request: Request) -> None:
     """A POST from a page of another origin is refused (login CSRF); browsers send Origin on
-    every cross-origin POST, and a client without one is not a browser acting for someone."""
+    every cross-origin POST, and a client without one is not a browser acting for someone.
+
+    Only the host and port are compared, with the request's ``Host`` or, behind a reverse
+    proxy, the ``X-Forwarded-Host`` it sets: a proxy that ends TLS makes the scheme ``http``
+    here while the browser's Origin says ``https``. A cross-site form cannot set either header,
+    so neither can be used to pass this check."""
     origin = request.headers.get("origin")
     if origin is None:
         return
-    here = f"{request.url.scheme}://{request.headers.get('host', '')}"
-    if origin != here:
+    hosts = {request.headers.get("host", ""), request.headers.get("x-forwarded-host", "")} - {""}
+    if urlsplit(origin).netloc.lower() not in {h.lower() for h in hosts}:
         raise Forbidden("this form must be sent from the console's own pages")
+
+
+def _over_https(request: Request) -> bool:
+    """Whether the browser reached the console over https, directly or through a proxy that ends
+    TLS (it says so in X-Forwarded-Proto, or the form's Origin does): the cookie is then
+    Secure. Believing a forged header here only makes the cookie stricter."""
+    return (
+        request.url.scheme == "https"
+        or request.headers.get("x-forwarded-proto", "").lower() == "https"
+        or request.headers.get("origin", "").lower().startswith("https://")
+    )
 
 
 @router.get("")
@@ -180,7 +201,10 @@ def home(request: Request, res: ResourcesDep) -> Response:
 @router.post("/login", dependencies=[Depends(same_origin)])
 async def login(request: Request, res: ResourcesDep) -> Response:
     body = await request.body()
-    form = parse_qs(body[:MAX_FORM_BYTES].decode("utf-8", "replace"), max_num_fields=4)
+    try:
+        form = parse_qs(body[:MAX_FORM_BYTES].decode("utf-8", "replace"), max_num_fields=4)
+    except ValueError:  # more fields than a sign-in form has
+        return page(request, "login.html", status_code=400, error="Send the sign-in form as it is.")
     key = (form.get("api_key") or [""])[0].strip()
     if not key:
         return page(request, "login.html", status_code=401, error="Enter your API key.")
@@ -197,9 +221,8 @@ async def login(request: Request, res: ResourcesDep) -> Response:
     out.set_cookie(
         COOKIE,
         key,
-        max_age=COOKIE_MAX_AGE,
         path="/console",
-        secure=request.url.scheme == "https",
+        secure=_over_https(request),
         httponly=True,
         samesite="strict",
     )

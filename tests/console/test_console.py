@@ -149,7 +149,9 @@ def test_sign_in_sets_an_http_only_strict_cookie_and_goes_to_the_batches(con: Co
     cookie = r.headers["set-cookie"]
     assert cookie.startswith(f"{COOKIE}=")
     flags = {part.strip().lower() for part in cookie.split(";")[1:]}
-    assert {"httponly", "path=/console", "samesite=strict", "max-age=43200"} <= flags
+    assert {"httponly", "path=/console", "samesite=strict"} <= flags
+    # A session cookie: the browser keeps the key in memory only, never on disk.
+    assert not any(f.startswith(("max-age", "expires")) for f in flags)
     assert "secure" not in flags  # plain http here; an https request gets Secure (below)
     assert con.key not in r.headers["location"]
     batches = con.client.get("/console/batches")
@@ -215,6 +217,35 @@ def test_a_form_posted_from_another_origin_is_refused(con: Console) -> None:
         "/console/login", data={"api_key": con.key}, headers={"Origin": "https://evil.example"}
     )
     assert r.status_code == 403
+    assert "set-cookie" not in r.headers
+
+
+def test_behind_a_proxy_that_ends_tls_sign_in_works_and_the_cookie_is_secure(con: Console) -> None:
+    """The proxy forwards plain http with its own Host; the browser's Origin is the public
+    https one, which the proxy names in X-Forwarded-Host."""
+    r = con.client.post(
+        "/console/login",
+        data={"api_key": con.key},
+        headers={
+            "Origin": "https://console.example.com",
+            "X-Forwarded-Host": "console.example.com",
+            "X-Forwarded-Proto": "https",
+        },
+        follow_redirects=False,
+    )
+    assert r.status_code == 303, r.text
+    assert "secure" in {p.strip().lower() for p in r.headers["set-cookie"].split(";")}
+
+
+@pytest.mark.parametrize("body", ["api_key=x&&&&&", "a=1&b=2&c=3&d=4&e=5&api_key=x"])
+def test_a_sign_in_form_with_more_fields_than_it_has_is_a_400_never_a_5xx(con: Console, body: str) -> None:
+    r = con.client.post(
+        "/console/login",
+        content=body,
+        headers={"Content-Type": "application/x-www-form-urlencoded"},
+        follow_redirects=False,
+    )
+    assert r.status_code == 400
     assert "set-cookie" not in r.headers
 
 
