@@ -82,13 +82,15 @@ def refused(exc: BaseException) -> bool:
 
 async def store_apart(
     store: Callable[[list[Settled]], Awaitable[set[str]]], items: list[Settled]
-) -> set[str]:
+) -> dict[str, Settled]:
     """Store ``items`` in one transaction; if the database refuses it, in halves, and so on, so
     that one outcome no column can hold costs its own job only, not the 199 written with it.
     An outcome refused alone is stored as a failure of its job (``unstorable``): its call is
-    not made again, and its attempt is on record. Returns the ids stored, as ``store`` does."""
+    not made again, and its attempt is on record. Returns what was stored, by job id: the
+    outcome itself, or the failure stored in its place (the ids ``store`` reports)."""
     try:
-        return await store(items)
+        ids = await store(items)
+        return {i.job.id: i for i in items if i.job.id in ids}
     except Exception as exc:
         if not refused(exc):
             raise
@@ -145,7 +147,7 @@ class Engine:
         self._suspects = 0  # suspects among them (see lifecycle.SUSPECT_AFTER_LOSSES)
         self._stop: asyncio.Event | None = None
         self._slots: asyncio.Semaphore | None = None
-        self._outbox: asyncio.Queue[tuple[Settled, asyncio.Future[bool]]] | None = None
+        self._outbox: asyncio.Queue[tuple[Settled, asyncio.Future[Settled | None]]] | None = None
         self._upstream: UpstreamClient | None = None
         self._pool: KeyPool | None = None
         self._closing = False
@@ -419,13 +421,14 @@ class Engine:
                     await self._pool.report_429(held[0], pause)
                 except (RedisError, OSError) as exc:  # the attempt must still be stored
                     log.warning("could not share a 429 cool-down (%s)", type(exc).__name__)
-            stored: asyncio.Future[bool] = self._loop.create_future()
+            stored: asyncio.Future[Settled | None] = self._loop.create_future()
             settled = lifecycle.settle(job, outcome, self.settings, self._pool.keys[held[0]].id)
             self._outbox.put_nowait((settled, stored))
             self._pool.release(*held)  # the call is over; storing it needs no permit
             held = None
-            if await stored:
-                log.info("stored", extra=_stored_fields(settled, self.settings.max_attempts))
+            written = await stored  # what the database now holds (None: the claim was lost)
+            if written is not None:
+                log.info("stored", extra=_stored_fields(written, self.settings.max_attempts))
         except Exception:
             # The lease will expire and the sweeper hands the job to a worker again.
             log.exception("job %s attempt %d: unexpected error", job.id, job.attempt)
@@ -489,7 +492,7 @@ class Engine:
                     log.info("%d outcome(s) discarded: claim lost (taken over or cancelled)", len(lost))
                 for item, done in batch:
                     if not done.done():
-                        done.set_result(item.job.id in owned)
+                        done.set_result(owned.get(item.job.id))
             except Exception as exc:
                 for _, done in batch:
                     if not done.done():

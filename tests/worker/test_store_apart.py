@@ -53,7 +53,10 @@ def test_one_refused_outcome_fails_its_own_job_only(error: BaseException) -> Non
     db = Database(error)
     items = [item(n, poison=n == 137) for n in range(200)]
     stored = asyncio.run(store_apart(db.store, items))
-    assert stored == {f"job-{n}" for n in range(200)}
+    assert stored.keys() == {f"job-{n}" for n in range(200)}
+    # What is returned is what was stored: the refused answer's failure, in its place.
+    assert (stored["job-137"].completion, stored["job-137"].code) == (None, "unstorable")
+    assert all(stored[f"job-{n}"] is items[n] for n in range(200) if n != 137)
     assert db.stored["job-137"] == "failed:unstorable"
     assert all(db.stored[f"job-{n}"] == "succeeded" for n in range(200) if n != 137)
     # Halving: about 2·log2(200) transactions, not one per job.
