@@ -6,10 +6,13 @@ from __future__ import annotations
 from collections.abc import Sequence
 from datetime import datetime
 
-from sqlalchemy import Row, and_, func, or_, select, update
+from sqlalchemy import Row, and_, func, or_, select, text, update
 from sqlalchemy.orm import Session
 
+from pcq.db import SQLITE_BUSY_TIMEOUT_MS
 from pcq.models import ACTIVE_STATUSES, ApiKey, Job, Tenant
+
+NOTE_USE_WAIT_MS = 200  # how long recording a key's use may wait for a lock
 
 
 def tenant_by_name(session: Session, name: str) -> Tenant | None:
@@ -53,13 +56,27 @@ def key_rows(
 def note_use(session: Session, key_id: str, *, now: datetime, older_than: datetime) -> int:
     """Set the key's last_used_at to ``now`` unless it is ``older_than`` or newer already (a
     concurrent request set it): at most one write per key per interval, however busy the key.
-    The number of rows changed."""
-    result = session.execute(
-        update(ApiKey)
-        .where(ApiKey.id == key_id, or_(ApiKey.last_used_at.is_(None), ApiKey.last_used_at < older_than))
-        .values(last_used_at=now)
-        .execution_options(synchronize_session=False)
-    )
+    The number of rows changed.
+
+    A request's authentication runs it, so it waits for a lock at most NOTE_USE_WAIT_MS (then
+    raises, and the caller lets the use go unrecorded): a long transaction holding the key's row
+    (PostgreSQL) or the database's write lock (SQLite, whose writers otherwise wait 30 s) must
+    not hold up the request."""
+    sqlite = session.get_bind().dialect.name == "sqlite"
+    if sqlite:
+        session.execute(text(f"PRAGMA busy_timeout = {NOTE_USE_WAIT_MS}"))
+    else:
+        session.execute(text(f"SET LOCAL lock_timeout = '{NOTE_USE_WAIT_MS}ms'"))
+    try:
+        result = session.execute(
+            update(ApiKey)
+            .where(ApiKey.id == key_id, or_(ApiKey.last_used_at.is_(None), ApiKey.last_used_at < older_than))
+            .values(last_used_at=now)
+            .execution_options(synchronize_session=False)
+        )
+    finally:
+        if sqlite:  # the connection goes back to the pool: its writers wait as long as ever
+            session.execute(text(f"PRAGMA busy_timeout = {SQLITE_BUSY_TIMEOUT_MS}"))
     return int(result.rowcount)  # type: ignore[attr-defined]
 
 

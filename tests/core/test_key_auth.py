@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import secrets
+import time
 from collections.abc import Iterator
 from datetime import datetime, timedelta
 from typing import Any
@@ -14,7 +15,7 @@ from typing import Any
 import pytest
 from sqlalchemy import event, select, text, update
 
-from pcq.db import SessionFactory, make_engine, make_session_factory, unit_of_work
+from pcq.db import SQLITE_BUSY_TIMEOUT_MS, SessionFactory, make_engine, make_session_factory, unit_of_work
 from pcq.keys import checksum, hash_secret
 from pcq.models import ApiKey, Tenant, utcnow
 from pcq.repositories.tenants import note_use
@@ -202,5 +203,32 @@ def test_a_failed_last_used_write_accepts_the_key(db_url: str, caplog: pytest.Lo
         assert last_used(sessions) is None
         assert "last_used_at of API key key_" in caplog.text  # the write did fail, and was let go
         assert key[17:] not in caplog.text
+    finally:
+        engine.dispose()
+
+
+def test_a_held_lock_delays_authentication_by_a_moment_not_until_it_is_released(db_url: str) -> None:
+    """Another transaction holds the key's row (PostgreSQL) or the write lock (SQLite, whose
+    writers otherwise wait 30 s): the key is accepted after NOTE_USE_WAIT_MS, its use unrecorded,
+    and the connection's own writers wait as long as ever afterwards."""
+    engine = make_engine(db_url)
+    sessions = make_session_factory(engine)
+    try:
+        tenant, key = new_key(sessions)
+        with engine.connect() as holder:
+            if engine.dialect.name == "postgresql":
+                holder.execute(text("SELECT 1 FROM api_keys FOR UPDATE"))
+            else:
+                holder.exec_driver_sql("BEGIN IMMEDIATE")
+            started = time.monotonic()
+            with sessions() as s:
+                assert tenant_for_key(s, key, PEPPER, utcnow()) == tenant
+                s.commit()
+                if engine.dialect.name == "sqlite":
+                    timeout = s.connection().exec_driver_sql("PRAGMA busy_timeout").scalar()
+                    assert timeout == SQLITE_BUSY_TIMEOUT_MS
+            assert time.monotonic() - started < 5  # not the 30 s a writer waits
+            holder.rollback()
+        assert last_used(sessions) is None
     finally:
         engine.dispose()
