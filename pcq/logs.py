@@ -147,20 +147,26 @@ def resolve_format(fmt: LogFormat | None, stream: TextIO) -> LogFormat:
         return "json"
 
 
+HANDLER_NAME = "pcq"  # the root handler configure() installs, and replaces on a second call
+
+
 def configure(
     fmt: LogFormat | None = None, level: str | int = "INFO", stream: TextIO | None = None
 ) -> LogFormat:
     """Send every logger's lines, through the root logger, to ``stream`` (stderr) in ``fmt``
     (PCQ_LOG_FORMAT; None: ``resolve_format``) at ``level`` (PCQ_LOG_LEVEL; an unknown name is
-    INFO). Replaces any handler the root logger had. Returns the format chosen."""
+    INFO). Replaces the handler an earlier call installed; any other (a test runner's capture)
+    stays. Returns the format chosen."""
     stream = stream if stream is not None else sys.stderr
     chosen = resolve_format(fmt, stream)
     handler = logging.StreamHandler(stream)
     handler.setFormatter(JsonFormatter() if chosen == "json" else TextFormatter())
     handler.addFilter(ContextFilter())
+    handler.set_name(HANDLER_NAME)
     root = logging.getLogger()
     for old in root.handlers[:]:
-        root.removeHandler(old)
+        if old.get_name() == HANDLER_NAME:
+            root.removeHandler(old)
     root.addHandler(handler)
     try:
         root.setLevel(level.upper() if isinstance(level, str) else level)

@@ -142,14 +142,16 @@ def test_the_default_format_is_text_at_a_terminal_and_json_elsewhere() -> None:
     assert logs.resolve_format("text", io.StringIO()) == "text"
 
 
-def test_configure_puts_one_handler_on_the_root_logger() -> None:
+def test_configure_puts_one_handler_on_the_root_logger_and_leaves_the_others() -> None:
     root = logging.getLogger()
     saved, level = root.handlers[:], root.level
     out = io.StringIO()
     try:
         assert logs.configure(None, "debug", out) == "json"
+        assert logs.configure(None, "debug", out) == "json"  # again: still one of its own
         assert logs.current_format() == "json"
-        assert len(root.handlers) == 1
+        assert [h for h in root.handlers if h.get_name() == logs.HANDLER_NAME] == root.handlers[-1:]
+        assert root.handlers[:-1] == saved  # pytest's capture handlers stay
         assert root.level == logging.DEBUG
         logging.getLogger("uvicorn.access").info("GET / 200")
         assert json.loads(out.getvalue())["logger"] == "uvicorn.access"

@@ -41,9 +41,12 @@ def json_stack(pg_url: str, redis_url: str, tmp_path: Path) -> Iterator[Stack]: 
 
 
 def events(path: Path) -> list[dict[str, Any]]:
-    """Every line of a process's log, parsed: a line that is not a JSON object fails the test."""
+    """Every line of a process's log, parsed: a line that is not a JSON object fails the test.
+    A last line still being written (no newline yet) is left for the next read."""
+    text = path.read_text()
+    complete = text[: text.rfind("\n") + 1]
     out = []
-    for n, line in enumerate(path.read_text().splitlines(), 1):
+    for n, line in enumerate(complete.splitlines(), 1):
         try:
             event = json.loads(line)
         except ValueError:
@@ -149,6 +152,8 @@ def test_one_job_is_followed_by_its_request_id_from_api_to_worker(json_stack: St
     s.stop_all()
     assert any("shutdown" in e["msg"] for e in events(s.log("worker")))
     assert any("Shutting down" in e["msg"] for e in events(s.log("api")))
+    for path in (s.log("api"), s.log("worker")):  # stopped: every line is whole
+        assert path.read_text().endswith("\n"), path.name
     # A clean run and a clean shutdown say nothing an operator must look at.
     alarming = [e for p in (s.log("api"), s.log("worker")) for e in events(p) if e["level"] == "ERROR"]
     assert not alarming, alarming
