@@ -165,6 +165,8 @@ def route_template(app: Any, scope: Scope) -> str:
     """The template of the route that answered (``/v1/jobs/{job_id}``), or ``unmatched``."""
     route = scope.get("route")
     if route is None:  # answered before routing (a body limit, a NUL): ask the router
+        # (FastAPI 0.16x nests included routers, whose matches() does not name the route: then
+        # such a request is counted as ``unmatched``)
         partial = None
         for candidate in app.router.routes:
             match, _ = candidate.matches(scope)

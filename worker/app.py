@@ -66,10 +66,13 @@ class Runtime:
         self.metrics_server = serve(metrics, settings.metrics_host, settings.metrics_port)
 
     def close(self) -> None:
-        self.engine.stop()
-        self.db_engine.dispose()
-        if self.metrics_server is not None:
-            self.metrics_server.shutdown()
+        try:
+            self.engine.stop()
+            self.db_engine.dispose()
+        finally:
+            if self.metrics_server is not None:
+                self.metrics_server.shutdown()
+                self.metrics_server.server_close()  # the listening socket, too
 
 
 def create_worker_app(settings: Settings) -> Celery:
