@@ -147,3 +147,9 @@ def test_the_image_runs_as_a_non_root_user_on_a_pinned_slim_base() -> None:
 def test_the_build_context_leaves_out_local_state() -> None:
     ignored = set((ROOT / ".dockerignore").read_text().split())
     assert {".git", ".venv", "tests", "*.sqlite3", "*.sqlite3-*", ".env"} <= ignored
+
+
+def test_the_api_is_published_on_the_hosts_loopback_only() -> None:
+    """/metrics and /healthz answer without a key, over plain http: a proxy publishes the API."""
+    api = yaml.safe_load((ROOT / "docker-compose.yml").read_text())["services"]["api"]
+    assert api["ports"] == ["127.0.0.1:8000:8000"]
