@@ -4,6 +4,7 @@ files for fast unit tests, and an in-process mock upstream."""
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import threading
 import uuid
@@ -21,6 +22,19 @@ from aiohttp import web
 from migrations.migrate import upgrade_to_head
 from mock_upstream import MockConfig, create_app
 from pcq.settings import Settings, load_settings
+
+
+@pytest.fixture(autouse=True)
+def _root_logging_restored() -> Iterator[None]:
+    """A test that runs ``pcq`` in-process (shell.cli.main) configures logging for a process:
+    a handler on the stderr pytest captures for that test and closes after it. Later tests'
+    threads (the in-process mock) would then log to a closed file; put the root logger back."""
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    yield
+    root.handlers[:] = handlers
+    root.setLevel(level)
+
 
 PG_ADMIN_DSN = os.environ.get("TEST_PG_ADMIN_DSN", "postgresql://postgres@127.0.0.1:5432/postgres")
 # db 14 belongs to pcq's tests; TEST_REDIS_URL moves a second test run (another checkout running

@@ -102,7 +102,7 @@ class ConsoleRoute(APIRoute):
                 return await handler(request)
             except SignedOut:
                 back = RedirectResponse("/console", status_code=303, headers=PAGE_HEADERS)
-                back.delete_cookie(COOKIE, path="/console")
+                back.delete_cookie(COOKIE, path="/console", httponly=True, samesite="strict")
                 return back
             except PcqError as exc:
                 titles = {404: "Not found", 401: "Signed out", 429: "Too many requests"}
