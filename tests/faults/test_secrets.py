@@ -2,7 +2,8 @@
 
 Planted, each a distinctive random string: two upstream keys (``PCQ_UPSTREAM_KEYS``; the mock
 upstream accepts only one, so calls on the other are answered 401), two tenants' API keys
-(``pcq keys create``) and a mistyped copy of one, the tenants' webhook signing secrets (one
+(``pcq keys create``), a mistyped copy of one and a wrong one (well-formed, with its checksum, and
+tenant A's prefix, but not its secret), the tenants' webhook signing secrets (one
 rotated, so two sign), the database password (a role of our own in ``DATABASE_URL``), and a
 webhook URL with a password and a token in it.
 
@@ -11,19 +12,25 @@ answer and a 401 that quotes the key it was sent (whole and its start); webhooks
 that always answers 500 and to one that works; a PostgreSQL restart while calls are in flight;
 bad API requests (no key, a mistyped key, a malformed one, bad JSON, another tenant's job, a
 bad page size); every read a client makes (jobs, batches, results, events, domains, citations,
-deliveries, a redelivery) and ``pcq export`` / ``pcq keys list`` / ``pcq keys upstream``.
+deliveries, a redelivery) and ``pcq export`` / ``pcq keys list`` / ``pcq keys upstream``; the
+console as each tenant sees it (sign-in, then every page: batches, a batch, each job, citations,
+a domain's citations, another tenant's job, a few lines of a batch's event stream) and its
+sign-in refusing the mistyped and the wrong key; at the end, the API's ``/metrics`` and the
+worker's metrics endpoint.
 
 Searched for each secret, whole and as any 10-character piece of its random part: every line
 of every process's log (the mock upstream's own log is searched for all but the upstream
 keys, which it receives by design), every value of every table, every Redis command the run
 sent (``MONITOR``, with base64 payloads decoded: Celery's message bodies are base64), every
-API response's status line, headers and body, and the output of the ``pcq`` client commands.
+API response's status line, headers and body (the console's pages too), both metrics scrapes,
+and the output of the ``pcq`` client commands.
 
 What holds secrets by design, and is left out: ``webhook_secrets.secret`` (kept in clear,
-because signing needs the key itself) and the two responses that hand a signing secret to
-its tenant (``/v1/webhooks/secret`` and its rotation). The webhook URL is stored and shown
-back to its tenant as given, so its password and token may be in the tables and the API's
-answers, but never in a log or a broker message.
+because signing needs the key itself) and the two responses that hand a signing secret to its
+tenant (``/v1/webhooks/secret`` and its rotation), and the ``Set-Cookie`` header of a console
+sign-in that succeeded: the cookie is the key (api.routes.console). The webhook URL is stored
+and shown back to its tenant as given, so its password and token may be in the tables and the
+API's answers, but never in a log or a broker message.
 """
 
 from __future__ import annotations
@@ -46,7 +53,9 @@ import httpx
 import psycopg
 import pytest
 
+from pcq.keys import checksum
 from pcq.models.job import TERMINAL_STATUSES
+from shell.procs import free_port, wait_http
 from tests.faults.helpers import (
     Db,
     PrivatePostgres,
@@ -89,6 +98,7 @@ class Haystacks:
     stored: dict[str, str] = field(default_factory=dict)
     broker: dict[str, str] = field(default_factory=dict)
     responses: dict[str, str] = field(default_factory=dict)
+    metrics: dict[str, str] = field(default_factory=dict)
     cli: dict[str, str] = field(default_factory=dict)
 
 
@@ -124,16 +134,32 @@ class Monitor:
         return self.data.decode(errors="replace")
 
 
+CONSOLE_LOGIN = "/console/login"
+
+
 class Recorder:
-    """Every response the test's HTTP client gets: request line, status, headers and body."""
+    """Every response the test's HTTP clients get: request line, status, headers and body.
+
+    The one header that holds a key by design, the cookie a console sign-in sets when it
+    succeeds (a 303), is kept apart, in ``cookies_set``; a refused sign-in's headers are
+    searched like any others."""
 
     def __init__(self) -> None:
         self.seen: list[tuple[str, str]] = []  # (request path, everything the client got)
+        self.cookies_set: list[str] = []
 
     def __call__(self, response: httpx.Response) -> None:
         response.read()
-        head = "\n".join(f"{k}: {v}" for k, v in response.headers.multi_items())
-        text = f"{response.status_code} {response.reason_phrase}\n{head}\n\n{response.text}"
+        self.add(response, response.text)
+
+    def add(self, response: httpx.Response, body: str) -> None:
+        """``response`` with ``body``: what was read of it (a stream is read only in part)."""
+        headers = response.headers.multi_items()
+        if response.request.url.path == CONSOLE_LOGIN and response.status_code == 303:
+            self.cookies_set += [v for k, v in headers if k == "set-cookie"]
+            headers = [(k, v) for k, v in headers if k != "set-cookie"]
+        head = "\n".join(f"{k}: {v}" for k, v in headers)
+        text = f"{response.status_code} {response.reason_phrase}\n{head}\n\n{body}"
         self.seen.append((response.request.url.path, text))
 
 
@@ -209,6 +235,74 @@ def chat(content: str) -> dict[str, Any]:
     return {"model": "lite", "messages": [{"role": "user", "content": content}]}
 
 
+def wrong_key(key: str) -> str:
+    """A key that passes every check but the secret's: the shape, a checksum that matches, and
+    ``key``'s prefix, so its row is found and only the hash comparison refuses it."""
+    scheme, prefix, _ = key.split("_", 2)
+    body = f"{scheme}_{prefix}_{rand(32)}"
+    return body + checksum(body)
+
+
+_DOMAIN_LINK = re.compile(r'href="(/console/citations\?domain=[^"]+)"')
+
+
+def browse_console(
+    url: str, key: str, recorder: Recorder, batches: list[str], jobs: list[str], foreign_job: str
+) -> dict[str, str]:
+    """Sign in to the console with ``key`` and open every page a person can reach: the batch
+    list, each batch, each of ``jobs``, the citations and a domain's, a few lines of each
+    batch's event stream, and ``foreign_job`` (another tenant's: a 404 page). Every page
+    answered 200 (the foreign job 404) with the id it is about; returns each page's body."""
+    with httpx.Client(base_url=url, timeout=30, event_hooks={"response": [recorder]}) as c:
+        r = c.post(CONSOLE_LOGIN, data={"api_key": key})
+        assert r.status_code == 303, (r.status_code, r.text)
+        assert c.cookies.get("pcq_console")
+        assert c.get("/console").status_code == 303  # signed in: on to the batches
+        pages = {"/console/batches": "Batches", "/console/citations": "Citations"}
+        pages |= {f"/console/batches/{b}": b for b in batches}
+        pages |= {f"/console/jobs/{j}": j for j in jobs}
+        shown: dict[str, str] = {}
+        for path, expected in pages.items():
+            r = c.get(path)
+            assert r.status_code == 200, (path, r.status_code, r.text[:2000])
+            assert expected in r.text, (path, r.text[:2000])
+            shown[path] = r.text
+        domains = _DOMAIN_LINK.findall(shown["/console/citations"])
+        assert domains, shown["/console/citations"][:3000]
+        r = c.get(domains[0].replace("&amp;", "&"))
+        assert r.status_code == 200, (domains[0], r.text[:2000])
+        r = c.get(f"/console/jobs/{foreign_job}")
+        assert r.status_code == 404, (foreign_job, r.status_code)
+        for batch in batches:
+            shown[f"/console/batches/{batch}/events"] = read_events(
+                c, f"/console/batches/{batch}/events", recorder
+            )
+    return shown
+
+
+def read_events(signed_in: httpx.Client, path: str, recorder: Recorder) -> str:
+    """The first lines of a console event stream (at most 20, for at most 10 s), recorded as
+    read. Read from a client of its own with the same cookie: the recorder's hook reads a body
+    to its end, and a stream may not end."""
+    lines: list[str] = []
+    deadline = time.monotonic() + 10
+    with httpx.Client(
+        base_url=str(signed_in.base_url), cookies=signed_in.cookies, timeout=httpx.Timeout(10, read=3)
+    ) as c:
+        with c.stream("GET", path) as r:
+            try:
+                for line in r.iter_lines():
+                    lines.append(line)
+                    if len(lines) >= 20 or time.monotonic() > deadline:
+                        break
+            except httpx.ReadTimeout:
+                pass
+            recorder.add(r, "\n".join(lines))
+    assert r.status_code == 200, (path, r.status_code, lines)
+    assert any(line.startswith("data:") for line in lines), (path, lines)
+    return "\n".join(lines)
+
+
 # The upstream's answers each job asks for (mock directives), by the path it should take.
 CONTENTS = {
     "ok": ["all well {i}"] * 4,
@@ -231,6 +325,7 @@ def test_no_secret_in_any_log_stored_text_broker_message_or_response_after_every
     db_password = f"DBpw{rand(24)}"
     hook_password, hook_token = f"HOOKpw{rand(20)}", f"HOOKtok{rand(20)}"
     database_url = database_with_password(private_pg, db_password)
+    metrics_port = free_port()
 
     env = fault_env(
         database_url,
@@ -246,6 +341,8 @@ def test_no_secret_in_any_log_stored_text_broker_message_or_response_after_every
         PCQ_WEBHOOK_RETRY_SCHEDULE="0.3,0.6",
         PCQ_WEBHOOK_TIMEOUT_SECONDS="2",
         PCQ_LOG_LEVEL=log_level,
+        PCQ_METRICS_PORT=str(metrics_port),
+        PCQ_METRICS_HOST="127.0.0.1",
     )
     env.pop("PARALLEL_API_KEY")
     env[MOCK_KEYS_VAR] = good_key
@@ -256,10 +353,12 @@ def test_no_secret_in_any_log_stored_text_broker_message_or_response_after_every
     recorder = Recorder()
     client = httpx.Client(timeout=30, event_hooks={"response": [recorder]})
     cli: dict[str, str] = {}
+    metrics: dict[str, str] = {}
+    worker_metrics = f"http://127.0.0.1:{metrics_port}/metrics"
     try:
         stack.start_mock("--api-keys-env", MOCK_KEYS_VAR)
         stack.start_api()
-        stack.start_worker()
+        wait_http(worker_metrics, proc=stack.start_worker())
         wait_worker_ready(stack)
 
         # Tenant keys, minted as users mint them.
@@ -268,6 +367,7 @@ def test_no_secret_in_any_log_stored_text_broker_message_or_response_after_every
         }
         key_a, key_b = (created[name].strip().splitlines()[-1] for name in ("leaks-a", "leaks-b"))
         mistyped = key_a[:-1] + ("x" if key_a[-1] != "x" else "y")
+        wrong = wrong_key(key_a)
         a, b = {"Authorization": f"Bearer {key_a}"}, {"x-api-key": key_b}
         url = stack.api_url
 
@@ -331,6 +431,7 @@ def test_no_secret_in_any_log_stored_text_broker_message_or_response_after_every
         client.get(f"{url}/v1/jobs")
         client.get(f"{url}/v1/jobs", headers={"Authorization": f"Bearer {mistyped}"})
         client.get(f"{url}/v1/jobs", headers={"x-api-key": mistyped})
+        client.get(f"{url}/v1/jobs", headers={"Authorization": f"Bearer {wrong}"})
         client.get(f"{url}/v1/jobs", headers={"Authorization": f"Bearer {key_b[:20]}"})
         client.get(f"{url}/v1/jobs", headers={"Authorization": f"Basic {key_a}"})
         client.post(
@@ -343,7 +444,8 @@ def test_no_secret_in_any_log_stored_text_broker_message_or_response_after_every
         # Every job ends, and every webhook event is delivered or has failed for good.
         db = Db(private_pg.url)
         try:
-            all_ids = [i for batch in batches for i in db.batch_job_ids(batch)] + job_ids
+            a_ids = [i for batch in batches for i in db.batch_job_ids(batch)]
+            all_ids = a_ids + job_ids
 
             def ended() -> bool:
                 jobs = db.try_jobs(all_ids)
@@ -382,6 +484,24 @@ def test_no_secret_in_any_log_stored_text_broker_message_or_response_after_every
         client.get(f"{url}/readyz")
         client.get(f"{url}/v1/no-such-route", headers=a)
 
+        # The console, as each tenant sees it; its sign-in refusing a mistyped and a wrong key,
+        # and a cookie that holds a wrong key (a page: back to sign-in; the stream: a 401).
+        console_a = browse_console(url, key_a, recorder, batches, a_ids, foreign_job=job_ids[0])
+        browse_console(url, key_b, recorder, [], job_ids, foreign_job=a_ids[0])
+        echo_pages = [t for p, t in console_a.items() if "/jobs/" in p and "echo-" in t]
+        assert echo_pages
+        assert all("failed" in t and "401" in t for t in echo_pages), echo_pages
+        assert any("[redacted]" in t for t in echo_pages), echo_pages  # the 401 that named the key
+        assert any("succeeded" in t for p, t in console_a.items() if "/jobs/" in p)
+        refusals = {mistyped: "(a typo?)", wrong: "That key is not valid, or it has been revoked."}
+        for bad, why in refusals.items():
+            r = client.post(f"{url}{CONSOLE_LOGIN}", data={"api_key": bad})
+            assert r.status_code == 401, (r.status_code, r.text)
+            assert why in r.text, r.text
+        stale = {"Cookie": f"pcq_console={wrong}"}
+        assert client.get(f"{url}/console/batches", headers=stale).status_code == 303
+        assert client.get(f"{url}/console/batches/{batches[0]}/events", headers=stale).status_code == 401
+
         # The client commands: an export, one with a mistyped key, the key list.
         client_env = {**env, "PCQ_API_URL": url, "PCQ_API_KEY": key_a}
         out = pcq(client_env, "export", batches[0], "--format", "csv", "-o", str(tmp_path / "out.csv"))
@@ -394,6 +514,9 @@ def test_no_secret_in_any_log_stored_text_broker_message_or_response_after_every
         out = pcq(env, "keys", "upstream")
         cli["pcq keys upstream"] = out.stdout + out.stderr
         time.sleep(1)  # the redelivery's attempt, into the logs and the tables
+
+        metrics["API /metrics"] = httpx.get(f"{url}/metrics", timeout=10).text
+        metrics["worker metrics"] = httpx.get(worker_metrics, timeout=10).text
     finally:
         client.close()
         stack.stop_all()
@@ -412,6 +535,7 @@ def test_no_secret_in_any_log_stored_text_broker_message_or_response_after_every
         Secret("tenant A's API key", key_a, key_a.split("_", 2)[2]),
         Secret("tenant B's API key", key_b, key_b.split("_", 2)[2]),
         Secret("tenant A's API key, mistyped", mistyped, mistyped.split("_", 2)[2][:-1]),
+        Secret("a wrong API key (tenant A's prefix)", wrong, wrong.split("_", 2)[2]),
         Secret("tenant A's webhook secret", whsec_a1, whsec_a1.removeprefix("whsec_")),
         Secret("tenant A's rotated webhook secret", whsec_a2, whsec_a2.removeprefix("whsec_")),
         Secret("tenant B's webhook secret", whsec_b, whsec_b.removeprefix("whsec_")),
@@ -433,9 +557,14 @@ def test_no_secret_in_any_log_stored_text_broker_message_or_response_after_every
     for n, (path, text) in enumerate(recorder.seen):
         if not path.startswith("/v1/webhooks/secret"):  # they hand the tenant its own secret
             hay.responses[f"response #{n} to {path}"] = text
+    hay.metrics = metrics
     hay.cli = cli
 
     assert {"api.log", "worker.log", "mock.log"} <= set(hay.logs), list(hay.logs)
+    assert "pcq_upstream_requests_total" in metrics["worker metrics"], metrics["worker metrics"]
+    assert 'route="/console/jobs/{job_id}"' in metrics["API /metrics"], metrics["API /metrics"]
+    # The cookies kept out of the search held what they should: each tenant's key.
+    assert [k for k in (key_a, key_b) if any(k in c for c in recorder.cookies_set)] == [key_a, key_b]
 
     # The search finds what it looks for: where a secret is by design, it is found; and the
     # broker's messages were read (each job id is in one, inside its base64 body).
@@ -464,6 +593,7 @@ def find_leaks(secret_list: list[Secret], hay: Haystacks, upstream_keys: tuple[s
         "broker message": hay.broker,
         "stored value": hay.stored,
         "API response": hay.responses,
+        "metrics scrape": hay.metrics,
         "client output": hay.cli,
     }
     for secret in secret_list:
