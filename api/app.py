@@ -67,9 +67,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         res = build_resources(settings)
         app.state.resources = res
+        app.state.metrics.fleet.start(res.sessions)
         try:
             yield
         finally:
+            app.state.metrics.fleet.stop()
             res.db_engine.dispose()
             res.submitter.webhook_urls.close()
             if res.redis is not None:
@@ -93,7 +95,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         upload_timeout=settings.upload_timeout_seconds,
     )
     # Outermost, so it counts what the middlewares above answer (413, 408, 422) too.
-    app.state.metrics = metrics.ApiMetrics()
+    app.state.metrics = metrics.ApiMetrics(
+        metrics.FleetCollector(totals_interval=settings.metrics_totals_seconds)
+    )
     app.add_middleware(metrics.HttpMetrics, metrics=app.state.metrics)
     request_ids.install(app)
     return app

@@ -11,8 +11,11 @@ README's "Metrics" says how). It serves
   stream or a long export counts its time to first byte, not how long it was read.
 - ``pcq_jobs{status}``, ``pcq_oldest_queued_job_age_seconds``, ``pcq_batches_open`` and
   ``pcq_webhook_deliveries{status}``, which every API process reads from the shared database
-  (pcq/repositories/fleet.py): ``FleetCollector`` runs those queries at most every
-  ``REFRESH_SECONDS`` however often it is scraped, and a failed read never fails the scrape: the
+  (pcq/repositories/fleet.py) on a thread of its own, ``FleetCollector``'s refresher: the queued
+  and running jobs, the oldest due job, the open batches and the pending deliveries every
+  ``REFRESH_SECONDS``, the ended jobs and deliveries (a count as long as the history) every
+  ``PCQ_METRICS_TOTALS_SECONDS``. A scrape only serves what the refresher read, so a database
+  that hangs (a failover that drops packets) never holds it past Prometheus' scrape timeout: the
   last values are served for up to ``STALE_SECONDS``, then the gauges are left out.
 
 Each app has a registry of its own (not prometheus_client's global one), so many apps can live
@@ -43,15 +46,15 @@ from prometheus_client.registry import Collector
 from starlette.routing import Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from api.deps import ResourcesDep
 from pcq.db import SessionFactory
-from pcq.models import JobStatus, utcnow
+from pcq.models import ACTIVE_STATUSES, JobStatus, utcnow
 from pcq.models.delivery import DeliveryStatus
-from pcq.repositories.fleet import FleetGauges, read_gauges
+from pcq.repositories.fleet import ActiveGauges, Totals, read_active, read_totals
 
 log = logging.getLogger(__name__)
 
-REFRESH_SECONDS = 5.0  # the fleet's gauges are read from the database at most this often
+REFRESH_SECONDS = 5.0  # the fleet's active gauges are read from the database this often
+TOTALS_SECONDS = 60.0  # and the ended jobs and deliveries counted this often (the default)
 STALE_SECONDS = 60.0  # while the database is away, the last values are served this long
 UNMATCHED = "unmatched"
 METHODS = frozenset({"DELETE", "GET", "HEAD", "OPTIONS", "PATCH", "POST", "PUT"})
@@ -68,50 +71,86 @@ FLEET_METRICS = (
 
 
 class FleetCollector(Collector):
-    """The fleet's gauges, read from the database on a scrape at most every ``interval`` s."""
+    """The fleet's gauges, as the last reads found them. ``refresh`` reads the database (what
+    the refresher thread ``start`` runs every ``interval`` s does, and what tests call to step
+    it); ``collect`` (a scrape) never does."""
 
     def __init__(
-        self, *, interval: float = REFRESH_SECONDS, clock: Callable[[], float] = time.monotonic
+        self,
+        *,
+        interval: float = REFRESH_SECONDS,
+        totals_interval: float = TOTALS_SECONDS,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.interval = interval
+        self.totals_interval = totals_interval
         self._clock = clock
-        self._lock = threading.Lock()
-        self._values: FleetGauges | None = None
-        self._read_at = 0.0  # clock of the last successful read
-        self._tried_at: float | None = None  # clock of the last read, failed or not
+        self._active: ActiveGauges | None = None
+        self._active_at = 0.0  # clock of the last good read of the active part
+        self._totals: Totals | None = None
+        self._totals_at = 0.0  # clock of the last good read of the totals
+        self._totals_tried_at: float | None = None  # a failed read waits out the interval too
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
 
     def refresh(self, sessions: SessionFactory) -> None:
-        """Read the database if the last read is ``interval`` old; one scrape at a time reads,
-        the others serve what is there."""
-        if self._tried_at is not None and self._clock() - self._tried_at < self.interval:
-            return
-        if not self._lock.acquire(blocking=False):
-            return
+        """Read the active part, and the totals if they are ``totals_interval`` old. A failed
+        read is logged and leaves the last values in place."""
+        now = self._clock()
         try:
-            now = self._clock()
-            if self._tried_at is not None and now - self._tried_at < self.interval:
-                return
-            self._tried_at = now
-            try:
-                with sessions() as session:
-                    self._values = read_gauges(session, now=utcnow())
-                self._read_at = now
-            except Exception as exc:
-                log.warning("metrics: could not read the fleet's gauges (%s)", type(exc).__name__)
-        finally:
-            self._lock.release()
+            with sessions() as session:
+                self._active = read_active(session, now=utcnow())
+            self._active_at = now
+        except Exception as exc:
+            log.warning("metrics: could not read the fleet's gauges (%s)", type(exc).__name__)
+            return
+        if self._totals_tried_at is not None and now - self._totals_tried_at < self.totals_interval:
+            return
+        self._totals_tried_at = now
+        try:
+            with sessions() as session:
+                self._totals = read_totals(session)
+            self._totals_at = now
+        except Exception as exc:
+            log.warning("metrics: could not count the ended jobs (%s)", type(exc).__name__)
+
+    def start(self, sessions: SessionFactory) -> None:
+        """Refresh now and every ``interval`` s on a daemon thread, until ``stop``."""
+
+        def run() -> None:
+            while not self._stop.is_set():
+                self.refresh(sessions)
+                self._stop.wait(self.interval)
+
+        self._stop.clear()
+        self._thread = threading.Thread(target=run, name="pcq-fleet-gauges", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float = 5.0) -> None:
+        """Stop the refresher; a read hung on a dead connection is not waited for past
+        ``timeout`` (the thread is a daemon: it does not hold the process)."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
+            self._thread = None
 
     def collect(self) -> Iterator[Metric]:
-        values = self._values
-        if values is None or self._clock() - self._read_at > STALE_SECONDS:
+        active, now = self._active, self._clock()
+        if active is None or now - self._active_at > STALE_SECONDS:
             return
+        totals = self._totals
+        if totals is not None and now - self._totals_at > self.totals_interval + STALE_SECONDS:
+            totals = None  # the ended jobs' counts are left out, as every gauge is when stale
         jobs = GaugeMetricFamily("pcq_jobs", "Jobs in the database, by status.", labels=["status"])
         for status in JobStatus:
-            jobs.add_metric([status.value], values.jobs.get(status.value, 0))
+            if status in ACTIVE_STATUSES:
+                jobs.add_metric([status.value], active.jobs.get(status.value, 0))
+            elif totals is not None:
+                jobs.add_metric([status.value], totals.jobs.get(status.value, 0))
         yield jobs
         age = 0.0
-        if values.oldest_due_at is not None:
-            age = max((utcnow() - values.oldest_due_at).total_seconds(), 0.0)
+        if active.oldest_due_at is not None:
+            age = max((utcnow() - active.oldest_due_at).total_seconds(), 0.0)
         yield GaugeMetricFamily(
             "pcq_oldest_queued_job_age_seconds",
             "How long the oldest queued job that may run now has waited since it became due "
@@ -119,13 +158,16 @@ class FleetCollector(Collector):
             value=age,
         )
         yield GaugeMetricFamily(
-            "pcq_batches_open", "Batches with a queued or running job.", value=values.batches_open
+            "pcq_batches_open", "Batches with a queued or running job.", value=active.batches_open
         )
         deliveries = GaugeMetricFamily(
             "pcq_webhook_deliveries", "Webhook events in the outbox, by status.", labels=["status"]
         )
         for d in DeliveryStatus:
-            deliveries.add_metric([d.value], values.deliveries.get(d.value, 0))
+            if d == DeliveryStatus.PENDING:
+                deliveries.add_metric([d.value], active.deliveries.get(d.value, 0))
+            elif totals is not None:
+                deliveries.add_metric([d.value], totals.deliveries.get(d.value, 0))
         yield deliveries
 
 
@@ -220,8 +262,7 @@ router = APIRouter(tags=["health"])
 
 
 @router.get("/metrics", include_in_schema=False)
-def metrics(request: Request, res: ResourcesDep) -> Response:
+def metrics(request: Request) -> Response:
     """Prometheus metrics of this API process and of the fleet (no authentication)."""
     m: ApiMetrics = request.app.state.metrics
-    m.fleet.refresh(res.sessions)
     return Response(generate_latest(m.registry), media_type=CONTENT_TYPE_LATEST)

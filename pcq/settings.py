@@ -213,6 +213,12 @@ class Settings(BaseSettings):
         description="Address the worker's metrics server binds; it has no authentication, so "
         "keep the port on an internal network.",
     )
+    metrics_totals_seconds: float = Field(
+        default=60.0,
+        gt=0,
+        description="How often each API process counts the ended jobs and webhook events for "
+        "/metrics (a read as long as the history); the queued and running ones are read every 5 s.",
+    )
     log_format: Literal["json", "text"] | None = Field(
         default=None,
         description="`json` (one object per line) or `text`; unset: text when stderr is a "

@@ -63,6 +63,10 @@ PRIORITY_RANKS = {p: n for n, p in enumerate(PRIORITIES)}
 UNSENT = text(f"status = '{JobStatus.QUEUED.value}' AND enqueued_at IS NULL")
 # Jobs the dispatcher sent that no worker has claimed yet: what the broker holds.
 SENT = text(f"status = '{JobStatus.QUEUED.value}' AND enqueued_at IS NOT NULL")
+# Queued jobs never retried: due since their submission (the fleet's oldest-job gauge).
+QUEUED_FIRST_RUN = text(f"status = '{JobStatus.QUEUED.value}' AND next_attempt_at IS NULL")
+# Jobs not ended yet (ACTIVE_STATUSES, spelled out for the index's predicate).
+ACTIVE = text(f"status IN ('{JobStatus.QUEUED.value}', '{JobStatus.RUNNING.value}')")
 
 JOB_STATUSES = tuple(JobStatus)
 ACTIVE_STATUSES = (JobStatus.QUEUED, JobStatus.RUNNING)
@@ -118,6 +122,17 @@ class Job(Base):
         # What the broker holds, counted at each dispatch (the sweep's query, which also asks for
         # expired leases, reads the status index instead).
         Index("ix_jobs_sent", "enqueued_at", sqlite_where=SENT, postgresql_where=SENT),
+        # The fleet's gauges (pcq.repositories.fleet), each answered in a probe or a few, not by
+        # walking the backlog: the oldest queued job never retried (the first entry; retried
+        # ones are the first entries of the status index), and the open batches (one probe per
+        # batch that has a job not ended).
+        Index(
+            "ix_jobs_queued_created",
+            "created_at",
+            sqlite_where=QUEUED_FIRST_RUN,
+            postgresql_where=QUEUED_FIRST_RUN,
+        ),
+        Index("ix_jobs_active_batch", "batch_id", sqlite_where=ACTIVE, postgresql_where=ACTIVE),
     )
 
     id: Mapped[str] = mapped_column(String(40), primary_key=True)
