@@ -398,7 +398,9 @@ class Engine:
         held: tuple[int, str] | None = None
         # This task's own context: every line logged for the job from here carries its ids.
         logs.bind(**job.log_fields())
-        log.info("claimed")
+        # One INFO line per call ("stored", below, says how the call went too): at ~500 jobs/s a
+        # line costs a worker ~2% of its CPU (docs/benchmarks.md, "Issue 13"); DEBUG has the steps.
+        log.debug("claimed")
         try:
             held = await self._admit(job)
             if held is None:
@@ -406,11 +408,12 @@ class Engine:
             with self.metrics.calls_in_flight.track_inprogress():
                 outcome = await self._upstream.call(job.request_json, held[0])
             self.metrics.record_call(job.model, outcome)
-            latency_ms = int((outcome.finished_at - outcome.started_at).total_seconds() * 1000)
-            log.info(
-                "upstream call done",
-                extra={"status_code": outcome.status_code, "latency_ms": latency_ms, "outcome": outcome.kind},
-            )
+            call = {
+                "status_code": outcome.status_code,
+                "latency_ms": int((outcome.finished_at - outcome.started_at).total_seconds() * 1000),
+                "outcome": outcome.kind,
+            }
+            log.debug("upstream call done", extra=call)
             if outcome.status_code == 429:
                 # Every worker pauses this key (Retry-After, else backoff) and then sends to
                 # it more slowly; its rate climbs back while no 429 comes.
@@ -428,7 +431,7 @@ class Engine:
             held = None
             written = await stored  # what the database now holds (None: the claim was lost)
             if written is not None:
-                log.info("stored", extra=_stored_fields(written, self.settings.max_attempts))
+                log.info("stored", extra=call | _stored_fields(written, self.settings.max_attempts))
         except Exception:
             # The lease will expire and the sweeper hands the job to a worker again.
             log.exception("job %s attempt %d: unexpected error", job.id, job.attempt)
