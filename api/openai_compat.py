@@ -63,7 +63,14 @@ class OpenAIError(Exception):
         self.status, self.message, self.param, self.code = status, message, param, code
 
 
+def shown(text: str) -> str:
+    """Text safe to answer in JSON: an unpaired surrogate (from a key or value that was sent)
+    shown as its escape, since no UTF-8 answer can hold one."""
+    return text.encode("utf-8", "backslashreplace").decode()
+
+
 def error_json(status: int, message: str, param: str | None, code: str | None) -> dict[str, Any]:
+    message, param = shown(message), None if param is None else shown(param)
     kind = ERROR_TYPES.get(status, "server_error" if status >= 500 else "invalid_request_error")
     return {"error": {"message": message, "type": kind, "param": param, "code": code}}
 
@@ -166,7 +173,7 @@ def check_upload(purpose: object, filename: str | None) -> str:
             param="purpose",
         )
     name = filename or "upload.jsonl"
-    if "\x00" in name or len(name) > 255:
+    if "\x00" in name or len(name) > 255 or shown(name) != name:
         raise OpenAIError(400, "the file's name must be at most 255 characters, without NUL", param="file")
     return name
 
@@ -205,7 +212,7 @@ class InputFile:
     errors: list[dict[str, Any]] = field(default_factory=list)
 
     def fail(self, line: int | None, code: str, message: str, param: str | None = None) -> None:
-        self.errors.append({"code": code, "message": message, "param": param, "line": line})
+        self.errors.append({"code": code, "message": shown(message), "param": param, "line": line})
 
 
 def read_input(content: bytes, *, max_lines: int, max_line_bytes: int) -> InputFile:
@@ -319,7 +326,7 @@ class BatchCreate:
             name = sorted(unknown)[0]
             raise OpenAIError(400, f"Unrecognized request argument supplied: {name}", param=name)
         input_file_id = _value(found.get("input_file_id"))
-        if not isinstance(input_file_id, str) or not input_file_id:
+        if not _is_id(input_file_id):
             raise OpenAIError(400, "input_file_id must be a file's id", param="input_file_id")
         if _value(found.get("endpoint")) != ENDPOINT:
             raise OpenAIError(400, f"endpoint must be {ENDPOINT}", param="endpoint", code="invalid_value")
@@ -338,17 +345,22 @@ class BatchCreate:
         )
 
 
+def _is_id(value: Any) -> bool:
+    return isinstance(value, str) and 0 < len(value) <= 64 and "\x00" not in value and shown(value) == value
+
+
 def _check_metadata(value: Any) -> None:
     """OpenAI's rule: at most 16 pairs, keys up to 64 characters, string values up to 512."""
     if (
         not isinstance(value, dict)
         or len(value) > 16
         or any(len(k) > 64 or not isinstance(v, str) or len(v) > 512 for k, v in value.items())
+        or shown(json.dumps(value, ensure_ascii=False)) != json.dumps(value, ensure_ascii=False)
     ):
         raise OpenAIError(
             400,
             "metadata must be an object of at most 16 pairs: keys up to 64 characters, "
-            "string values up to 512",
+            "string values up to 512, no unpaired surrogate",
             param="metadata",
         )
 

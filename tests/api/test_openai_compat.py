@@ -267,3 +267,56 @@ def test_a_failed_batch_cannot_be_cancelled(api: Api) -> None:
     batch_id = api.batch(api.upload("nope").json()["id"]).json()["id"]
     with pytest.raises(openai.ConflictError):
         api.sdk().batches.cancel(batch_id)
+
+
+NASTY_BATCH_BODIES = [
+    b"",
+    b"\xff\xfe",
+    b"[]",
+    b'{"input_file_id": "\\ud800", "endpoint": "/v1/chat/completions", "completion_window": "24h"}',
+    b'{"input_file_id": "file-\\u0000", "endpoint": "/v1/chat/completions", "completion_window": "24h"}',
+    b'{"input_file_id": "f", "endpoint": "/v1/chat/completions", "completion_window": "24h", '
+    b'"metadata": {"\\udc00": "x"}}',
+    b'{"\\ud800": 1}',
+]
+
+
+@pytest.mark.parametrize("raw", NASTY_BATCH_BODIES)
+def test_a_malformed_batch_request_is_a_400_never_a_5xx(api: Api, raw: bytes) -> None:
+    r = api.client.post(
+        "/openai/v1/batches", content=raw, headers={**api.h(), "content-type": "application/json"}
+    )
+    assert r.status_code == 400, r.text
+    assert r.json()["error"]["type"] == "invalid_request_error"
+
+
+def test_bad_lines_with_unpaired_surrogates_are_reported_not_a_5xx(api: Api) -> None:
+    lines = [
+        '{"custom_id": "\\ud800", "method": "POST", "url": "/v1/chat/completions", "body": ' + BODY + "}",
+        line("x", body=BODY[:-1] + ', "\\udc00": 1}'),
+        line("y", body=BODY[:-1] + ', "stream": true}'),
+    ]
+    batch = api.batch(api.upload("\n".join(lines)).json()["id"])
+    assert batch.status_code == 200, batch.text
+    assert [e["line"] for e in batch.json()["errors"]["data"]] == [1, 2, 3]
+
+
+@pytest.mark.parametrize(
+    ("content", "content_type"),
+    [(b"{}", "application/json"), (b"--x\r\nbroken", "multipart/form-data; boundary=x"), (b"", "")],
+)
+def test_a_malformed_upload_is_a_400(api: Api, content: bytes, content_type: str) -> None:
+    r = api.client.post(
+        "/openai/v1/files", content=content, headers={**api.h(), "content-type": content_type}
+    )
+    assert r.status_code == 400, r.text
+
+
+def test_odd_ids_in_paths_are_404_or_400_never_5xx(api: Api) -> None:
+    for path in (
+        "/openai/v1/files/file-%00",
+        "/openai/v1/batches/%F0%9F%98%80",
+        "/openai/v1/files/file--output",
+    ):
+        assert api.client.get(path, headers=api.h()).status_code in (400, 404)
+    assert api.client.get("/openai/v1/files?after=%00", headers=api.h()).status_code == 400
