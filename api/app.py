@@ -9,10 +9,11 @@ from typing import Any
 
 from fastapi import FastAPI
 
-from api import errors, metrics, openapi, request_ids
+from api import errors, metrics, openai_compat, openapi, request_ids
 from api.deps import Resources
 from api.events import StreamSlots
 from api.routes import batches, citations, console, deliveries, health, jobs, webhooks
+from api.routes import openai_compat as openai_routes
 from api.service import Submitter
 from api.tenant_limits import QueueCap, build_rate_limiter
 from api.uploads import UploadSlots
@@ -85,7 +86,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     errors.install(app)
     openapi.install(app)
-    for module in (jobs, batches, citations, webhooks, deliveries, health, metrics, console):
+    for module in (jobs, batches, citations, webhooks, deliveries, health, metrics, console, openai_routes):
         app.include_router(module.router)
     app.add_middleware(errors.RejectNul)
     app.add_middleware(
@@ -94,6 +95,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         batch_limit=settings.max_batch_bytes,
         upload_timeout=settings.upload_timeout_seconds,
     )
+    openai_compat.install(app)  # outside BodyLimit: its 413 and 408 get OpenAI's shape under /openai
     # Outermost, so it counts what the middlewares above answer (413, 408, 422) too.
     app.state.metrics = metrics.ApiMetrics(
         metrics.FleetCollector(totals_interval=settings.metrics_totals_seconds)

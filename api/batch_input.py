@@ -67,7 +67,12 @@ def text_of(found: dict[str, Member], key: str) -> str | None:
 
 def line_to_job(text: str, where: str) -> NewJob:
     """One batch line (or JSON batch item): validated, its body and metadata kept verbatim."""
-    found = read_object(text, where)
+    return members_to_job(read_object(text, where), where)
+
+
+def members_to_job(found: dict[str, Member], where: str) -> NewJob:
+    """A batch line already read into its members (api.verbatim): validated as a BatchLine;
+    the job's request and metadata are their members' exact text."""
     try:
         line = BatchLine.model_validate({k: m.value for k, m in found.items()})
     except ValidationError as exc:

@@ -11,6 +11,7 @@ from pcq.models import Job, JobStatus, utcnow
 from pcq.repositories import jobs as job_rows
 
 RETRYABLE_BY_USER = (JobStatus.FAILED, JobStatus.CANCELLED)
+EVENTS_AT_ONCE = 1000  # jobs whose webhook events are written per query (bound parameters)
 
 
 def cancel(session: Session, job: Job) -> Job:
@@ -30,6 +31,17 @@ def cancel(session: Session, job: Job) -> Job:
     if changed != 1 and job.status != JobStatus.CANCELLED:
         raise Conflict(f"job {job.id} already {job.status}; only queued or running jobs can be cancelled")
     return job
+
+
+def cancel_batch(session: Session, batch_id: str) -> int:
+    """Cancel every queued or running job of a batch, as ``cancel`` does one (their running
+    calls finish, their outcomes are discarded); returns how many it cancelled."""
+    now = utcnow()
+    cancelled = job_rows.cancel_active_of_batch(session, batch_id, now=now)
+    for start in range(0, len(cancelled), EVENTS_AT_ONCE):
+        chunk = cancelled[start : start + EVENTS_AT_ONCE]
+        outbox.record_finished(session, [(job_id, JobStatus.CANCELLED) for job_id in chunk], now=now)
+    return len(cancelled)
 
 
 def requeue(session: Session, job_ids: list[str]) -> list[str]:

@@ -148,6 +148,10 @@ def allowed_methods(request: Request) -> str:
     )
 
 
+# Bodies that are batches (or batch input files, api.openai_compat): PCQ_MAX_BATCH_BYTES applies.
+BATCH_PATHS = ("/v1/batches", "/openai/v1/files")
+
+
 class BodyLimit:
     """Refuse bodies over a size with 413 before they are read into memory, and bodies that do
     not arrive in time with 408.
@@ -171,7 +175,7 @@ class BodyLimit:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        batch = scope["path"].startswith("/v1/batches")
+        batch = scope["path"].startswith(BATCH_PATHS)
         limit = self.batch_limit if batch else self.default_limit
         setting = "PCQ_MAX_BATCH_BYTES" if batch else "PCQ_MAX_REQUEST_BYTES"
         for name, value in scope.get("headers", []):
@@ -265,7 +269,9 @@ class RejectNul:
         self.app = app
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http" and scope["path"].startswith("/v1"):  # the others read no input
+        if scope["type"] == "http" and scope["path"].startswith(
+            ("/v1", "/openai/v1")
+        ):  # others read no input
             where = self._where(scope)
             if where is not None:
                 body = JSONResponse(

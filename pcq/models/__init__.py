@@ -9,6 +9,7 @@ from pcq.models.delivery import (
     WebhookAttempt,
     WebhookEvent,
 )
+from pcq.models.file import File
 from pcq.models.job import (
     ACTIVE_STATUSES,
     JOB_STATUSES,
@@ -45,6 +46,7 @@ __all__ = [
     "BatchDomain",
     "BatchStatus",
     "Citation",
+    "File",
     "Job",
     "JobStatus",
     "Result",

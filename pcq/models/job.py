@@ -90,6 +90,14 @@ class Batch(Base):
     idempotency_key: Mapped[str | None] = mapped_column(String(255), default=None)
     request_hash: Mapped[str | None] = mapped_column(String(64), default=None)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    # A batch created through the OpenAI-compatible API (api.openai_compat) keeps what that API
+    # shows: its input file, endpoint and window as given; the JSON text of the errors that
+    # failed it at validation (it then has no jobs); and when a cancel was asked for.
+    input_file_id: Mapped[str | None] = mapped_column(String(48), default=None)
+    endpoint: Mapped[str | None] = mapped_column(String(64), default=None)
+    completion_window: Mapped[str | None] = mapped_column(String(16), default=None)
+    openai_errors: Mapped[str | None] = mapped_column(Text, default=None)
+    cancelling_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), default=None)
 
 
 class Job(Base):

@@ -187,23 +187,41 @@ def reload(session: Session, job: Job) -> None:
 # --- what a user does to a job
 
 
+def _cancelled(now: datetime) -> dict[str, Any]:
+    """What a cancel by the user writes on a job (one or a whole batch's)."""
+    return {
+        "status": JobStatus.CANCELLED,
+        "lease_until": None,
+        "next_attempt_at": None,
+        "finished_at": now,
+        "updated_at": now,
+        "error_code": "cancelled",
+        "error": "cancelled by the user",
+    }
+
+
 def cancel(session: Session, job_id: str, *, now: datetime) -> int:
     """Cancel the job if it is queued or running; the number of rows changed (0 or 1)."""
     res = session.execute(
         update(Job)
         .where(Job.id == job_id, Job.status.in_(ACTIVE_STATUSES))
-        .values(
-            status=JobStatus.CANCELLED,
-            lease_until=None,
-            next_attempt_at=None,
-            finished_at=now,
-            updated_at=now,
-            error_code="cancelled",
-            error="cancelled by the user",
-        )
+        .values(**_cancelled(now))
         .execution_options(synchronize_session=False)
     )
     return int(res.rowcount)  # type: ignore[attr-defined]
+
+
+def cancel_active_of_batch(session: Session, batch_id: str, *, now: datetime) -> list[str]:
+    """Cancel every queued or running job of a batch (one UPDATE); returns their ids."""
+    return list(
+        session.scalars(
+            update(Job)
+            .where(Job.batch_id == batch_id, Job.status.in_(ACTIVE_STATUSES))
+            .values(**_cancelled(now))
+            .returning(Job.id)
+            .execution_options(synchronize_session=False)
+        )
+    )
 
 
 def requeue(session: Session, job_ids: list[str], *, statuses: Sequence[str], now: datetime) -> list[str]:
