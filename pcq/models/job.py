@@ -8,6 +8,7 @@ from enum import StrEnum
 from sqlalchemy import (
     Boolean,
     CheckConstraint,
+    Float,
     ForeignKey,
     Index,
     Integer,
@@ -90,6 +91,13 @@ class Batch(Base):
     idempotency_key: Mapped[str | None] = mapped_column(String(255), default=None)
     request_hash: Mapped[str | None] = mapped_column(String(64), default=None)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    # Cost (pcq/costs.py), in USD. The estimate is one call per job at the prices of its
+    # submission (NULL: submitted before costs were kept). ``max_cost``: no call starts that
+    # could take the batch's spend past it; ``spent`` is that spend, kept (as attempts are
+    # stored) only for a batch with a max_cost, for the claim's check.
+    estimated_cost: Mapped[float | None] = mapped_column(Float, default=None)
+    max_cost: Mapped[float | None] = mapped_column(Float, default=None)
+    spent: Mapped[float] = mapped_column(Float, default=0.0, server_default="0")
 
 
 class Job(Base):
@@ -192,3 +200,6 @@ class Attempt(Base):
     upstream_key_id: Mapped[str | None] = mapped_column(String(16), default=None)
     retry_after_seconds: Mapped[float | None] = mapped_column(default=None)
     error_detail: Mapped[str | None] = mapped_column(Text, default=None)
+    # What the call was billed, in USD, at the prices when it was stored (pcq/costs.py): a price
+    # changed later does not rewrite it. 0 for a call that got no HTTP answer.
+    cost: Mapped[float] = mapped_column(Float, default=0.0, server_default="0")
