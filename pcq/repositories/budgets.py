@@ -130,9 +130,3 @@ def add_tenant_spend(session: Session, costs: Sequence[tuple[str, date, float]])
     )
     for tenant_id, month, cost in costs:  # one row each: ON CONFLICT takes one row a statement here
         session.execute(stmt.values(tenant_id=tenant_id, month=month, spent=cost))
-
-
-def spend_of_month(session: Session, month: date) -> dict[str, float]:
-    """Every tenant's spend in ``month`` (those with none are absent)."""
-    rows = session.execute(select(TenantSpend.tenant_id, TenantSpend.spent).where(TenantSpend.month == month))
-    return {tenant_id: float(spent) for tenant_id, spent in rows}
