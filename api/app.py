@@ -54,6 +54,7 @@ def build_resources(settings: Settings) -> Resources:
             else None,
             uploads=UploadSlots(settings.max_uploads_per_tenant, settings.max_uploads),
             webhook_urls=WebhookUrlGuard(allow_private=settings.webhook_allow_private),
+            prices=settings.prices,
         ),
         redis=redis_client,
         event_streams=StreamSlots(settings.sse_max_streams_per_tenant),

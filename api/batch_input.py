@@ -182,9 +182,15 @@ class JsonlBatch:
     webhook_events: str | None = None
 
     def __init__(
-        self, file: IO[bytes], max_lines: int, max_line_bytes: int, priority: Priority | None = None
+        self,
+        file: IO[bytes],
+        max_lines: int,
+        max_line_bytes: int,
+        priority: Priority | None = None,
+        max_cost: float | None = None,
     ) -> None:
         self.priority = priority
+        self.max_cost = max_cost  # the ?max_cost= it came with (a JSONL body has no place for one)
         self._file = file
         self._reader = JsonlReader(max_lines, max_line_bytes)
 
@@ -200,7 +206,7 @@ class JsonlBatch:
 _BLANK = re.compile(rb"[ \t\n\r]*")
 _TOKEN = re.compile(rb'[\[\]{}]|"(?:[^"\\]++|\\.)*+("?)', re.S)
 _SCALAR_END = re.compile(rb"[,\]}\[{\" \t\n\r]")
-_JSON_BATCH_KEYS = ("requests", "metadata", "webhook_url", "webhook_events", "priority")
+_JSON_BATCH_KEYS = ("requests", "metadata", "webhook_url", "webhook_events", "priority", "max_cost")
 
 
 class JsonBatch:
@@ -219,9 +225,15 @@ class JsonBatch:
     """
 
     def __init__(
-        self, file: IO[bytes], max_lines: int, max_item_bytes: int, priority: Priority | None = None
+        self,
+        file: IO[bytes],
+        max_lines: int,
+        max_item_bytes: int,
+        priority: Priority | None = None,
+        max_cost: float | None = None,
     ) -> None:
         self.max_lines = max_lines
+        self.max_cost = max_cost  # the ?max_cost= it came with, until the body names its own
         self.max_item_bytes = max_item_bytes
         self.count = 0
         self.metadata_json: str | None = None
@@ -280,6 +292,8 @@ class JsonBatch:
             raise InvalidInput(describe(exc, "body")) from None
         self.metadata_json = text_of(found, "metadata")
         self.webhook_url = check_webhook_url(body.webhook_url)
+        if body.max_cost is not None:
+            self.max_cost = body.max_cost
         if body.webhook_events:  # kept even without a webhook_url: they go to it, if one is set
             self.webhook_events = json.dumps(sorted(set(body.webhook_events)))
 

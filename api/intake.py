@@ -15,7 +15,7 @@ from typing import Any, Protocol
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from pcq import logs
+from pcq import costs, logs
 from pcq.jobs.errors import IdempotencyMismatch, InvalidInput
 from pcq.models import Batch, Job, JobStatus, Priority, new_id, utcnow
 from pcq.repositories import batches as batch_rows
@@ -60,12 +60,14 @@ class NewJob:
         return hashlib.sha256(json.dumps(parts, ensure_ascii=False).encode()).hexdigest()
 
 
-def batch_fingerprint(body_sha256: str, priority: Priority | None) -> str:
+def batch_fingerprint(body_sha256: str, priority: Priority | None, max_cost: float | None = None) -> str:
     """A batch's request hash: its body's sha256, and the ``?priority=`` it came with (not in
-    the body) unless that is absent or ``normal``, which are the same request."""
-    if priority in (None, Priority.NORMAL):
-        return body_sha256
-    return hashlib.sha256(f"{body_sha256} priority={priority}".encode()).hexdigest()
+    the body) unless that is absent or ``normal``, which are the same request, and the
+    ``?max_cost=`` if any."""
+    extra = "" if priority in (None, Priority.NORMAL) else f" priority={priority}"
+    if max_cost is not None:
+        extra += f" max_cost={max_cost!r}"
+    return hashlib.sha256(f"{body_sha256}{extra}".encode()).hexdigest() if extra else body_sha256
 
 
 def _job_row(
@@ -158,6 +160,7 @@ class BatchSource(Protocol):
     # The priority of its jobs that name none, as far as the body was read: a JSON batch may
     # name it after its requests, and a repeated member counts by its last value.
     priority: Priority | None
+    max_cost: float | None  # USD (pcq/costs.py), known once every job was read
 
     def jobs(self) -> Iterator[NewJob]: ...
 
@@ -167,13 +170,20 @@ class StoredBatch:
     batch: Batch
     created: bool  # False: a replay, the batch another request stored with this idempotency key
     total: int = 0
+    per_model: dict[str, int] = field(default_factory=dict)  # its jobs of each model
     # The new jobs' ids, one space-separated string per chunk inserted (a late batch priority
     # is given to them by chunk): a list of 100,000 str would take three times the memory.
     id_chunks: list[str] = field(default_factory=list)
 
 
 def create_batch(
-    session: Session, tenant_id: str, body: BatchSource, *, idempotency_key: str | None, fingerprint: str
+    session: Session,
+    tenant_id: str,
+    body: BatchSource,
+    *,
+    idempotency_key: str | None,
+    fingerprint: str,
+    prices: costs.Prices,
 ) -> StoredBatch:
     """Insert a batch and its jobs as ``body`` yields them, a chunk at a time; ``fingerprint``
     (batch_fingerprint) is kept to tell a replay from a reuse of the key.
@@ -181,7 +191,7 @@ def create_batch(
     The batch row is inserted with the first chunk, so a body refused before then (a bad first
     request) never begins a transaction. If a racing request took the idempotency key first,
     nothing is inserted and that request's batch is returned (``created`` False), provided it
-    had this very body."""
+    had this very body. Its cost estimate is made at ``prices`` (pcq.costs.estimate)."""
     stored: StoredBatch | None = None
     # Per chunk inserted: the batch priority its jobs were given, and which took it ("1") rather
     # than naming their own ("0"), in case the body names another one later.
@@ -199,6 +209,7 @@ def create_batch(
         ]
         job_rows.insert_many(session, rows)
         stored.total += len(rows)
+        _count_models(stored.per_model, chunk)
         stored.id_chunks.append(" ".join(r["id"] for r in rows))
         given.append((body.priority, "".join("0" if item.priority else "1" for item in chunk)))
     if stored is None:  # the readers refuse an empty batch; belt and braces
@@ -212,8 +223,39 @@ def create_batch(
         metadata_json=body.metadata_json,
         webhook_url=body.webhook_url,
         webhook_events=body.webhook_events,
+        estimated_cost=costs.estimate(prices, stored.per_model),
+        max_cost=body.max_cost,
     )
     return stored
+
+
+def _count_models(per_model: dict[str, int], jobs: Iterator[NewJob] | list[NewJob]) -> int:
+    n = 0
+    for item in jobs:
+        per_model[item.model] = per_model.get(item.model, 0) + 1
+        n += 1
+    return n
+
+
+@dataclass(frozen=True)
+class DryRun:
+    """What a batch would be, had it been submitted: read and validated whole, stored nowhere."""
+
+    total: int
+    per_model: dict[str, int]
+    estimated_cost: float
+    max_cost: float | None
+    webhook_url: str | None
+
+
+def dry_run(body: BatchSource, prices: costs.Prices) -> DryRun:
+    """Read and validate a batch body as ``create_batch`` does, without a database: its jobs per
+    model and its cost estimate."""
+    per_model: dict[str, int] = {}
+    total = _count_models(per_model, body.jobs())
+    if total == 0:  # the readers refuse an empty batch; belt and braces
+        raise InvalidInput("the batch has no requests")
+    return DryRun(total, per_model, costs.estimate(prices, per_model), body.max_cost, body.webhook_url)
 
 
 def _late_priority(

@@ -32,13 +32,14 @@ from api.batch_input import members_to_job
 from api.intake import NewJob
 from api.service import Submitter
 from api.verbatim import Member, NotJson, decode_utf8, members
+from pcq import costs
 from pcq.db import SessionFactory, unit_of_work
 from pcq.jobs.errors import InvalidInput
 from pcq.models import Batch, File, JobStatus, Priority, new_id, utcnow
 from pcq.repositories import jobs as job_rows
 from pcq.repositories import openai as rows
 from pcq.repositories.openai import OutputJob
-from pcq.views import all_counts, batch_done
+from pcq.views import BatchCost, BatchUsage, all_counts, batch_done
 from pcq.wire import KNOWN_MODELS
 
 PREFIX = "/openai/v1"
@@ -371,6 +372,7 @@ class _Jobs:
     webhook_url: str | None = None
     webhook_events: str | None = None
     priority: Priority | None = None
+    max_cost: float | None = None
 
     def __init__(self, jobs: list[NewJob], metadata_json: str | None) -> None:
         self._jobs = jobs
@@ -405,7 +407,12 @@ def create_batch(submitter: Submitter, tenant_id: str, body: BatchCreate) -> Bat
         else:
             source = _Jobs(read.jobs, body.metadata_json)
             stored = intake.create_batch(
-                session, tenant_id, source, idempotency_key=None, fingerprint=fingerprint
+                session,
+                tenant_id,
+                source,
+                idempotency_key=None,
+                fingerprint=fingerprint,
+                prices=submitter.prices,
             )
             batch = stored.batch
             submitter.queue_cap.check(session, tenant_id, stored.total)
@@ -441,9 +448,17 @@ def cancel_batch(sessions: SessionFactory, tenant_id: str, batch_id: str) -> Bat
 # --- batches: what the OpenAI batch object shows
 
 
-def batch_object(batch: Batch, counts: dict[str, int], finished_at: datetime | None) -> dict[str, Any]:
+def batch_object(
+    batch: Batch,
+    counts: dict[str, int],
+    finished_at: datetime | None,
+    spend: tuple[BatchUsage, BatchCost] | None = None,
+) -> dict[str, Any]:
     """The OpenAI batch object of a pcq batch (``counts``: its jobs per status, every status
-    present; ``finished_at``: when its last job ended).
+    present; ``finished_at``: when its last job ended; ``spend``: its usage and cost,
+    pcq.costs.batch_cost). ``usage`` is in OpenAI's shape (input/output tokens: the answers'
+    prompt/completion tokens; no cached or reasoning tokens are reported upstream: 0), and
+    ``cost`` (``estimated``, ``spent``, USD) is pcq's own field, as on ``GET /v1/batches/{id}``.
 
     Its status: ``failed`` if its input file was refused; once every job has ended,
     ``cancelled`` if a cancel was asked for, else ``completed`` (whatever failed, as OpenAI);
@@ -472,6 +487,16 @@ def batch_object(batch: Batch, counts: dict[str, int], finished_at: datetime | N
         "request_counts": {"total": batch.total, "completed": counts[JobStatus.SUCCEEDED], "failed": failed},
         "metadata": None if batch.metadata_json is None else json.loads(batch.metadata_json),
     }
+    if spend is not None:
+        usage, cost = spend
+        out["usage"] = {
+            "input_tokens": usage.prompt_tokens,
+            "input_tokens_details": {"cached_tokens": 0},
+            "output_tokens": usage.completion_tokens,
+            "output_tokens_details": {"reasoning_tokens": 0},
+            "total_tokens": usage.total_tokens,
+        }
+        out["cost"] = cost.model_dump()
     if batch.openai_errors is not None:
         out.update(
             status="failed",
@@ -574,13 +599,22 @@ def list_limit(limit: int | None, default: int, most: int) -> int:
 
 
 def batch_objects(session: Session, batches: list[Batch]) -> list[dict[str, Any]]:
-    """The OpenAI objects of ``batches``, from two queries whatever their number."""
+    """The OpenAI objects of ``batches``: two queries whatever their number, and one aggregate
+    each for its usage and cost (a page holds 100 at most)."""
     ids = [b.id for b in batches]
     counts: dict[str, list[tuple[str, int]]] = {batch_id: [] for batch_id in ids}
     for batch_id, status, n in job_rows.status_counts_of_batches(session, ids):
         counts[batch_id].append((status, n))
     finished = rows.last_finished(session, ids) if ids else {}
-    return [batch_object(b, all_counts(counts[b.id]), finished.get(b.id)) for b in batches]
+    return [
+        batch_object(
+            b,
+            all_counts(counts[b.id]),
+            finished.get(b.id),
+            costs.batch_cost(session, b.id, b.estimated_cost),
+        )
+        for b in batches
+    ]
 
 
 def get_batch(session: Session, tenant_id: str, batch_id: str) -> Batch:

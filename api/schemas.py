@@ -121,6 +121,12 @@ def check_webhook_url(value: AnyHttpUrl | None) -> str | None:
 PRIORITY_RULE = (
     "Within its tenant's share of the upstream quota, high goes first and low takes only what normal leaves"
 )
+MAX_COST = 1e9
+MAX_COST_RULE = (
+    "USD the batch may spend: no call starts that could take its spend past it; the jobs left "
+    "end cancelled (error_code budget_exceeded) and calls in flight finish."
+)
+
 # A batch's priority read on its own: a JSON batch that names it before its requests gives it to
 # them as they are read (api.batch_input).
 PRIORITY = TypeAdapter(Priority)
@@ -207,8 +213,29 @@ class BatchCreate(BaseModel):
         description="The priority of the batch's jobs, but those of requests that name their own; "
         f"absent: the ?priority= query parameter's, else normal. {PRIORITY_RULE}.",
     )
+    max_cost: float | None = Field(
+        default=None,
+        gt=0,
+        le=MAX_COST,
+        allow_inf_nan=False,
+        description=f"{MAX_COST_RULE} Absent: the ?max_cost= query parameter's, else no limit.",
+    )
 
     _meta = field_validator("metadata")(check_metadata)
+
+
+class CostEstimate(BaseModel):
+    estimated: float = Field(description="USD: one call per job at its model's request price (PCQ_PRICES)")
+
+
+class DryRunOut(BaseModel):
+    """``POST /v1/batches?dry_run=true``: the batch validated as a submission is, nothing stored."""
+
+    dry_run: Literal[True] = True
+    total: int
+    models: dict[str, int] = Field(description="Jobs per model")
+    cost: CostEstimate
+    max_cost: float | None
 
 
 class CitationRow(BaseModel):

@@ -31,7 +31,7 @@ from api.batch_input import (
     read_body,
     text_of,
 )
-from api.intake import BatchSource, NewJob
+from api.intake import BatchSource, DryRun, NewJob
 from api.schemas import (
     DeliveryAttemptOut,
     DeliveryOut,
@@ -43,6 +43,7 @@ from api.schemas import (
 from api.tenant_limits import QueueCap
 from api.uploads import Spooled, UploadSlots, spool
 from api.webhook_urls import WebhookUrlGuard
+from pcq import costs
 from pcq.db import SessionFactory, unit_of_work
 from pcq.jobs import dispatch, lifecycle, outbox
 from pcq.jobs.errors import InvalidInput, NotFound
@@ -54,7 +55,8 @@ from pcq.repositories import jobs as job_rows
 from pcq.repositories import results as result_rows
 from pcq.repositories.jobs import ExportJob
 from pcq.repositories.results import Answers, CitationFilter, DomainCount, ExportAnswers
-from pcq.views import all_counts
+from pcq.settings import ModelPrice, default_prices
+from pcq.views import BatchOut, all_counts
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -74,6 +76,7 @@ class Submitter:
     uploads: UploadSlots = field(default_factory=partial(UploadSlots, 4, 32))
     # The SSRF guard: a webhook_url must reach a public address (off: PCQ_WEBHOOK_ALLOW_PRIVATE)
     webhook_urls: WebhookUrlGuard = field(default_factory=WebhookUrlGuard)
+    prices: dict[str, ModelPrice] = field(default_factory=default_prices)  # PCQ_PRICES: the estimates
 
     def submit_job(self, tenant_id: str, body: JobCreate, raw: bytes, idempotency_key: str | None) -> Job:
         """``body`` is ``raw`` validated; the request and metadata are stored as ``raw`` has them."""
@@ -119,20 +122,49 @@ class Submitter:
         content_type: str,
         idempotency_key: str | None,
         priority: Priority | None = None,
+        max_cost: float | None = None,
     ) -> tuple[Batch, bool]:
         """A batch from a request body, JSONL or JSON (api.uploads): in one of the tenant's upload
         slots, the body is received whole (hashed, spooled to a temporary file) before any
         database work; then it is parsed and stored in a thread, request by request.
         ``priority`` (``?priority=``) is for its jobs that name none, unless a JSON body names
-        the batch's own."""
-        ctype = media_type(content_type)
-        if ctype not in JSONL_TYPES and ctype != "application/json":
-            raise InvalidInput("Content-Type must be application/x-ndjson (JSONL) or application/json")
+        the batch's own; so is ``max_cost`` (``?max_cost=``) for the batch."""
+        jsonl = _batch_media(content_type)
         with self.uploads.hold(tenant_id):
             body = await spool(chunks)
             return await run_in_threadpool(
-                self._store_batch, tenant_id, body, ctype in JSONL_TYPES, idempotency_key, priority
+                self._store_batch, tenant_id, body, jsonl, idempotency_key, priority, max_cost
             )
+
+    async def dry_run_batch(
+        self,
+        tenant_id: str,
+        chunks: AsyncIterator[bytes],
+        content_type: str,
+        priority: Priority | None = None,
+        max_cost: float | None = None,
+    ) -> DryRun:
+        """A batch body received and validated exactly as ``submit_batch`` does (in an upload
+        slot; every request read, the webhook URL checked), then its cost estimate: nothing is
+        stored, no transaction begins. The tenant's queue cap is the real submission's."""
+        jsonl = _batch_media(content_type)
+        with self.uploads.hold(tenant_id):
+            body = await spool(chunks)
+            return await run_in_threadpool(self._dry_run, body, jsonl, priority, max_cost)
+
+    def _dry_run(
+        self, body: Spooled, jsonl: bool, priority: Priority | None, max_cost: float | None
+    ) -> DryRun:
+        with body.file:
+            found = intake.dry_run(self._reader(body, jsonl, priority, max_cost), self.prices)
+        self.webhook_urls.check(found.webhook_url)
+        return found
+
+    def _reader(
+        self, body: Spooled, jsonl: bool, priority: Priority | None, max_cost: float | None
+    ) -> BatchSource:
+        kind = JsonlBatch if jsonl else JsonBatch
+        return kind(body.file, self.max_batch_lines, self.max_line_bytes, priority, max_cost)
 
     def _store_batch(
         self,
@@ -141,11 +173,12 @@ class Submitter:
         jsonl: bool,
         idempotency_key: str | None,
         priority: Priority | None,
+        max_cost: float | None = None,
     ) -> tuple[Batch, bool]:
         """Validate and insert the spooled body inside one transaction; commit only if every
         request was good. The transaction begins with the first rows to insert, so a body that
         is refused early never takes a database connection."""
-        fingerprint = intake.batch_fingerprint(body.sha256, priority)
+        fingerprint = intake.batch_fingerprint(body.sha256, priority, max_cost)
         with body.file:
             if idempotency_key is not None:
                 with self.sessions() as session:
@@ -153,15 +186,16 @@ class Submitter:
                 if replay is not None:
                     log.info("batch replayed (Idempotency-Key)", extra={"batch_id": replay.id})
                     return replay, False
-            reader: BatchSource = (
-                JsonlBatch(body.file, self.max_batch_lines, self.max_line_bytes, priority)
-                if jsonl
-                else JsonBatch(body.file, self.max_batch_lines, self.max_line_bytes, priority)
-            )
+            reader = self._reader(body, jsonl, priority, max_cost)
             # The session takes a connection (and begins) only at the first insert.
             with unit_of_work(self.sessions) as session:
                 stored = intake.create_batch(
-                    session, tenant_id, reader, idempotency_key=idempotency_key, fingerprint=fingerprint
+                    session,
+                    tenant_id,
+                    reader,
+                    idempotency_key=idempotency_key,
+                    fingerprint=fingerprint,
+                    prices=self.prices,
                 )
                 if stored.created:  # a JSON batch may name its webhook_url after its requests
                     self.webhook_urls.check(stored.batch.webhook_url)
@@ -200,6 +234,14 @@ class Submitter:
         if requeued:
             self.wake()
         return batch, len(requeued)
+
+
+def _batch_media(content_type: str) -> bool:
+    """Whether a batch body is JSONL (else JSON); any other Content-Type is refused."""
+    ctype = media_type(content_type)
+    if ctype not in JSONL_TYPES and ctype != "application/json":
+        raise InvalidInput("Content-Type must be application/x-ndjson (JSONL) or application/json")
+    return ctype in JSONL_TYPES
 
 
 # --- reads
@@ -254,6 +296,12 @@ def list_jobs(
 def batch_counts(session: Session, batch_id: str) -> dict[str, int]:
     """The batch's jobs per status, every status present."""
     return all_counts(job_rows.status_counts(session, batch_id))
+
+
+def with_cost(session: Session, batch: Batch, out: BatchOut) -> BatchOut:
+    """``out`` with the batch's token usage and its cost (pcq.costs.batch_cost)."""
+    out.usage, out.cost = costs.batch_cost(session, batch.id, batch.estimated_cost)
+    return out
 
 
 def batch_position(session: Session, tenant_id: str, batch_id: str) -> int:

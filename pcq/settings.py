@@ -81,6 +81,33 @@ class KeyPolicy:
         )
 
 
+# Parallel's published prices per 1,000 requests of each model (../shared/spec/upstream-facts.md,
+# taken 2026-11-30). No per-token price is published: those are 0 until one is.
+DEFAULT_PRICES: dict[str, dict[str, float]] = {
+    "speed": {"per_1k_requests": 5.0},
+    "lite": {"per_1k_requests": 5.0},
+    "base": {"per_1k_requests": 10.0},
+    "core": {"per_1k_requests": 25.0},
+}
+PRICED_MODELS = tuple(DEFAULT_PRICES)  # pcq.wire.KNOWN_MODELS (pcq.costs checks they agree)
+MAX_PRICE = 1e6  # USD per unit: beyond this a price is a typo, not a tariff
+
+
+class ModelPrice(BaseModel):
+    """One model's entry of ``PCQ_PRICES``, in USD: per 1,000 billed requests, and per million
+    prompt and completion tokens where the upstream bills tokens (Parallel does not: 0)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    per_1k_requests: float = Field(ge=0, le=MAX_PRICE, allow_inf_nan=False)
+    per_1m_prompt_tokens: float = Field(default=0.0, ge=0, le=MAX_PRICE, allow_inf_nan=False)
+    per_1m_completion_tokens: float = Field(default=0.0, ge=0, le=MAX_PRICE, allow_inf_nan=False)
+
+
+def default_prices() -> dict[str, ModelPrice]:
+    return {m: ModelPrice.model_validate(p) for m, p in DEFAULT_PRICES.items()}
+
+
 def key_id(api_key: str) -> str:
     """Stable short id for an upstream API key (sha256 hex, first 16 chars); never the key."""
     return hashlib.sha256(api_key.encode("utf-8")).hexdigest()[:16]
@@ -278,6 +305,14 @@ class Settings(BaseSettings):
         description="A `: ping` comment is sent on an event stream this long after the last "
         "thing written, so proxies and clients see a live connection.",
     )
+    # Cost and budgets (pcq/costs.py).
+    # NoDecode: _merge_prices reads the JSON, so a bad text gets a message that names the setting.
+    prices: Annotated[dict[str, ModelPrice], NoDecode] = Field(
+        default_factory=default_prices,
+        description="USD per model, JSON: "
+        '`{"base": {"per_1k_requests": 10, "per_1m_prompt_tokens": 0, "per_1m_completion_tokens": 0}}`; '
+        "a model left out keeps its default (Parallel's published prices, see Cost and budgets).",
+    )
     sse_max_streams_per_tenant: int = Field(
         default=16,
         ge=1,
@@ -299,6 +334,25 @@ class Settings(BaseSettings):
                 # Say where, never what: the text holds secrets.
                 raise ValueError("PCQ_UPSTREAM_KEYS is not valid JSON") from None
         return [{"key": part.strip()} for part in text.split(",") if part.strip()]
+
+    @field_validator("prices", mode="before")
+    @classmethod
+    def _merge_prices(cls, value: Any) -> Any:
+        """The defaults, with the models ``PCQ_PRICES`` names replaced; an unknown model is
+        refused (a typo would otherwise price nothing)."""
+        if isinstance(value, str):
+            try:
+                value = json.loads(value)
+            except ValueError:
+                raise ValueError("PCQ_PRICES is not valid JSON") from None
+        if not isinstance(value, dict):
+            raise ValueError('PCQ_PRICES must be a JSON object: {"<model>": {"per_1k_requests": <USD>}, ...}')
+        unknown = sorted(str(m) for m in value if m not in PRICED_MODELS)
+        if unknown:
+            raise ValueError(
+                f"PCQ_PRICES: unknown model(s) {', '.join(unknown)}; use {', '.join(PRICED_MODELS)}"
+            )
+        return {**DEFAULT_PRICES, **value}
 
     @field_validator("webhook_retry_schedule", mode="before")
     @classmethod

@@ -12,9 +12,10 @@ from datetime import datetime, timedelta
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session
 
+from pcq import costs
 from pcq.db import make_engine, make_session_factory, unit_of_work
 from pcq.keys import KEY_SCHEME, MalformedKey, mint_key, parse_key, verify
-from pcq.models import ApiKey, JobStatus, Tenant, new_id
+from pcq.models import ApiKey, JobStatus, Tenant, new_id, utcnow
 from pcq.repositories import tenants as rows
 
 log = logging.getLogger(__name__)
@@ -173,6 +174,8 @@ class TenantShare:
     max_share: float  # the largest fraction of the quota it may use, even alone
     queued: int = 0
     running: int = 0
+    monthly_budget: float | None = None  # USD per calendar month (UTC); None: no limit
+    spent_this_month: float = 0.0  # USD billed this calendar month (UTC)
 
 
 def check_weight(weight: int) -> int:
@@ -187,31 +190,66 @@ def check_max_share(max_share: float) -> float:
     return max_share
 
 
-def set_share(session: Session, name: str, *, weight: int | None, max_share: float | None) -> TenantShare:
-    """Set the weight, the quota cap or both of the tenant ``name``; what it holds now (without
-    counts). Raises InvalidShare before anything is read, UnknownTenant if there is none."""
-    if weight is None and max_share is None:
-        raise InvalidShare("give --weight, --max-share or both")
+NO_BUDGET = math.inf  # a monthly budget of "none": no limit (stored as NULL)
+
+
+def check_budget(budget: float) -> float:
+    if not (budget == NO_BUDGET or (math.isfinite(budget) and budget >= 0)):
+        raise InvalidShare(f"--monthly-budget must be USD, 0 or more (or none), not {budget}")
+    return budget
+
+
+def set_share(
+    session: Session,
+    name: str,
+    *,
+    weight: int | None,
+    max_share: float | None,
+    monthly_budget: float | None = None,
+) -> TenantShare:
+    """Set the weight, the quota cap, the monthly budget (``NO_BUDGET``: none) or several of the
+    tenant ``name``; what it holds now (without counts). Raises InvalidShare before anything is
+    read, UnknownTenant if there is none."""
+    if weight is None and max_share is None and monthly_budget is None:
+        raise InvalidShare("give --weight, --max-share, --monthly-budget or several")
     if weight is not None:
         check_weight(weight)
     if max_share is not None:
         check_max_share(max_share)
+    if monthly_budget is not None:
+        check_budget(monthly_budget)
     tenant = rows.tenant_by_name(session, name)
     if tenant is None:
         raise UnknownTenant(name)
-    rows.set_share(session, tenant.id, weight=weight, max_share=max_share)
+    no_budget = monthly_budget == NO_BUDGET
+    rows.set_share(
+        session,
+        tenant.id,
+        weight=weight,
+        max_share=max_share,
+        monthly_budget=None if no_budget else monthly_budget,
+        no_budget=no_budget,
+    )
     return TenantShare(
         tenant.name,
         tenant.weight if weight is None else weight,
         tenant.max_share if max_share is None else max_share,
+        monthly_budget=None
+        if no_budget
+        else (tenant.monthly_budget if monthly_budget is None else monthly_budget),
     )
 
 
 def list_tenants(session: Session) -> list[TenantShare]:
-    """Every tenant by name, with its weight, quota cap and queued and running jobs (one query)."""
+    """Every tenant by name, with its weight, quota cap, queued and running jobs, monthly budget
+    and this month's spend (one query)."""
     shares: dict[str, TenantShare] = {}
-    for name, weight, max_share, status, jobs in rows.share_rows(session):
-        share = shares.setdefault(name, TenantShare(name, weight, max_share))
+    for spent, name, weight, max_share, budget, status, jobs in rows.share_rows(
+        session, costs.month_of(utcnow())
+    ):
+        share = shares.setdefault(
+            name, TenantShare(name, weight, max_share, monthly_budget=budget, spent_this_month=spent or 0.0)
+        )
         if status == JobStatus.QUEUED:
             shares[name] = replace(share, queued=jobs)
         elif status == JobStatus.RUNNING:

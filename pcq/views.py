@@ -71,6 +71,27 @@ class JobOut(BaseModel):
     result: ResultOut | None = None
 
 
+class BatchUsage(BaseModel):
+    """Tokens summed over a batch's results (answers that reported no usage count 0)."""
+
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class BatchCost(BaseModel):
+    """A batch's cost in USD (pcq/costs.py)."""
+
+    estimated: float | None = Field(
+        description="One call per job at its model's request price (PCQ_PRICES at submission): "
+        "the cost with no retries; null for a batch submitted before costs were kept"
+    )
+    spent: float = Field(
+        description="Every billed attempt of its jobs so far, retries included (a call that got "
+        "an HTTP answer is billed), each at the prices when it was stored"
+    )
+
+
 class BatchOut(BaseModel):
     id: str
     object: str = "batch"
@@ -89,6 +110,15 @@ class BatchOut(BaseModel):
         default=None,
         description="While none of its jobs has started (`GET /v1/batches/{id}` only): about how many "
         "jobs of other batches go before its first, in the current dispatch order; null once it runs",
+    )
+    max_cost: float | None = Field(
+        default=None, description="USD: no call starts that could take `cost.spent` past it"
+    )
+    usage: BatchUsage | None = Field(
+        default=None, description="`GET /v1/batches/{id}` and batch.completed only (not progress events)"
+    )
+    cost: BatchCost | None = Field(
+        default=None, description="`GET /v1/batches/{id}` and batch.completed only (not progress events)"
     )
 
 
@@ -194,4 +224,5 @@ def batch_out(batch: Batch, counts: dict[str, int], retried: int | None = None) 
         webhook_events=json.loads(batch.webhook_events) if batch.webhook_events else None,
         created_at=batch.created_at,
         retried=retried,
+        max_cost=batch.max_cost,
     )

@@ -154,7 +154,13 @@ def cmd_tenants_set(args: argparse.Namespace) -> int:
     engine = make_engine(_settings().database_url)
     try:
         with unit_of_work(make_session_factory(engine)) as session:
-            tenant = set_share(session, args.name, weight=args.weight, max_share=args.max_share)
+            tenant = set_share(
+                session,
+                args.name,
+                weight=args.weight,
+                max_share=args.max_share,
+                monthly_budget=args.monthly_budget,
+            )
     except UnknownTenant:
         print(  # noqa: T201
             f"pcq: no tenant is named {args.name!r} (see `pcq tenants list`; "
@@ -167,17 +173,42 @@ def cmd_tenants_set(args: argparse.Namespace) -> int:
         return 2
     finally:
         engine.dispose()
-    print(f"tenant {tenant.name!r}: weight {tenant.weight}, max_share {tenant.max_share}")  # noqa: T201
+    budget = "" if tenant.monthly_budget is None else f", monthly_budget ${tenant.monthly_budget:g}"
+    print(f"tenant {tenant.name!r}: weight {tenant.weight}, max_share {tenant.max_share}{budget}")  # noqa: T201
     return 0
 
 
+def _usd(text: str) -> float:
+    """``--monthly-budget``: USD, or ``none`` for no limit."""
+    from pcq.tenants import NO_BUDGET
+
+    if text.strip().lower() == "none":
+        return NO_BUDGET
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of USD (or none): {text!r}") from None
+
+
 def cmd_tenants_list(_: argparse.Namespace) -> int:
-    """Every tenant: name, weight, max_share, queued and running jobs."""
+    """Every tenant: name, weight, max_share, queued and running jobs, monthly budget and this
+    month's spend (USD, calendar month UTC)."""
     from pcq.tenants import list_tenants
 
     tenants = _read(list_tenants)
-    rows = [("name", "weight", "max_share", "queued", "running")]
-    rows += [(t.name, str(t.weight), str(t.max_share), str(t.queued), str(t.running)) for t in tenants]
+    rows = [("name", "weight", "max_share", "queued", "running", "monthly_budget", "spent_this_month")]
+    rows += [
+        (
+            t.name,
+            str(t.weight),
+            str(t.max_share),
+            str(t.queued),
+            str(t.running),
+            "none" if t.monthly_budget is None else f"{t.monthly_budget:g}",
+            f"{t.spent_this_month:.4f}",
+        )
+        for t in tenants
+    ]
     _print_table(rows)
     return 0
 
@@ -376,7 +407,9 @@ def build_parser() -> argparse.ArgumentParser:
         dest="tenants_command", required=True
     )
     ts = tenants.add_parser(
-        "set", help="set a tenant's weight, quota cap or both (an unknown tenant: exit 2, nothing changed)"
+        "set",
+        help="set a tenant's weight, quota cap, monthly budget or several (an unknown tenant: exit 2, "
+        "nothing changed)",
     )
     ts.add_argument("name", help="the tenant's name, as given to `pcq keys create --tenant`")
     ts.add_argument(
@@ -392,9 +425,19 @@ def build_parser() -> argparse.ArgumentParser:
         help="the largest fraction of the quota it may use, even when no one else has work: "
         "above 0, at most 1 (the default)",
     )
+    ts.add_argument(
+        "--monthly-budget",
+        type=_usd,
+        default=None,
+        metavar="USD",
+        help="USD its calls may cost per calendar month (UTC): no call starts that could pass it, the "
+        "jobs left end cancelled (budget_exceeded); `none` removes the limit (the default)",
+    )
     ts.set_defaults(fn=cmd_tenants_set)
     tenants.add_parser(
-        "list", help="list the tenants: name, weight, max_share, queued and running jobs"
+        "list",
+        help="list the tenants: name, weight, max_share, queued and running jobs, monthly budget and "
+        "this month's spend",
     ).set_defaults(fn=cmd_tenants_list)
 
     api = sub.add_parser("api", help="run the HTTP API")

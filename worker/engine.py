@@ -364,6 +364,7 @@ class Engine:
                     now=utcnow(),
                     lease_seconds=s.lease_seconds,
                     max_attempts=s.max_attempts,
+                    prices=s.prices,
                     suspect_room=room,
                 ),
                 what=f"claiming {len(chunk)} job(s)",

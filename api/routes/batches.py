@@ -21,8 +21,16 @@ from api.deps import (
 )
 from api.errors import error_responses
 from api.routes.jobs import MAX_PAGE
-from api.schemas import DomainCountOut, DomainPage, IdempotencyKeyHeader
-from pcq import logs
+from api.schemas import (
+    MAX_COST,
+    MAX_COST_RULE,
+    CostEstimate,
+    DomainCountOut,
+    DomainPage,
+    DryRunOut,
+    IdempotencyKeyHeader,
+)
+from pcq import costs, logs
 from pcq import views as shown
 from pcq.models import Batch, BatchStatus, Priority
 from pcq.views import BatchOut
@@ -119,11 +127,20 @@ class JsonlResponse(StreamingResponse):
     media_type = "application/x-ndjson"
 
 
+DRY_RUN_DOC = (
+    "true: read and validate the batch exactly as a submission, answer 200 with its cost "
+    "estimate (a DryRunOut), and store nothing"
+)
+
+
 @router.post(
     "",
     status_code=202,
     response_model=BatchOut,
-    responses=error_responses(401, 408, 409, 413, 422, 503),
+    responses={
+        200: {"model": DryRunOut, "description": "dry_run=true: the estimate; nothing was stored"},
+        **error_responses(401, 408, 409, 413, 422, 503),
+    },
     openapi_extra=BATCH_BODY_DOC,
     dependencies=SINGLE_VALUED_QUERY,
 )
@@ -134,10 +151,25 @@ async def submit_batch(
     tenant: TenantDep,
     idempotency_key: IdempotencyKeyHeader = None,
     priority: Annotated[Priority | None, Query(description=PRIORITY_QUERY_DOC)] = None,
-) -> BatchOut:
+    max_cost: Annotated[
+        float | None,
+        Query(gt=0, le=MAX_COST, allow_inf_nan=False, description=f"{MAX_COST_RULE} A JSON body's own wins."),
+    ] = None,
+    dry_run: Annotated[bool, Query(description=DRY_RUN_DOC)] = False,
+) -> BatchOut | Response:
     """Queue a batch: JSONL lines ``{"custom_id", "body"}`` or JSON ``{"requests": [...]}``."""
+    ctype = request.headers.get("content-type", "")
+    if dry_run:
+        found = await res.submitter.dry_run_batch(tenant, request.stream(), ctype, priority, max_cost)
+        shown_run = DryRunOut(
+            total=found.total,
+            models=found.per_model,
+            cost=CostEstimate(estimated=costs.money(found.estimated_cost)),
+            max_cost=found.max_cost,
+        )
+        return Response(shown_run.model_dump_json(), status_code=200, media_type="application/json")
     batch, _ = await res.submitter.submit_batch(
-        tenant, request.stream(), request.headers.get("content-type", ""), idempotency_key, priority
+        tenant, request.stream(), ctype, idempotency_key, priority, max_cost
     )
     logs.bind(batch_id=batch.id)  # for the access line
     return shown.batch_out(batch, await run_in_threadpool(service.batch_counts, session, batch.id))
@@ -145,10 +177,10 @@ async def submit_batch(
 
 @router.get("/{batch_id}", response_model=BatchOut, responses=error_responses(401, 404, 503))
 def get_batch(batch_id: str, session: SessionDep, tenant: TenantDep) -> BatchOut:
-    """Progress of a batch: counts per status and whether every job has ended; while none of
-    its jobs has started, its ``position`` in the dispatch order."""
+    """Progress of a batch: counts per status and whether every job has ended, its token usage
+    and cost; while none of its jobs has started, its ``position`` in the dispatch order."""
     batch = service.get_batch(session, tenant, batch_id)
-    out = shown.batch_out(batch, service.batch_counts(session, batch.id))
+    out = service.with_cost(session, batch, shown.batch_out(batch, service.batch_counts(session, batch.id)))
     if out.status == BatchStatus.QUEUED:
         out.position = service.batch_position(session, tenant, batch.id)
     return out

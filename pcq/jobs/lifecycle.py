@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 from sqlalchemy import ColumnElement, and_, case, or_
 from sqlalchemy.orm import Session
 
+from pcq import costs
 from pcq.jobs import outbox
 from pcq.models import BasisField, Citation, Job, JobStatus, Result, utcnow
 from pcq.repositories import jobs as job_rows
@@ -34,6 +35,7 @@ from pcq.repositories.jobs import StatusChange
 from pcq.wire import ParsedCompletion, needs_cleaning, storable
 
 if TYPE_CHECKING:  # the API imports this module too, and needs no HTTP client
+    from pcq.costs import Prices
     from pcq.settings import Settings
     from pcq.wire import Outcome
 
@@ -110,6 +112,7 @@ class AttemptRecord:
     retry_after_seconds: float | None = None
     error_detail: str | None = None
     upstream_key_id: str | None = None
+    cost: float = 0.0  # USD billed for the call, at the prices when it was settled (pcq/costs.py)
 
     def row(self, job_id: str) -> dict[str, Any]:
         return {
@@ -125,6 +128,7 @@ class AttemptRecord:
             "retry_after_seconds": self.retry_after_seconds,
             "error_detail": storable(self.error_detail),
             "upstream_key_id": self.upstream_key_id,
+            "cost": self.cost,
         }
 
 
@@ -152,8 +156,11 @@ def settle(job: ClaimedJob, outcome: Outcome, settings: Settings, key_id: str | 
     """Decide what a call's outcome does to its job: succeeded, queued again at a backoff (or
     exactly Retry-After), or failed; ``key_id`` is the upstream key that carried the call.
     Whether a retry is still allowed is decided when it is stored (``store_outcomes``), under
-    the claim, with ``ClaimedJob.exhausted``."""
+    the claim, with ``ClaimedJob.exhausted``. What the call cost is priced now
+    (pcq.costs.attempt_cost), and stored with its attempt."""
+    usage = outcome.completion.usage if outcome.completion is not None else None
     record = AttemptRecord(
+        cost=costs.attempt_cost(settings.prices, job.model, outcome.status_code, usage),
         upstream_key_id=key_id,
         number=job.attempt,
         started_at=outcome.started_at,
@@ -201,6 +208,7 @@ def claim_many(
     now: datetime,
     lease_seconds: float,
     max_attempts: int,
+    prices: Prices,
     suspect_room: int | None = None,
 ) -> Claimed:
     """Take the claimable jobs among ``job_ids`` for one attempt each, in one statement.
@@ -210,6 +218,9 @@ def claim_many(
     that lost ``crash_cap`` leases since its last manual retry is failed here, not run again;
     so is one whose calls since then (deaths aside) exceed ``max_attempts`` with no outcome.
     With ``suspect_room``, at most that many suspects are claimed; the others are ``deferred``.
+    A job whose budget (its batch's max_cost, its tenant's monthly budget) has no room for its
+    call at ``prices`` is not called: it ends ``cancelled`` (``budget_exceeded``), with the
+    queued jobs of that budget that could no longer fit either (pcq.costs).
     """
     if not job_ids:
         return Claimed([], [])
@@ -232,9 +243,12 @@ def claim_many(
         now=now,
         lease_until=now + timedelta(seconds=lease_seconds),
     )
+    refused = _refuse_over_budget(session, rows, prices, now)
     claimed: list[ClaimedJob] = []
     give_up: list[tuple[ClaimedJob, str, datetime | None, str | None, str | None]] = []
     for row in rows:
+        if row.id in refused:
+            continue
         job = ClaimedJob(
             row.id,
             row.tenant_id,
@@ -257,6 +271,31 @@ def claim_many(
             claimed.append(job)
     _set_status(session, give_up, now)
     return Claimed(claimed, deferred)
+
+
+def _refuse_over_budget(session: Session, rows: Any, prices: Prices, now: datetime) -> set[str]:
+    """Cancel the jobs just claimed whose budget has no room for their call, and the queued jobs
+    of those budgets that could no longer fit; their webhook events are written as a user's
+    cancel writes them. Returns the claimed ids cancelled."""
+    refused, exhausted = costs.refuse_over_budget(session, list(rows), prices, now=now)
+    if not refused:
+        return set()
+    for reason in sorted(set(refused.values())):
+        ids = [job_id for job_id, why in refused.items() if why == reason]
+        job_rows.cancel_claimed(session, ids, now=now, code=costs.BUDGET_EXCEEDED, error=reason)
+    ended = list(refused)
+    for scope in exhausted:
+        ended += job_rows.cancel_queued(
+            session,
+            batch_id=scope.batch_id,
+            tenant_id=scope.tenant_id,
+            models=scope.models,
+            now=now,
+            code=costs.BUDGET_EXCEEDED,
+            error=costs.REASONS[costs.BATCH if scope.batch_id is not None else costs.TENANT],
+        )
+    outbox.record_finished(session, [(job_id, JobStatus.CANCELLED) for job_id in ended], now=now)
+    return set(refused)
 
 
 def renew_leases(
@@ -343,6 +382,11 @@ def store_outcomes(session: Session, items: list[Settled], *, max_attempts: int)
             changes.append((i.job, JobStatus.FAILED, None, i.code, i.error))
     _set_status(session, changes, now)
     _store_completions(session, successes)
+    # Every call recorded is counted, its claim lost or not: it was billed all the same.
+    costs.record_spend(
+        session,
+        [costs.Spend(i.job.tenant_id, i.job.batch_id, i.record.cost, i.record.finished_at) for i in items],
+    )
     return owned
 
 

@@ -28,7 +28,7 @@ from typing import Any
 
 from sqlalchemy.orm import Session
 
-from pcq import views
+from pcq import costs, views
 from pcq.models import (
     JOB_EVENT_TYPES,
     DeliveryStatus,
@@ -189,7 +189,9 @@ def _bodies(
             if batch is None:
                 continue
             counts = views.all_counts(job_rows.status_counts(session, batch.id))
-            shown_text = views.batch_out(batch, counts).model_dump_json()
+            shown_batch = views.batch_out(batch, counts)
+            shown_batch.usage, shown_batch.cost = costs.batch_cost(session, batch.id, batch.estimated_cost)
+            shown_text = shown_batch.model_dump_json()
         elif e.job_id in data:
             shown_text = data[e.job_id]
         else:

@@ -23,7 +23,7 @@ from pcq.models.job import (
     Priority,
 )
 from pcq.models.result import BasisField, BatchDomain, Citation, Result, Usage
-from pcq.models.tenant import ApiKey, Tenant
+from pcq.models.tenant import ApiKey, Tenant, TenantSpend
 from pcq.models.webhook import WebhookSecret
 
 __all__ = [
@@ -51,6 +51,7 @@ __all__ = [
     "JobStatus",
     "Result",
     "Tenant",
+    "TenantSpend",
     "Usage",
     "WebhookSecret",
     "new_id",

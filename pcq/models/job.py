@@ -8,6 +8,7 @@ from enum import StrEnum
 from sqlalchemy import (
     Boolean,
     CheckConstraint,
+    Float,
     ForeignKey,
     Index,
     Integer,
@@ -98,6 +99,13 @@ class Batch(Base):
     completion_window: Mapped[str | None] = mapped_column(String(16), default=None)
     openai_errors: Mapped[str | None] = mapped_column(Text, default=None)
     cancelling_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), default=None)
+    # Cost (pcq/costs.py), in USD. The estimate is one call per job at the prices of its
+    # submission (NULL: submitted before costs were kept). ``max_cost``: no call starts that
+    # could take the batch's spend past it; ``spent`` is that spend, kept (as attempts are
+    # stored) only for a batch with a max_cost, for the claim's check.
+    estimated_cost: Mapped[float | None] = mapped_column(Float, default=None)
+    max_cost: Mapped[float | None] = mapped_column(Float, default=None)
+    spent: Mapped[float] = mapped_column(Float, default=0.0, server_default="0")
 
 
 class Job(Base):
@@ -200,3 +208,6 @@ class Attempt(Base):
     upstream_key_id: Mapped[str | None] = mapped_column(String(16), default=None)
     retry_after_seconds: Mapped[float | None] = mapped_column(default=None)
     error_detail: Mapped[str | None] = mapped_column(Text, default=None)
+    # What the call was billed, in USD, at the prices when it was stored (pcq/costs.py): a price
+    # changed later does not rewrite it. 0 for a call that got no HTTP answer.
+    cost: Mapped[float] = mapped_column(Float, default=0.0, server_default="0")

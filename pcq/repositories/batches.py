@@ -29,10 +29,13 @@ def finish(
     metadata_json: str | None,
     webhook_url: str | None,
     webhook_events: str | None = None,
+    estimated_cost: float | None = None,
+    max_cost: float | None = None,
 ) -> None:
     """Write what is known once all of a batch's jobs are in (one UPDATE)."""
     batch.metadata_json, batch.webhook_url = metadata_json, webhook_url
     batch.webhook_events = webhook_events
+    batch.estimated_cost, batch.max_cost = estimated_cost, max_cost
     batch.total = total
     batch.request_hash = request_hash
     session.flush()

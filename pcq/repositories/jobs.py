@@ -30,7 +30,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.orm import Session
 
-from pcq.models import ACTIVE_STATUSES, Job, JobStatus
+from pcq.models import ACTIVE_STATUSES, Batch, Job, JobStatus, Tenant
 from pcq.repositories.bulk import copy_rows
 
 # --- intake
@@ -282,6 +282,9 @@ def ids_among(session: Session, job_ids: list[str], *conditions: Any) -> list[st
     return list(session.scalars(select(Job.id).where(Job.id.in_(job_ids), *conditions).order_by(Job.id)))
 
 
+ClaimRow = Row[str, str, str | None, int, int, int, str, str, str | None, float | None, float | None]
+
+
 def claim(
     session: Session,
     job_ids: list[str],
@@ -290,10 +293,13 @@ def claim(
     lease_losses: Any,
     now: datetime,
     lease_until: datetime,
-) -> Sequence[Row[str, str, str | None, int, int, int, str, str, str | None]]:
+) -> Sequence[ClaimRow]:
     """Take those of ``job_ids`` that are ``claimable`` for one more attempt, in one statement;
     returns (id, tenant_id, batch_id, attempts, attempts_base, lease_losses, request_json,
-    model, request_id) of each job taken."""
+    model, request_id, monthly_budget, max_cost) of each job taken: the last two are its
+    tenant's and its batch's budgets (pcq/costs.py), each a primary-key probe."""
+    budget = select(Tenant.monthly_budget).where(Tenant.id == Job.tenant_id).scalar_subquery()
+    max_cost = select(Batch.max_cost).where(Batch.id == Job.batch_id).scalar_subquery()
     return session.execute(
         update(Job)
         .where(Job.id.in_(job_ids), claimable)
@@ -317,9 +323,74 @@ def claim(
             Job.request_json,
             Job.model,
             Job.request_id,
+            budget.label("monthly_budget"),
+            max_cost.label("max_cost"),
         )
         .execution_options(synchronize_session=False)
     ).all()
+
+
+def cancel_claimed(session: Session, job_ids: list[str], *, now: datetime, code: str, error: str) -> None:
+    """Cancel jobs this transaction just claimed, before any call: their claim's attempt is
+    taken back (no call was made)."""
+    if job_ids:
+        session.execute(
+            update(Job)
+            .where(Job.id.in_(job_ids), Job.status == JobStatus.RUNNING)
+            .values(
+                status=JobStatus.CANCELLED,
+                attempts=Job.attempts - 1,
+                lease_until=None,
+                next_attempt_at=None,
+                enqueued_at=None,
+                finished_at=now,
+                updated_at=now,
+                error_code=code,
+                error=error,
+            )
+            .execution_options(synchronize_session=False)
+        )
+
+
+def cancel_queued(
+    session: Session,
+    *,
+    batch_id: str | None,
+    tenant_id: str | None,
+    models: Sequence[str],
+    now: datetime,
+    code: str,
+    error: str,
+) -> list[str]:
+    """Cancel the queued jobs of ``models`` in a batch or of a tenant; rows another transaction
+    holds (a claim, the dispatcher) are skipped, not waited for: that claim checks them itself.
+    Returns the ids cancelled."""
+    if not models:
+        return []
+    scope = Job.batch_id == batch_id if batch_id is not None else Job.tenant_id == tenant_id
+    queued = (
+        select(Job.id)
+        .where(scope, Job.status == JobStatus.QUEUED, Job.model.in_(models))
+        .with_for_update(skip_locked=True)
+    )
+    return list(
+        session.scalars(
+            update(Job)
+            .where(Job.id.in_(queued.scalar_subquery()), Job.status == JobStatus.QUEUED)
+            .values(
+                status=JobStatus.CANCELLED,
+                lease_until=None,
+                next_attempt_at=None,
+                enqueued_at=None,
+                finished_at=now,
+                updated_at=now,
+                error_code=code,
+                error=error,
+            )
+            .returning(Job.id)
+            .execution_options(synchronize_session=False)
+        )
+    )
 
 
 def renew_leases(session: Session, claims: list[tuple[str, int]], *, lease_until: datetime) -> int:

@@ -4,13 +4,13 @@ jobs that ``pcq tenants list`` shows beside its share."""
 from __future__ import annotations
 
 from collections.abc import Sequence
-from datetime import datetime
+from datetime import date, datetime
 
 from sqlalchemy import Row, and_, func, or_, select, text, update
 from sqlalchemy.orm import Session
 
 from pcq.db import SQLITE_BUSY_TIMEOUT_MS
-from pcq.models import ACTIVE_STATUSES, ApiKey, Job, Tenant
+from pcq.models import ACTIVE_STATUSES, ApiKey, Job, Tenant, TenantSpend
 
 NOTE_USE_WAIT_MS = 200  # how long recording a key's use may wait for a lock
 
@@ -100,9 +100,24 @@ def policies(session: Session, tenant_ids: list[str]) -> Sequence[Row[str, int, 
     ).all()
 
 
-def set_share(session: Session, tenant_id: str, *, weight: int | None, max_share: float | None) -> None:
-    """Set the tenant's weight and quota cap; a value left None is kept."""
-    values = {k: v for k, v in (("weight", weight), ("max_share", max_share)) if v is not None}
+def set_share(
+    session: Session,
+    tenant_id: str,
+    *,
+    weight: int | None,
+    max_share: float | None,
+    monthly_budget: float | None = None,
+    no_budget: bool = False,
+) -> None:
+    """Set the tenant's weight, quota cap and monthly budget; a value left None is kept;
+    ``no_budget`` clears the budget."""
+    values: dict[str, float | None] = {
+        k: v
+        for k, v in (("weight", weight), ("max_share", max_share), ("monthly_budget", monthly_budget))
+        if v is not None
+    }
+    if no_budget:
+        values["monthly_budget"] = None
     session.execute(
         update(Tenant)
         .where(Tenant.id == tenant_id)
@@ -111,14 +126,30 @@ def set_share(session: Session, tenant_id: str, *, weight: int | None, max_share
     )
 
 
-def share_rows(session: Session) -> Sequence[Row[str, int, float, str | None, int]]:
-    """(name, weight, max_share, status, jobs) by tenant name: one row per status of the tenant's
-    queued and running jobs, or one with status None and 0 jobs for a tenant without any. One
-    statement (the counts read ix_jobs_tenant_status_id)."""
+def share_rows(
+    session: Session, month: date
+) -> Sequence[Row[float | None, str, int, float, float | None, str | None, int]]:
+    """(spent in ``month``, name, weight, max_share, monthly_budget, status, jobs) by tenant
+    name: one row per status of the tenant's queued and running jobs, or one with status None
+    and 0 jobs for a tenant without any. One statement (the counts read
+    ix_jobs_tenant_status_id, the spend one tenant_spend row)."""
+    spent = (
+        select(TenantSpend.spent)
+        .where(TenantSpend.tenant_id == Tenant.id, TenantSpend.month == month)
+        .scalar_subquery()
+    )
     q = (
-        select(Tenant.name, Tenant.weight, Tenant.max_share, Job.status, func.count(Job.id))
+        select(
+            spent,
+            Tenant.name,
+            Tenant.weight,
+            Tenant.max_share,
+            Tenant.monthly_budget,
+            Job.status,
+            func.count(Job.id),
+        )
         .outerjoin(Job, and_(Job.tenant_id == Tenant.id, Job.status.in_(ACTIVE_STATUSES)))
-        .group_by(Tenant.id, Tenant.name, Tenant.weight, Tenant.max_share, Job.status)
+        .group_by(Tenant.id, Tenant.name, Tenant.weight, Tenant.max_share, Tenant.monthly_budget, Job.status)
         .order_by(Tenant.name, Job.status)
     )
     return session.execute(q).all()

@@ -13,6 +13,7 @@ from sqlalchemy.orm import Session
 
 from pcq.jobs.lifecycle import AttemptRecord, ClaimedJob, Settled, claim_many, store_outcomes
 from pcq.models import JobStatus
+from pcq.settings import load_settings
 from pcq.wire import ParsedCompletion
 
 
@@ -20,7 +21,14 @@ def claim(
     session: Session, job_id: str, *, now: datetime, lease_seconds: float, max_attempts: int
 ) -> ClaimedJob | None:
     """Take one job for one attempt, or None if it is not ours to run."""
-    jobs = claim_many(session, [job_id], now=now, lease_seconds=lease_seconds, max_attempts=max_attempts)
+    jobs = claim_many(
+        session,
+        [job_id],
+        now=now,
+        lease_seconds=lease_seconds,
+        max_attempts=max_attempts,
+        prices=load_settings({}).prices,
+    )
     return jobs.jobs[0] if jobs.jobs else None
 
 

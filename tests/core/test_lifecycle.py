@@ -14,6 +14,7 @@ from pcq.db import make_engine, make_session_factory, unit_of_work
 from pcq.jobs import lifecycle
 from pcq.jobs.lifecycle import AttemptRecord
 from pcq.models import Attempt, BasisField, Citation, Job, Result, Usage, utcnow
+from pcq.settings import load_settings
 from pcq.tenants import create_key
 from pcq.wire import BasisData, CitationData, ParsedCompletion
 from tests.core import lifecycle_helpers as one
@@ -309,6 +310,7 @@ def _expire_and_claim(sessions, job_id: str, *, seconds: int, **kw):
             now=utcnow() + timedelta(seconds=seconds),
             lease_seconds=1,
             max_attempts=kw.get("max_attempts", 3),
+            prices=load_settings({}).prices,
             suspect_room=kw.get("suspect_room"),
         )
 

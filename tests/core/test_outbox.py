@@ -24,6 +24,7 @@ from pcq.jobs.outbox import AttemptOutcome
 from pcq.models import DeliveryStatus, Job, Priority, WebhookAttempt, WebhookEvent, utcnow
 from pcq.repositories import jobs as job_rows
 from pcq.repositories.results import answers_of
+from pcq.settings import default_prices
 from pcq.tenants import create_key
 from pcq.views import job_out, results_out
 from tests.core import lifecycle_helpers as one
@@ -50,6 +51,7 @@ class Body:
     webhook_url: str | None = None
     webhook_events: str | None = None
     priority: Priority | None = None
+    max_cost: float | None = None
 
     def jobs(self) -> Iterator[NewJob]:
         yield from self.items
@@ -71,7 +73,9 @@ def batch(sessions: SessionFactory, tenant_id: str, n: int, *, events: list[str]
     items = [NewJob(request_json=REQ, model="lite", custom_id=f"c{i}") for i in range(n)]
     body = Body(items, webhook_url=HOOK, webhook_events=json.dumps(events) if events else None)
     with unit_of_work(sessions) as s:
-        stored = create_batch(s, tenant_id, body, idempotency_key=None, fingerprint="f")
+        stored = create_batch(
+            s, tenant_id, body, idempotency_key=None, fingerprint="f", prices=default_prices()
+        )
         return [i for chunk in stored.id_chunks for i in chunk.split(" ")]
 
 

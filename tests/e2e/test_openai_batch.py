@@ -127,6 +127,13 @@ def test_the_openai_sdk_runs_a_batch_end_to_end(stack: tuple[Stack, str]) -> Non
     v1 = httpx.get(f"{s.api_url}/v1/batches/{batch.id}", headers=headers).json()
     assert v1["counts"]["succeeded"] == 8
     assert v1["counts"]["failed"] == 1
+    # Usage in OpenAI's shape (the SDK parses it) and pcq's cost, as /v1 shows them.
+    assert batch.usage is not None
+    assert batch.usage.input_tokens == v1["usage"]["prompt_tokens"] > 0
+    assert batch.usage.output_tokens == v1["usage"]["completion_tokens"] > 0
+    assert batch.usage.total_tokens == v1["usage"]["total_tokens"]
+    assert (batch.model_extra or {})["cost"] == v1["cost"]
+    assert v1["cost"]["spent"] > 0
     cites = httpx.get(
         f"{s.api_url}/v1/citations", params={"batch_id": batch.id, "limit": 1000}, headers=headers
     )

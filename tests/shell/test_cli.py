@@ -305,6 +305,19 @@ def test_tenants_set_changes_the_weight_and_the_max_share_alone_or_together(sqli
     assert _shares(sqlite_url) == {"acme": (4, 0.25), "globex": (1000, 1.0)}
 
 
+def test_tenants_set_monthly_budget_is_shown_by_list_and_none_removes_it(sqlite_url: str) -> None:
+    env = {"DATABASE_URL": sqlite_url}
+    pcq("keys", "create", "--tenant", "acme", env=env)
+    set_ = pcq("tenants", "set", "acme", "--monthly-budget", "12.5", env=env)
+    assert set_.returncode == 0, set_.stderr
+    assert set_.stdout.strip() == "tenant 'acme': weight 1, max_share 1.0, monthly_budget $12.5"
+    listed = pcq("tenants", "list", env=env)
+    assert listed.stdout.splitlines()[1].split() == ["acme", "1", "1.0", "0", "0", "12.5", "0.0000"]
+    cleared = pcq("tenants", "set", "acme", "--monthly-budget", "none", env=env)
+    assert cleared.stdout.strip() == "tenant 'acme': weight 1, max_share 1.0"
+    assert pcq("tenants", "list", env=env).stdout.splitlines()[1].split()[5] == "none"
+
+
 @pytest.mark.parametrize(
     ("args", "says"),
     [
@@ -316,7 +329,10 @@ def test_tenants_set_changes_the_weight_and_the_max_share_alone_or_together(sqli
         (["acme", "--max-share", "1.01"], "--max-share must be a fraction above 0 and at most 1"),
         (["acme", "--max-share", "nan"], "--max-share must be a fraction above 0 and at most 1"),
         (["acme", "--weight", "2", "--max-share", "-0.5"], "--max-share must be"),
-        (["acme"], "give --weight, --max-share or both"),
+        (["acme"], "give --weight, --max-share, --monthly-budget or several"),
+        (["acme", "--monthly-budget", "-1"], "--monthly-budget must be USD, 0 or more"),
+        (["acme", "--monthly-budget", "nan"], "--monthly-budget must be USD, 0 or more"),
+        (["acme", "--monthly-budget", "lots"], "not a number of USD (or none)"),
     ],
     ids=[
         "unknown-tenant",
@@ -328,6 +344,9 @@ def test_tenants_set_changes_the_weight_and_the_max_share_alone_or_together(sqli
         "share-nan",
         "one-of-two-bad",
         "nothing-to-set",
+        "budget-negative",
+        "budget-nan",
+        "budget-not-a-number",
     ],
 )
 def test_tenants_set_refuses_with_exit_2_and_changes_nothing(
@@ -368,8 +387,8 @@ def test_tenants_list_shows_each_share_and_its_queued_and_running_jobs(sqlite_ur
     out = pcq("tenants", "list", env=env)
     assert out.returncode == 0, out.stderr
     assert [line.split() for line in out.stdout.splitlines()] == [
-        ["name", "weight", "max_share", "queued", "running"],
-        ["acme", "3", "0.5", "3", "2"],
-        ["globex", "1", "1.0", "0", "1"],
-        ["initech", "1", "1.0", "0", "0"],
+        ["name", "weight", "max_share", "queued", "running", "monthly_budget", "spent_this_month"],
+        ["acme", "3", "0.5", "3", "2", "none", "0.0000"],
+        ["globex", "1", "1.0", "0", "1", "none", "0.0000"],
+        ["initech", "1", "1.0", "0", "0", "none", "0.0000"],
     ]
