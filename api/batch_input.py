@@ -15,7 +15,7 @@ from typing import IO
 from pydantic import ValidationError
 
 from api.intake import NewJob
-from api.schemas import PRIORITY, BatchCreate, BatchLine, check_webhook_url
+from api.schemas import PRIORITY, REUSE, BatchCreate, BatchLine, check_webhook_url, reuse_seconds
 from api.verbatim import Member, NotJson, decode_utf8, members
 from pcq.jobs.errors import InvalidInput, TooLarge
 from pcq.models import Priority
@@ -80,6 +80,7 @@ def line_to_job(text: str, where: str) -> NewJob:
         custom_id=line.custom_id,
         metadata_json=text_of(found, "metadata"),
         priority=line.priority,
+        reuse_seconds=reuse_seconds(line.reuse),
     )
 
 
@@ -88,6 +89,16 @@ def _priority(text: str, where: str) -> Priority:
     value = read_object('{"priority":' + text + "}", where)["priority"].value
     try:
         return PRIORITY.validate_python(value)
+    except ValidationError as exc:
+        raise InvalidInput(describe(exc, where)) from None
+
+
+def _reuse(text: str, where: str) -> int | None:
+    """A batch's ``reuse`` member from its text, in seconds; 422 naming ``where`` unless it is a
+    duration (or null)."""
+    value = read_object('{"reuse":' + text + "}", where)["reuse"].value
+    try:
+        return reuse_seconds(REUSE.validate_python(value))
     except ValidationError as exc:
         raise InvalidInput(describe(exc, where)) from None
 
@@ -177,9 +188,15 @@ class JsonlBatch:
     webhook_events: str | None = None
 
     def __init__(
-        self, file: IO[bytes], max_lines: int, max_line_bytes: int, priority: Priority | None = None
+        self,
+        file: IO[bytes],
+        max_lines: int,
+        max_line_bytes: int,
+        priority: Priority | None = None,
+        reuse_seconds: int | None = None,
     ) -> None:
         self.priority = priority
+        self.reuse_seconds = reuse_seconds  # ?reuse=, likewise
         self._file = file
         self._reader = JsonlReader(max_lines, max_line_bytes)
 
@@ -195,7 +212,7 @@ class JsonlBatch:
 _BLANK = re.compile(rb"[ \t\n\r]*")
 _TOKEN = re.compile(rb'[\[\]{}]|"(?:[^"\\]++|\\.)*+("?)', re.S)
 _SCALAR_END = re.compile(rb"[,\]}\[{\" \t\n\r]")
-_JSON_BATCH_KEYS = ("requests", "metadata", "webhook_url", "webhook_events", "priority")
+_JSON_BATCH_KEYS = ("requests", "metadata", "webhook_url", "webhook_events", "priority", "reuse")
 
 
 class JsonBatch:
@@ -214,7 +231,12 @@ class JsonBatch:
     """
 
     def __init__(
-        self, file: IO[bytes], max_lines: int, max_item_bytes: int, priority: Priority | None = None
+        self,
+        file: IO[bytes],
+        max_lines: int,
+        max_item_bytes: int,
+        priority: Priority | None = None,
+        reuse_seconds: int | None = None,
     ) -> None:
         self.max_lines = max_lines
         self.max_item_bytes = max_item_bytes
@@ -223,6 +245,7 @@ class JsonBatch:
         self.webhook_url: str | None = None
         self.webhook_events: str | None = None  # JSON text of the job event types asked for
         self.priority = priority
+        self.reuse_seconds = reuse_seconds  # ?reuse=, then the body's "reuse", as for priority
         self._file = file
         self._buf = b""
         self._pos = 0  # the next byte of _buf to read
@@ -254,6 +277,8 @@ class JsonBatch:
                     others[key] = decode(self._value(where, self.max_item_bytes), where)
                     if key == "priority":  # known now, so the requests read next take it
                         self.priority = _priority(others[key], where)
+                    if key == "reuse":
+                        self.reuse_seconds = _reuse(others[key], where)
                 sep = self._peek()
                 self._pos += 1
                 if sep == ord("}"):

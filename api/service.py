@@ -39,6 +39,7 @@ from api.schemas import (
     EventTypeName,
     JobCreate,
     check_webhook_url,
+    reuse_seconds,
 )
 from api.tenant_limits import QueueCap
 from api.uploads import Spooled, UploadSlots, spool
@@ -87,6 +88,7 @@ class Submitter:
             metadata_json=text_of(found, "metadata"),
             webhook_url=check_webhook_url(body.webhook_url),
             priority=body.priority,
+            reuse_seconds=reuse_seconds(body.reuse),
         )
         self.webhook_urls.check(item.webhook_url)  # a lookup, before any transaction begins
         # Nothing waits for the quota and it has room to spare (the dispatcher says so): the
@@ -119,19 +121,20 @@ class Submitter:
         content_type: str,
         idempotency_key: str | None,
         priority: Priority | None = None,
+        reuse: int | None = None,
     ) -> tuple[Batch, bool]:
         """A batch from a request body, JSONL or JSON (api.uploads): in one of the tenant's upload
         slots, the body is received whole (hashed, spooled to a temporary file) before any
         database work; then it is parsed and stored in a thread, request by request.
-        ``priority`` (``?priority=``) is for its jobs that name none, unless a JSON body names
-        the batch's own."""
+        ``priority`` (``?priority=``) and ``reuse`` (``?reuse=``, in seconds) are for its jobs
+        that name none, unless a JSON body names the batch's own."""
         ctype = media_type(content_type)
         if ctype not in JSONL_TYPES and ctype != "application/json":
             raise InvalidInput("Content-Type must be application/x-ndjson (JSONL) or application/json")
         with self.uploads.hold(tenant_id):
             body = await spool(chunks)
             return await run_in_threadpool(
-                self._store_batch, tenant_id, body, ctype in JSONL_TYPES, idempotency_key, priority
+                self._store_batch, tenant_id, body, ctype in JSONL_TYPES, idempotency_key, priority, reuse
             )
 
     def _store_batch(
@@ -141,11 +144,12 @@ class Submitter:
         jsonl: bool,
         idempotency_key: str | None,
         priority: Priority | None,
+        reuse: int | None = None,
     ) -> tuple[Batch, bool]:
         """Validate and insert the spooled body inside one transaction; commit only if every
         request was good. The transaction begins with the first rows to insert, so a body that
         is refused early never takes a database connection."""
-        fingerprint = intake.batch_fingerprint(body.sha256, priority)
+        fingerprint = intake.batch_fingerprint(body.sha256, priority, reuse)
         with body.file:
             if idempotency_key is not None:
                 with self.sessions() as session:
@@ -154,9 +158,9 @@ class Submitter:
                     log.info("batch replayed (Idempotency-Key)", extra={"batch_id": replay.id})
                     return replay, False
             reader: BatchSource = (
-                JsonlBatch(body.file, self.max_batch_lines, self.max_line_bytes, priority)
+                JsonlBatch(body.file, self.max_batch_lines, self.max_line_bytes, priority, reuse)
                 if jsonl
-                else JsonBatch(body.file, self.max_batch_lines, self.max_line_bytes, priority)
+                else JsonBatch(body.file, self.max_batch_lines, self.max_line_bytes, priority, reuse)
             )
             # The session takes a connection (and begins) only at the first insert.
             with unit_of_work(self.sessions) as session:

@@ -21,9 +21,10 @@ from api.deps import (
 )
 from api.errors import error_responses
 from api.routes.jobs import MAX_PAGE
-from api.schemas import DomainCountOut, DomainPage, IdempotencyKeyHeader
+from api.schemas import DomainCountOut, DomainPage, IdempotencyKeyHeader, reuse_seconds
 from pcq import logs
 from pcq import views as shown
+from pcq.jobs.errors import InvalidInput
 from pcq.models import Batch, BatchStatus, Priority
 from pcq.views import BatchOut
 
@@ -109,6 +110,10 @@ PRIORITY_QUERY_DOC = (
     "The priority of the batch's jobs that name none (a JSONL body has no other place for it); "
     "a JSON body's own priority takes its place. Absent: normal."
 )
+REUSE_QUERY_DOC = (
+    "The reuse window (30s, 15m, 24h, 7d; at most 30d) of the batch's jobs that name none (a JSONL "
+    "body has no other place for it); a JSON body's own reuse takes its place. Absent: none."
+)
 LAST_EVENT_ID_DOC = (
     "The id of the last event received: only newer events are sent (not the state it showed "
     "again). An id this API did not send is ignored."
@@ -134,10 +139,15 @@ async def submit_batch(
     tenant: TenantDep,
     idempotency_key: IdempotencyKeyHeader = None,
     priority: Annotated[Priority | None, Query(description=PRIORITY_QUERY_DOC)] = None,
+    reuse: Annotated[str | None, Query(description=REUSE_QUERY_DOC)] = None,
 ) -> BatchOut:
     """Queue a batch: JSONL lines ``{"custom_id", "body"}`` or JSON ``{"requests": [...]}``."""
+    try:
+        window = reuse_seconds(reuse)
+    except ValueError as exc:  # before the body is read: nothing is stored
+        raise InvalidInput(f"reuse: {exc}") from None
     batch, _ = await res.submitter.submit_batch(
-        tenant, request.stream(), request.headers.get("content-type", ""), idempotency_key, priority
+        tenant, request.stream(), request.headers.get("content-type", ""), idempotency_key, priority, window
     )
     logs.bind(batch_id=batch.id)  # for the access line
     return shown.batch_out(batch, await run_in_threadpool(service.batch_counts, session, batch.id))
