@@ -147,7 +147,12 @@ def reuse_seconds(value: str | None) -> int | None:
     return None if value is None else reuse.parse_window(value)
 
 
-Reuse = Annotated[str | None, AfterValidator(check_reuse)]
+# The pattern documents the shape; the bounds (more than 0, at most 30 days) are checked only.
+Reuse = Annotated[
+    str | None,
+    AfterValidator(check_reuse),
+    Field(json_schema_extra=string_doc(pattern=reuse.DURATION_PATTERN)),
+]
 REUSE = TypeAdapter(Reuse)  # a batch's reuse read on its own, as PRIORITY
 
 

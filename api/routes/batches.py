@@ -25,6 +25,7 @@ from api.schemas import DomainCountOut, DomainPage, IdempotencyKeyHeader, reuse_
 from pcq import logs
 from pcq import views as shown
 from pcq.jobs.errors import InvalidInput
+from pcq.jobs.reuse import DURATION_PATTERN
 from pcq.models import Batch, BatchStatus, Priority
 from pcq.views import BatchOut
 
@@ -139,7 +140,7 @@ async def submit_batch(
     tenant: TenantDep,
     idempotency_key: IdempotencyKeyHeader = None,
     priority: Annotated[Priority | None, Query(description=PRIORITY_QUERY_DOC)] = None,
-    reuse: Annotated[str | None, Query(description=REUSE_QUERY_DOC)] = None,
+    reuse: Annotated[str | None, Query(description=REUSE_QUERY_DOC, pattern=DURATION_PATTERN)] = None,
 ) -> BatchOut:
     """Queue a batch: JSONL lines ``{"custom_id", "body"}`` or JSON ``{"requests": [...]}``."""
     try:

@@ -62,7 +62,8 @@ MAX_WINDOW = timedelta(days=30)  # a month-old answer is as old as reuse goes
 WAIT_SECONDS = 1.0  # a job whose identical request is running is claimed again after this...
 MAX_WAIT_SECONDS = 30.0  # ...or after half as long as that call has run, up to this
 
-_DURATION = re.compile(r"\s*(\d{1,9})\s*([smhdw])\s*")
+DURATION_PATTERN = "^[0-9]{1,9}[smhdw]$"  # also the JSON Schema pattern of the API's reuse fields
+_DURATION = re.compile(r"([0-9]{1,9})([smhdw])")  # DURATION_PATTERN, its parts grouped
 
 
 def parse_window(text: str) -> int:

@@ -50,6 +50,7 @@ class Body:
     webhook_url: str | None = None
     webhook_events: str | None = None
     priority: Priority | None = None
+    reuse_seconds: int | None = None
 
     def jobs(self) -> Iterator[NewJob]:
         yield from self.items

@@ -39,7 +39,7 @@ DAY = 86400
 
 @pytest.mark.parametrize(
     ("text", "seconds"),
-    [("30s", 30), ("15m", 900), ("24h", DAY), ("7d", 7 * DAY), ("2w", 14 * DAY), (" 30d ", 30 * DAY)],
+    [("30s", 30), ("15m", 900), ("24h", DAY), ("7d", 7 * DAY), ("2w", 14 * DAY), ("30d", 30 * DAY)],
 )
 def test_a_reuse_window_is_a_whole_number_and_a_unit(text: str, seconds: int) -> None:
     assert parse_window(text) == seconds
@@ -53,6 +53,9 @@ def test_a_reuse_window_is_a_whole_number_and_a_unit(text: str, seconds: int) ->
         ("-1h", "not a duration"),
         ("24 hours", "not a duration"),
         ("", "not a duration"),
+        (" 24h", "not a duration"),
+        ("24h\n", "not a duration"),
+        ("\u0661h", "not a duration"),  # an Arabic-Indic digit
         ("0h", "more than 0"),
         ("31d", f"at most {MAX_WINDOW.days}d"),
         ("5w", "at most 30d"),
