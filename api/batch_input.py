@@ -15,7 +15,7 @@ from typing import IO
 from pydantic import ValidationError
 
 from api.intake import NewJob
-from api.schemas import PRIORITY, BatchCreate, BatchLine, check_webhook_url
+from api.schemas import PRIORITY, REUSE, BatchCreate, BatchLine, check_webhook_url, reuse_seconds
 from api.verbatim import Member, NotJson, decode_utf8, members
 from pcq.jobs.errors import InvalidInput, TooLarge
 from pcq.models import Priority
@@ -85,6 +85,7 @@ def members_to_job(found: dict[str, Member], where: str) -> NewJob:
         custom_id=line.custom_id,
         metadata_json=text_of(found, "metadata"),
         priority=line.priority,
+        reuse_seconds=reuse_seconds(line.reuse),
     )
 
 
@@ -93,6 +94,16 @@ def _priority(text: str, where: str) -> Priority:
     value = read_object('{"priority":' + text + "}", where)["priority"].value
     try:
         return PRIORITY.validate_python(value)
+    except ValidationError as exc:
+        raise InvalidInput(describe(exc, where)) from None
+
+
+def _reuse(text: str, where: str) -> int | None:
+    """A batch's ``reuse`` member from its text, in seconds; 422 naming ``where`` unless it is a
+    duration (or null)."""
+    value = read_object('{"reuse":' + text + "}", where)["reuse"].value
+    try:
+        return reuse_seconds(REUSE.validate_python(value))
     except ValidationError as exc:
         raise InvalidInput(describe(exc, where)) from None
 
@@ -188,9 +199,11 @@ class JsonlBatch:
         max_line_bytes: int,
         priority: Priority | None = None,
         max_cost: float | None = None,
+        reuse_seconds: int | None = None,
     ) -> None:
         self.priority = priority
         self.max_cost = max_cost  # the ?max_cost= it came with (a JSONL body has no place for one)
+        self.reuse_seconds = reuse_seconds  # ?reuse=, likewise
         self._file = file
         self._reader = JsonlReader(max_lines, max_line_bytes)
 
@@ -206,7 +219,15 @@ class JsonlBatch:
 _BLANK = re.compile(rb"[ \t\n\r]*")
 _TOKEN = re.compile(rb'[\[\]{}]|"(?:[^"\\]++|\\.)*+("?)', re.S)
 _SCALAR_END = re.compile(rb"[,\]}\[{\" \t\n\r]")
-_JSON_BATCH_KEYS = ("requests", "metadata", "webhook_url", "webhook_events", "priority", "max_cost")
+_JSON_BATCH_KEYS = (
+    "requests",
+    "metadata",
+    "webhook_url",
+    "webhook_events",
+    "priority",
+    "max_cost",
+    "reuse",
+)
 
 
 class JsonBatch:
@@ -231,6 +252,7 @@ class JsonBatch:
         max_item_bytes: int,
         priority: Priority | None = None,
         max_cost: float | None = None,
+        reuse_seconds: int | None = None,
     ) -> None:
         self.max_lines = max_lines
         self.max_cost = max_cost  # the ?max_cost= it came with, until the body names its own
@@ -240,6 +262,7 @@ class JsonBatch:
         self.webhook_url: str | None = None
         self.webhook_events: str | None = None  # JSON text of the job event types asked for
         self.priority = priority
+        self.reuse_seconds = reuse_seconds  # ?reuse=, then the body's "reuse", as for priority
         self._file = file
         self._buf = b""
         self._pos = 0  # the next byte of _buf to read
@@ -271,6 +294,8 @@ class JsonBatch:
                     others[key] = decode(self._value(where, self.max_item_bytes), where)
                     if key == "priority":  # known now, so the requests read next take it
                         self.priority = _priority(others[key], where)
+                    if key == "reuse":
+                        self.reuse_seconds = _reuse(others[key], where)
                 sep = self._peek()
                 self._pos += 1
                 if sep == ord("}"):

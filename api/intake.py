@@ -42,6 +42,7 @@ class NewJob:
     metadata_json: str | None = None
     webhook_url: str | None = None
     priority: Priority | None = None  # None: its batch's (a batch line that names none)
+    reuse_seconds: int | None = None  # "reuse" (pcq.jobs.reuse); None: its batch's, if any
 
     def fingerprint(self) -> str:
         """Tells a replay from a reuse of an idempotency key: the same texts, the same job.
@@ -57,17 +58,31 @@ class NewJob:
         )
         if self.priority not in (None, Priority.NORMAL):
             parts += (self.priority,)
+        if self.reuse_seconds is not None:  # absent before reuse existed: the same hashes as then
+            parts += (f"reuse={self.reuse_seconds}",)
         return hashlib.sha256(json.dumps(parts, ensure_ascii=False).encode()).hexdigest()
 
 
-def batch_fingerprint(body_sha256: str, priority: Priority | None, max_cost: float | None = None) -> str:
+def batch_fingerprint(
+    body_sha256: str,
+    priority: Priority | None,
+    max_cost: float | None = None,
+    reuse_seconds: int | None = None,
+) -> str:
     """A batch's request hash: its body's sha256, and the ``?priority=`` it came with (not in
     the body) unless that is absent or ``normal``, which are the same request, and the
-    ``?max_cost=`` if any."""
+    ``?max_cost=`` and ``?reuse=`` if given."""
     extra = "" if priority in (None, Priority.NORMAL) else f" priority={priority}"
     if max_cost is not None:
         extra += f" max_cost={max_cost!r}"
+    if reuse_seconds is not None:
+        extra += f" reuse={reuse_seconds}"
     return hashlib.sha256(f"{body_sha256}{extra}".encode()).hexdigest() if extra else body_sha256
+
+
+def request_sha256(request_json: str) -> str:
+    """What finds a byte-identical request to reuse the answer of (jobs.request_sha256)."""
+    return hashlib.sha256(request_json.encode()).hexdigest()
 
 
 def _job_row(
@@ -77,16 +92,19 @@ def _job_row(
     now: datetime,
     batch_priority: Priority | None = None,
     request_id: str | None = None,
+    batch_reuse: int | None = None,
 ) -> dict[str, Any]:
     """A new job: queued, no attempt yet, no message sent (the dispatcher sends it). Its priority is its own,
-    else its batch's, else normal. ``request_id`` is the submitting request's (api.request_ids),
-    so the worker's log lines for the job carry it."""
+    else its batch's, else normal; so is its reuse window, else none. ``request_id`` is the
+    submitting request's (api.request_ids), so the worker's log lines for the job carry it."""
     return {
         "id": new_id("job"),
         "tenant_id": tenant_id,
         "batch_id": batch_id,
         "custom_id": item.custom_id,
         "request_json": item.request_json,
+        "request_sha256": request_sha256(item.request_json),
+        "reuse_seconds": item.reuse_seconds if item.reuse_seconds is not None else batch_reuse,
         "model": item.model,
         "stream": item.stream,
         "metadata_json": item.metadata_json,
@@ -161,6 +179,7 @@ class BatchSource(Protocol):
     # name it after its requests, and a repeated member counts by its last value.
     priority: Priority | None
     max_cost: float | None  # USD (pcq/costs.py), known once every job was read
+    reuse_seconds: int | None  # the reuse window of its jobs that name none, likewise
 
     def jobs(self) -> Iterator[NewJob]: ...
 
@@ -196,6 +215,7 @@ def create_batch(
     # Per chunk inserted: the batch priority its jobs were given, and which took it ("1") rather
     # than naming their own ("0"), in case the body names another one later.
     given: list[tuple[Priority | None, str]] = []
+    reuse_given: list[tuple[int | None, str]] = []  # the same, for the batch's reuse window
     request_id = logs.bound().get("request_id")
     for chunk in _in_chunks(body.jobs()):
         if stored is None:
@@ -204,7 +224,15 @@ def create_batch(
             if not created:
                 return stored
         rows = [
-            _job_row(tenant_id, item, stored.batch.id, stored.batch.created_at, body.priority, request_id)
+            _job_row(
+                tenant_id,
+                item,
+                stored.batch.id,
+                stored.batch.created_at,
+                body.priority,
+                request_id,
+                body.reuse_seconds,
+            )
             for item in chunk
         ]
         job_rows.insert_many(session, rows)
@@ -212,9 +240,13 @@ def create_batch(
         _count_models(stored.per_model, chunk)
         stored.id_chunks.append(" ".join(r["id"] for r in rows))
         given.append((body.priority, "".join("0" if item.priority else "1" for item in chunk)))
+        reuse_given.append(
+            (body.reuse_seconds, "".join("0" if item.reuse_seconds is not None else "1" for item in chunk))
+        )
     if stored is None:  # the readers refuse an empty batch; belt and braces
         raise InvalidInput("the batch has no requests")
     _late_priority(session, stored, given, body.priority)
+    _late_reuse(session, stored, reuse_given, body.reuse_seconds)
     batch_rows.finish(
         session,
         stored.batch,
@@ -269,6 +301,17 @@ def _late_priority(
         if (priority or Priority.NORMAL) != final:
             stale = [job_id for job_id, flag in zip(ids.split(" "), takes, strict=True) if flag == "1"]
             job_rows.set_priority(session, stale, final.rank)
+
+
+def _late_reuse(
+    session: Session, stored: StoredBatch, given: list[tuple[int | None, str]], final: int | None
+) -> None:
+    """As ``_late_priority``, for the batch's ``reuse``: a JSON batch may name it after its
+    requests."""
+    for ids, (reuse_seconds, takes) in zip(stored.id_chunks, given, strict=True):
+        if reuse_seconds != final:
+            stale = [job_id for job_id, flag in zip(ids.split(" "), takes, strict=True) if flag == "1"]
+            job_rows.set_reuse(session, stale, final)
 
 
 def _open_batch(

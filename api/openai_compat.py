@@ -373,6 +373,7 @@ class _Jobs:
     webhook_events: str | None = None
     priority: Priority | None = None
     max_cost: float | None = None
+    reuse_seconds: int | None = None
 
     def __init__(self, jobs: list[NewJob], metadata_json: str | None) -> None:
         self._jobs = jobs

@@ -11,6 +11,7 @@ from fastapi import Header
 from pydantic import AfterValidator, AnyHttpUrl, BaseModel, ConfigDict, Field, TypeAdapter, field_validator
 from pydantic.config import JsonDict, JsonValue
 
+from pcq.jobs import reuse
 from pcq.jobs.errors import InvalidInput
 from pcq.models import DeliveryStatus, EventType, JobStatus, Priority
 from pcq.views import JobOut, ResultOut
@@ -132,6 +133,35 @@ MAX_COST_RULE = (
 PRIORITY = TypeAdapter(Priority)
 
 
+REUSE_RULE = (
+    "A duration (30s, 15m, 24h, 7d; at most 30d): if the tenant has a succeeded job with the "
+    "byte-identical request whose answer was called within it, this job takes a copy of that "
+    "answer (result.reused_from names that job) instead of calling, at no cost; identical requests "
+    "running at once make one call"
+)
+
+
+def check_reuse(value: str | None) -> str | None:
+    """A ``reuse`` duration that pcq.jobs.reuse.parse_window reads (ValueError otherwise)."""
+    if value is not None:
+        reuse.parse_window(value)
+    return value
+
+
+def reuse_seconds(value: str | None) -> int | None:
+    """A validated ``reuse`` duration in seconds (None: no reuse)."""
+    return None if value is None else reuse.parse_window(value)
+
+
+# The pattern documents the shape; the bounds (more than 0, at most 30 days) are checked only.
+Reuse = Annotated[
+    str | None,
+    AfterValidator(check_reuse),
+    Field(json_schema_extra=string_doc(pattern=reuse.DURATION_PATTERN)),
+]
+REUSE = TypeAdapter(Reuse)  # a batch's reuse read on its own, as PRIORITY
+
+
 class JobCreate(BaseModel):
     """Body of ``POST /v1/jobs``."""
 
@@ -147,6 +177,7 @@ class JobCreate(BaseModel):
         json_schema_extra=WEBHOOK_URL_DOC,
     )
     priority: Priority = Field(default=Priority.NORMAL, description=f"{PRIORITY_RULE}.")
+    reuse: Reuse = Field(default=None, description=f"{REUSE_RULE}. Absent: it always calls.")
 
     _meta = field_validator("metadata")(check_metadata)
 
@@ -166,6 +197,9 @@ class BatchLine(BaseModel):
     metadata: dict[str, Any] | None = None
     priority: Priority | None = Field(
         default=None, description=f"This job's priority; absent or null: the batch's. {PRIORITY_RULE}."
+    )
+    reuse: Reuse = Field(
+        default=None, description=f"This job's reuse window; absent or null: the batch's. {REUSE_RULE}."
     )
 
     _meta = field_validator("metadata")(check_metadata)
@@ -219,6 +253,11 @@ class BatchCreate(BaseModel):
         le=MAX_COST,
         allow_inf_nan=False,
         description=f"{MAX_COST_RULE} Absent: the ?max_cost= query parameter's, else no limit.",
+    )
+    reuse: Reuse = Field(
+        default=None,
+        description="The reuse window of the batch's jobs, but those of requests that name their own; "
+        f"absent: the ?reuse= query parameter's, else none. {REUSE_RULE}.",
     )
 
     _meta = field_validator("metadata")(check_metadata)

@@ -39,6 +39,7 @@ from api.schemas import (
     EventTypeName,
     JobCreate,
     check_webhook_url,
+    reuse_seconds,
 )
 from api.tenant_limits import QueueCap
 from api.uploads import Spooled, UploadSlots, spool
@@ -90,6 +91,7 @@ class Submitter:
             metadata_json=text_of(found, "metadata"),
             webhook_url=check_webhook_url(body.webhook_url),
             priority=body.priority,
+            reuse_seconds=reuse_seconds(body.reuse),
         )
         self.webhook_urls.check(item.webhook_url)  # a lookup, before any transaction begins
         # Nothing waits for the quota and it has room to spare (the dispatcher says so): the
@@ -123,17 +125,19 @@ class Submitter:
         idempotency_key: str | None,
         priority: Priority | None = None,
         max_cost: float | None = None,
+        reuse: int | None = None,
     ) -> tuple[Batch, bool]:
         """A batch from a request body, JSONL or JSON (api.uploads): in one of the tenant's upload
         slots, the body is received whole (hashed, spooled to a temporary file) before any
         database work; then it is parsed and stored in a thread, request by request.
-        ``priority`` (``?priority=``) is for its jobs that name none, unless a JSON body names
-        the batch's own; so is ``max_cost`` (``?max_cost=``) for the batch."""
+        ``priority`` (``?priority=``) and ``reuse`` (``?reuse=``, in seconds) are for its jobs
+        that name none, unless a JSON body names the batch's own; so is ``max_cost``
+        (``?max_cost=``) for the batch."""
         jsonl = _batch_media(content_type)
         with self.uploads.hold(tenant_id):
             body = await spool(chunks)
             return await run_in_threadpool(
-                self._store_batch, tenant_id, body, jsonl, idempotency_key, priority, max_cost
+                self._store_batch, tenant_id, body, jsonl, idempotency_key, priority, max_cost, reuse
             )
 
     async def dry_run_batch(
@@ -161,10 +165,15 @@ class Submitter:
         return found
 
     def _reader(
-        self, body: Spooled, jsonl: bool, priority: Priority | None, max_cost: float | None
+        self,
+        body: Spooled,
+        jsonl: bool,
+        priority: Priority | None,
+        max_cost: float | None,
+        reuse: int | None = None,
     ) -> BatchSource:
         kind = JsonlBatch if jsonl else JsonBatch
-        return kind(body.file, self.max_batch_lines, self.max_line_bytes, priority, max_cost)
+        return kind(body.file, self.max_batch_lines, self.max_line_bytes, priority, max_cost, reuse)
 
     def _store_batch(
         self,
@@ -174,11 +183,12 @@ class Submitter:
         idempotency_key: str | None,
         priority: Priority | None,
         max_cost: float | None = None,
+        reuse: int | None = None,
     ) -> tuple[Batch, bool]:
         """Validate and insert the spooled body inside one transaction; commit only if every
         request was good. The transaction begins with the first rows to insert, so a body that
         is refused early never takes a database connection."""
-        fingerprint = intake.batch_fingerprint(body.sha256, priority, max_cost)
+        fingerprint = intake.batch_fingerprint(body.sha256, priority, max_cost, reuse)
         with body.file:
             if idempotency_key is not None:
                 with self.sessions() as session:
@@ -186,7 +196,7 @@ class Submitter:
                 if replay is not None:
                     log.info("batch replayed (Idempotency-Key)", extra={"batch_id": replay.id})
                     return replay, False
-            reader = self._reader(body, jsonl, priority, max_cost)
+            reader = self._reader(body, jsonl, priority, max_cost, reuse)
             # The session takes a connection (and begins) only at the first insert.
             with unit_of_work(self.sessions) as session:
                 stored = intake.create_batch(

@@ -75,7 +75,19 @@ def export_results(answers: ExportAnswers, job_ids: set[str]) -> dict[str, dict[
         else:
             by_job[job_id] = [entry]
     out: dict[str, dict[str, Any]] = {}
-    for job_id, content, parsed, model, finish, usage, prompt, completion, total, basis in answers.results:
+    for (
+        job_id,
+        content,
+        parsed,
+        model,
+        finish,
+        usage,
+        prompt,
+        completion,
+        total,
+        reused,
+        basis,
+    ) in answers.results:
         if job_id not in job_ids:
             continue
         out[job_id] = {
@@ -87,6 +99,7 @@ def export_results(answers: ExportAnswers, job_ids: set[str]) -> dict[str, dict[
             if usage
             else None,
             "basis": by_job.get(job_id, []) if basis is None else fragment(basis),
+            "reused_from": reused,
         }
     return out
 

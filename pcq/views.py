@@ -48,6 +48,11 @@ class ResultOut(BaseModel):
     finish_reason: str | None
     usage: Usage | None
     basis: list[BasisOut]
+    reused_from: str | None = Field(
+        default=None,
+        description='The job whose upstream call made this answer, when this job reused it ("reuse") '
+        "instead of calling: no call, no cost. null: this job's own call made it",
+    )
 
 
 class JobOut(BaseModel):
@@ -187,6 +192,7 @@ def results_out(answers: Answers) -> dict[str, ResultOut]:
             if u is not None
             else None,
             basis=basis.get(job_id, []),
+            reused_from=r.reused_from,
         )
     return out
 

@@ -3,7 +3,10 @@
 One row per job, the same columns in every format (README, "Exporting results"):
 
     custom_id, job_id, status, content, parsed, model, finish_reason, usage,
-    prompt_tokens, completion_tokens, total_tokens, citation_count, error_code, error
+    prompt_tokens, completion_tokens, total_tokens, citation_count, error_code, error,
+    reused_from
+
+(``reused_from``: the job whose call made a reused answer, empty for one the job's own call made)
 
 and, with ``--citations FILE``, one row per citation in a second file of the same format:
 
@@ -69,6 +72,7 @@ JOB_COLUMNS = (
     Column("citation_count", "int"),
     Column("error_code", "text"),
     Column("error", "text"),
+    Column("reused_from", "text"),
 )
 CITATION_COLUMNS = (
     Column("job_id", "text"),
@@ -104,6 +108,7 @@ def job_row(line: dict[str, Any]) -> dict[str, Any]:
         "citation_count": sum(len(b["citations"]) for b in result.get("basis") or []),
         "error_code": line.get("error_code"),
         "error": line.get("error"),
+        "reused_from": result.get("reused_from"),
     }
 
 

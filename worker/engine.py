@@ -378,6 +378,10 @@ class Engine:
             await self._db(lambda db: lifecycle.defer(db, result.deferred, until=later))
         for _ in range(len(chunk) - len(result.jobs)):
             self._slots.release()
+        for job, origin in result.reused:  # stored succeeded by the claim, with no call
+            log.info(
+                "answer reused", extra={**job.log_fields(), "status": "succeeded", "reused_from": origin}
+            )
         for job in result.jobs:
             self._running[job.id] = job.attempt
             if job.suspect:

@@ -29,9 +29,12 @@ from api.schemas import (
     DomainPage,
     DryRunOut,
     IdempotencyKeyHeader,
+    reuse_seconds,
 )
 from pcq import costs, logs
 from pcq import views as shown
+from pcq.jobs.errors import InvalidInput
+from pcq.jobs.reuse import DURATION_PATTERN
 from pcq.models import Batch, BatchStatus, Priority
 from pcq.views import BatchOut
 
@@ -117,6 +120,10 @@ PRIORITY_QUERY_DOC = (
     "The priority of the batch's jobs that name none (a JSONL body has no other place for it); "
     "a JSON body's own priority takes its place. Absent: normal."
 )
+REUSE_QUERY_DOC = (
+    "The reuse window (30s, 15m, 24h, 7d; at most 30d) of the batch's jobs that name none (a JSONL "
+    "body has no other place for it); a JSON body's own reuse takes its place. Absent: none."
+)
 LAST_EVENT_ID_DOC = (
     "The id of the last event received: only newer events are sent (not the state it showed "
     "again). An id this API did not send is ignored."
@@ -156,8 +163,13 @@ async def submit_batch(
         Query(gt=0, le=MAX_COST, allow_inf_nan=False, description=f"{MAX_COST_RULE} A JSON body's own wins."),
     ] = None,
     dry_run: Annotated[bool, Query(description=DRY_RUN_DOC)] = False,
+    reuse: Annotated[str | None, Query(description=REUSE_QUERY_DOC, pattern=DURATION_PATTERN)] = None,
 ) -> BatchOut | Response:
     """Queue a batch: JSONL lines ``{"custom_id", "body"}`` or JSON ``{"requests": [...]}``."""
+    try:
+        window = reuse_seconds(reuse)
+    except ValueError as exc:  # before the body is read: nothing is stored
+        raise InvalidInput(f"reuse: {exc}") from None
     ctype = request.headers.get("content-type", "")
     if dry_run:
         found = await res.submitter.dry_run_batch(tenant, request.stream(), ctype, priority, max_cost)
@@ -169,7 +181,7 @@ async def submit_batch(
         )
         return Response(shown_run.model_dump_json(), status_code=200, media_type="application/json")
     batch, _ = await res.submitter.submit_batch(
-        tenant, request.stream(), ctype, idempotency_key, priority, max_cost
+        tenant, request.stream(), ctype, idempotency_key, priority, max_cost, window
     )
     logs.bind(batch_id=batch.id)  # for the access line
     return shown.batch_out(batch, await run_in_threadpool(service.batch_counts, session, batch.id))

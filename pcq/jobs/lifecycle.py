@@ -18,6 +18,7 @@ stores the answers); this module decides what they do, with the conditions it pa
 from __future__ import annotations
 
 import random
+from collections.abc import Sequence
 from dataclasses import dataclass
 from dataclasses import field as dataclass_field
 from datetime import datetime, timedelta
@@ -27,7 +28,7 @@ from sqlalchemy import ColumnElement, and_, case, or_
 from sqlalchemy.orm import Session
 
 from pcq import costs
-from pcq.jobs import outbox
+from pcq.jobs import outbox, reuse
 from pcq.models import BasisField, Citation, Job, JobStatus, Result, utcnow
 from pcq.repositories import jobs as job_rows
 from pcq.repositories import results as result_rows
@@ -66,6 +67,8 @@ class ClaimedJob:
     lease_losses: int = 0  # claims since then that died with their worker
     model: str = ""  # the requested model (jobs.model): a metrics label, once bounded
     request_id: str | None = None  # X-Request-ID of the API request that submitted it (for logs)
+    reuse_seconds: int | None = None  # "reuse": take an identical request's answer this recent
+    request_sha256: str | None = None  # what finds an identical request (pcq.jobs.reuse)
 
     @property
     def tries(self) -> int:
@@ -96,6 +99,10 @@ class ClaimedJob:
 class Claimed:
     jobs: list[ClaimedJob]
     deferred: list[str]  # suspects left unclaimed because the worker's suspect lane was full
+    # Jobs with "reuse" that make no call (pcq.jobs.reuse): succeeded with the answer of the job
+    # given, or queued again to wait for an identical request's running call.
+    reused: list[tuple[ClaimedJob, str]] = dataclass_field(default_factory=list)
+    waiting: list[str] = dataclass_field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -221,6 +228,8 @@ def claim_many(
     A job whose budget (its batch's max_cost, its tenant's monthly budget) has no room for its
     call at ``prices`` is not called: it ends ``cancelled`` (``budget_exceeded``), with the
     queued jobs of that budget that could no longer fit either (pcq.costs).
+    A job with ``reuse`` may end here with an earlier answer, or wait for an identical call
+    (pcq.jobs.reuse): either way it is not among the jobs returned to call.
     """
     if not job_ids:
         return Claimed([], [])
@@ -243,12 +252,9 @@ def claim_many(
         now=now,
         lease_until=now + timedelta(seconds=lease_seconds),
     )
-    refused = _refuse_over_budget(session, rows, prices, now)
     claimed: list[ClaimedJob] = []
     give_up: list[tuple[ClaimedJob, str, datetime | None, str | None, str | None]] = []
     for row in rows:
-        if row.id in refused:
-            continue
         job = ClaimedJob(
             row.id,
             row.tenant_id,
@@ -259,6 +265,8 @@ def claim_many(
             row.lease_losses,
             row.model,
             row.request_id,
+            row.reuse_seconds,
+            row.request_sha256,
         )
         cap = crash_cap(max_attempts)
         if job.lease_losses >= cap:
@@ -269,8 +277,19 @@ def claim_many(
             give_up.append((job, JobStatus.FAILED, None, "attempts_exhausted", reason))
         else:
             claimed.append(job)
-    _set_status(session, give_up, now)
-    return Claimed(claimed, deferred)
+    # Before any webhook event is written: reuse's locks come first in the transaction, then
+    # the budgets' (pcq.costs), which are asked only about the jobs that would call (a reused
+    # answer costs nothing).
+    decided = reuse.decide(session, claimed, now=now)
+    skipped = decided.skipped()
+    calls = [j for j in claimed if j.id not in skipped] if skipped else claimed
+    calling = {j.id for j in calls}
+    refused = _refuse_over_budget(session, [r for r in rows if r.id in calling], prices, now)
+    if refused:
+        calls = [j for j in calls if j.id not in refused]
+    reuse.apply(session, decided, now=now)
+    _set_status(session, give_up, now, reused=[job.id for job, _ in decided.reused])
+    return Claimed(calls, deferred, decided.reused, list(decided.waiting))
 
 
 def _refuse_over_budget(session: Session, rows: Any, prices: Prices, now: datetime) -> set[str]:
@@ -329,10 +348,13 @@ def _set_status(
     session: Session,
     changes: list[tuple[ClaimedJob, str, datetime | None, str | None, str | None]],
     now: datetime,
+    *,
+    reused: Sequence[str] = (),
 ) -> None:
     """Move owned jobs to their new status: (job, status, next_attempt_at, code, error). A
     queued job is not finished; any other status finishes it now, and writes its webhook events
-    in this same transaction (pcq.jobs.outbox)."""
+    in this same transaction (pcq.jobs.outbox), as do the ``reused`` jobs (already stored
+    succeeded by pcq.jobs.reuse): one outbox write, so its batch rows are locked once."""
     job_rows.set_statuses(
         session,
         [
@@ -343,9 +365,8 @@ def _set_status(
         ],
         now=now,
     )
-    outbox.record_finished(
-        session, [(job.id, status) for job, status, *_ in changes if status != JobStatus.QUEUED], now=now
-    )
+    finished = [(job.id, status) for job, status, *_ in changes if status != JobStatus.QUEUED]
+    outbox.record_finished(session, finished + [(job_id, JobStatus.SUCCEEDED) for job_id in reused], now=now)
 
 
 def _owned(session: Session, jobs: list[ClaimedJob]) -> set[str]:

@@ -68,6 +68,8 @@ SENT = text(f"status = '{JobStatus.QUEUED.value}' AND enqueued_at IS NOT NULL")
 QUEUED_FIRST_RUN = text(f"status = '{JobStatus.QUEUED.value}' AND next_attempt_at IS NULL")
 # Jobs not ended yet (ACTIVE_STATUSES, spelled out for the index's predicate).
 ACTIVE = text(f"status IN ('{JobStatus.QUEUED.value}', '{JobStatus.RUNNING.value}')")
+# Jobs an identical request with ``reuse`` may take the answer of, or wait for (pcq.jobs.reuse).
+REUSABLE = text(f"status IN ('{JobStatus.RUNNING.value}', '{JobStatus.SUCCEEDED.value}')")
 
 JOB_STATUSES = tuple(JobStatus)
 ACTIVE_STATUSES = (JobStatus.QUEUED, JobStatus.RUNNING)
@@ -149,6 +151,17 @@ class Job(Base):
             postgresql_where=QUEUED_FIRST_RUN,
         ),
         Index("ix_jobs_active_batch", "batch_id", sqlite_where=ACTIVE, postgresql_where=ACTIVE),
+        # Reuse (pcq.jobs.reuse): a tenant's running jobs with a given request, and its succeeded
+        # ones newest first. Partial: queued and ended-unsuccessful jobs are never asked for.
+        Index(
+            "ix_jobs_reuse",
+            "tenant_id",
+            "request_sha256",
+            "status",
+            "finished_at",
+            sqlite_where=REUSABLE,
+            postgresql_where=REUSABLE,
+        ),
     )
 
     id: Mapped[str] = mapped_column(String(40), primary_key=True)
@@ -160,6 +173,12 @@ class Job(Base):
     # The request and metadata exactly as submitted (JSON text): what goes upstream is what
     # came in, byte for byte (jsonb would re-order keys; see api/verbatim.py).
     request_json: Mapped[str] = mapped_column("request", Text)
+    # sha256 (hex) of the request text's UTF-8 bytes: finds an identical request to reuse the
+    # answer of (pcq.jobs.reuse). Unlike request_hash (idempotency), nothing else goes in it.
+    request_sha256: Mapped[str | None] = mapped_column(String(64), default=None)
+    # ``"reuse"``, in seconds: the job takes the answer of an identical request of its tenant
+    # that succeeded at most this long ago instead of calling. None: it always calls.
+    reuse_seconds: Mapped[int | None] = mapped_column(Integer, default=None)
     model: Mapped[str] = mapped_column(String(64))
     stream: Mapped[bool] = mapped_column(Boolean, default=False)
     metadata_json: Mapped[str | None] = mapped_column("metadata", Text, default=None)

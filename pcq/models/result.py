@@ -35,6 +35,9 @@ class Result(Base):
     model: Mapped[str | None] = mapped_column(String(64), default=None)
     finish_reason: Mapped[str | None] = mapped_column(String(32), default=None)
     upstream_id: Mapped[str | None] = mapped_column(String(128), default=None)
+    # The job whose upstream call made this answer, when this job reused it (``"reuse"``, see
+    # pcq.jobs.reuse) instead of calling; None for an answer this job's own call made.
+    reused_from: Mapped[str | None] = mapped_column(String(40), default=None)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
 
 

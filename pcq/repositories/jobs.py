@@ -20,6 +20,7 @@ from sqlalchemy import (
     Row,
     and_,
     bindparam,
+    case,
     func,
     insert,
     literal,
@@ -28,9 +29,9 @@ from sqlalchemy import (
     tuple_,
     update,
 )
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, aliased
 
-from pcq.models import ACTIVE_STATUSES, Batch, Job, JobStatus, Tenant
+from pcq.models import ACTIVE_STATUSES, Batch, Job, JobStatus, Result, Tenant
 from pcq.repositories.bulk import copy_rows
 
 # --- intake
@@ -54,6 +55,8 @@ _COPY_COLUMNS = {  # column -> key of a row given to insert_many
     "batch_id": "batch_id",
     "custom_id": "custom_id",
     "request": "request_json",
+    "request_sha256": "request_sha256",
+    "reuse_seconds": "reuse_seconds",
     "model": "model",
     "stream": "stream",
     "metadata": "metadata_json",
@@ -94,6 +97,17 @@ def set_priority(session: Session, job_ids: list[str], rank: int) -> None:
             update(Job)
             .where(Job.id.in_(job_ids[start : start + 1000]))
             .values(priority=rank)
+            .execution_options(synchronize_session=False)
+        )
+
+
+def set_reuse(session: Session, job_ids: list[str], seconds: int | None) -> None:
+    """Set the reuse window of jobs just inserted, in statements of 1,000 ids."""
+    for start in range(0, len(job_ids), 1000):
+        session.execute(
+            update(Job)
+            .where(Job.id.in_(job_ids[start : start + 1000]))
+            .values(reuse_seconds=seconds)
             .execution_options(synchronize_session=False)
         )
 
@@ -282,7 +296,24 @@ def ids_among(session: Session, job_ids: list[str], *conditions: Any) -> list[st
     return list(session.scalars(select(Job.id).where(Job.id.in_(job_ids), *conditions).order_by(Job.id)))
 
 
-ClaimRow = Row[str, str, str | None, int, int, int, str, str, str | None, float | None, float | None]
+ClaimRow = Row[
+    str,
+    str,
+    str | None,
+    int,
+    int,
+    int,
+    str,
+    str,
+    str | None,
+    float | None,
+    float | None,
+    int | None,
+    str | None,
+]
+"""What a claim returns of each job taken: id, tenant_id, batch_id, attempts, attempts_base,
+lease_losses, request_json, model, request_id, monthly_budget, max_cost, reuse_seconds,
+request_sha256."""
 
 
 def claim(
@@ -295,9 +326,8 @@ def claim(
     lease_until: datetime,
 ) -> Sequence[ClaimRow]:
     """Take those of ``job_ids`` that are ``claimable`` for one more attempt, in one statement;
-    returns (id, tenant_id, batch_id, attempts, attempts_base, lease_losses, request_json,
-    model, request_id, monthly_budget, max_cost) of each job taken: the last two are its
-    tenant's and its batch's budgets (pcq/costs.py), each a primary-key probe."""
+    returns a ClaimRow of each job taken: its monthly_budget and max_cost are its tenant's and
+    its batch's budgets (pcq/costs.py), each a primary-key probe."""
     budget = select(Tenant.monthly_budget).where(Tenant.id == Job.tenant_id).scalar_subquery()
     max_cost = select(Batch.max_cost).where(Batch.id == Job.batch_id).scalar_subquery()
     return session.execute(
@@ -325,6 +355,8 @@ def claim(
             Job.request_id,
             budget.label("monthly_budget"),
             max_cost.label("max_cost"),
+            Job.reuse_seconds,
+            Job.request_sha256,
         )
         .execution_options(synchronize_session=False)
     ).all()
@@ -433,6 +465,135 @@ def unclaim(session: Session, job_id: str, attempt: int, *, now: datetime, retry
         .execution_options(synchronize_session=False)
     )
     return bool(res.rowcount == 1)  # type: ignore[attr-defined]
+
+
+# --- reuse of paid answers (pcq.jobs.reuse)
+
+
+def _request_lock_key(tenant_id: str, request_sha256: str) -> int:
+    """A signed 64-bit advisory-lock key for a tenant's request (by its hash)."""
+    digest = hashlib.sha256(f"pcq:reuse:{tenant_id}:{request_sha256}".encode()).digest()
+    return int.from_bytes(digest[:8], "big", signed=True)
+
+
+def lock_requests(session: Session, keys: Sequence[tuple[str, str]]) -> None:
+    """On PostgreSQL, an advisory lock per (tenant, request hash) held until the transaction
+    ends, taken in key order (so two claims never wait for each other); SQLite serialises
+    writers already."""
+    if session.get_bind().dialect.name != "postgresql":
+        return
+    for key in sorted({_request_lock_key(t, h) for t, h in keys}):
+        session.execute(select(func.pg_advisory_xact_lock(literal(key, BigInteger))))
+
+
+class Answer(NamedTuple):
+    """A succeeded job's answer as reuse sees it: the job whose call made it, and when."""
+
+    origin: str
+    called_at: datetime
+
+
+def newest_answers(session: Session, job_ids: Sequence[str]) -> dict[str, Answer]:
+    """For each of these jobs, the answer of the newest succeeded job of its tenant with the same
+    request hash (one ``ix_jobs_reuse`` probe each), told by the call that made it: a reused
+    answer's origin is the job it was reused from."""
+    newer = aliased(Job)
+    newest = (
+        select(newer.id)
+        .where(
+            newer.tenant_id == Job.tenant_id,
+            newer.request_sha256 == Job.request_sha256,
+            newer.status == JobStatus.SUCCEEDED,
+        )
+        .order_by(newer.finished_at.desc())
+        .limit(1)
+        .correlate(Job)
+        .scalar_subquery()
+    )
+    found = {
+        job_id: source
+        for job_id, source in session.execute(select(Job.id, newest).where(Job.id.in_(job_ids)))
+        if source
+    }
+    if not found:
+        return {}
+    origin_job = aliased(Job)
+    origin = func.coalesce(Result.reused_from, Result.job_id)
+    answers = {
+        source: Answer(origin_id, called_at)
+        for source, origin_id, called_at in session.execute(
+            select(Result.job_id, origin, origin_job.finished_at)
+            .join(origin_job, origin_job.id == origin)
+            .where(Result.job_id.in_(set(found.values())))
+        )
+        if called_at is not None
+    }
+    return {job_id: answers[source] for job_id, source in found.items() if source in answers}
+
+
+def running_requests(
+    session: Session, keys: Sequence[tuple[str, str]], *, exclude: Sequence[str]
+) -> dict[tuple[str, str], datetime]:
+    """Of these (tenant, request hash) keys, those with a running job other than ``exclude``'s,
+    each with when the earliest of those started."""
+    rows = session.execute(
+        select(Job.tenant_id, Job.request_sha256, func.min(Job.started_at))
+        .where(
+            tuple_(Job.tenant_id, Job.request_sha256).in_(list(keys)),
+            Job.status == JobStatus.RUNNING,
+            Job.id.not_in(list(exclude)),
+        )
+        .group_by(Job.tenant_id, Job.request_sha256)
+    ).all()
+    return {
+        (tenant, digest): started
+        for tenant, digest, started in rows
+        if digest is not None and started is not None
+    }
+
+
+_WAIT_UPDATE = (
+    update(Job.__table__)  # type: ignore[arg-type]
+    .where(Job.__table__.c.id == bindparam("b_id"), Job.__table__.c.status == JobStatus.RUNNING)
+    .values(
+        status=JobStatus.QUEUED,
+        attempts=Job.__table__.c.attempts - 1,
+        # Never started but by this claim: not started.
+        started_at=case((Job.__table__.c.attempts == 1, None), else_=Job.__table__.c.started_at),
+        lease_until=None,
+        enqueued_at=None,
+        next_attempt_at=bindparam("b_until"),
+        updated_at=bindparam("b_now"),
+    )
+)
+
+
+def wait_for_identical(session: Session, until: dict[str, datetime], *, now: datetime) -> None:
+    """Claimed jobs back to ``queued``, unsent, due at ``until[id]``, their claim's attempt
+    uncounted (one executemany)."""
+    session.execute(
+        _WAIT_UPDATE, [{"b_id": job_id, "b_until": at, "b_now": now} for job_id, at in until.items()]
+    )
+
+
+def complete_reused(session: Session, job_ids: list[str], *, now: datetime) -> None:
+    """Claimed jobs succeeded now without a call: their claim's attempt uncounted."""
+    session.execute(
+        update(Job)
+        .where(Job.id.in_(job_ids), Job.status == JobStatus.RUNNING)
+        .values(
+            status=JobStatus.SUCCEEDED,
+            attempts=Job.attempts - 1,
+            lease_until=None,
+            next_attempt_at=None,
+            enqueued_at=None,
+            error=None,
+            error_code=None,
+            finished_at=now,
+            updated_at=now,
+        )
+        .execution_options(synchronize_session=False)
+    )
 
 
 class StatusChange(NamedTuple):

@@ -17,6 +17,7 @@ from sqlalchemy import (
     ColumnElement,
     Row,
     Select,
+    String,
     Subquery,
     Table,
     Text,
@@ -24,6 +25,7 @@ from sqlalchemy import (
     cast,
     func,
     insert,
+    literal,
     literal_column,
     null,
     or_,
@@ -36,6 +38,7 @@ from sqlalchemy.dialects.postgresql import aggregate_order_by
 from sqlalchemy.orm import Session
 
 from pcq.models import Attempt, BasisField, Batch, BatchDomain, Citation, Job, Result, Usage
+from pcq.models.base import UTCDateTime
 from pcq.repositories.bulk import copy_rows
 
 # --- writes (the worker)
@@ -122,6 +125,112 @@ def _count_domains(session: Session, citations: list[dict[str, Any]]) -> None:
     )
 
 
+def copy_answers(session: Session, pairs: list[tuple[str, str]], *, now: datetime) -> None:
+    """Store, for each (job id, origin job id), a copy of the origin's answer as the job's own,
+    stored ``now``: its result (``reused_from`` the origin), usage, basis fields and citations
+    (under the job's tenant and batch), and its batch's counts per domain. Five INSERT ...
+    SELECT statements, whatever the number of jobs; the rows never pass through Python."""
+    if not pairs:
+        return
+    given = union_all(
+        *(
+            select(
+                cast(literal(job_id), String(40)).label("job_id"),
+                cast(literal(origin), String(40)).label("origin"),
+            )
+            for job_id, origin in pairs
+        )
+    ).subquery("given")
+    copied = ["attempt_number", "raw_body", "content", "parsed", "model", "finish_reason", "upstream_id"]
+    source = Result.__table__.alias("source")
+    session.execute(
+        insert(Result.__table__).from_select(  # type: ignore[arg-type]
+            ["job_id", "reused_from", "created_at", *copied],
+            select(
+                given.c.job_id, given.c.origin, literal(now, UTCDateTime()), *(source.c[c] for c in copied)
+            ).join(source, source.c.job_id == given.c.origin),
+        )
+    )
+    job_ids = [job_id for job_id, _ in pairs]
+    copy = Result.__table__.alias("copy")
+    mine = copy.c.job_id.in_(job_ids)
+    usage_cols = ["prompt_tokens", "completion_tokens", "total_tokens", "details"]
+    session.execute(
+        insert(Usage.__table__).from_select(  # type: ignore[arg-type]
+            ["job_id", *usage_cols],
+            select(copy.c.job_id, *(Usage.__table__.c[c] for c in usage_cols))
+            .join(Usage.__table__, Usage.__table__.c.job_id == copy.c.reused_from)
+            .where(mine),
+        )
+    )
+    basis_cols = ["position", "field", "reasoning", "confidence"]
+    session.execute(
+        insert(BasisField.__table__).from_select(  # type: ignore[arg-type]
+            ["job_id", *basis_cols],
+            select(copy.c.job_id, *(BasisField.__table__.c[c] for c in basis_cols))
+            .join(BasisField.__table__, BasisField.__table__.c.job_id == copy.c.reused_from)
+            .where(mine),
+        )
+    )
+    cites = Citation.__table__
+    cite_cols = [
+        "field",
+        "field_position",
+        "position",
+        "url",
+        "domain",
+        "title",
+        "excerpts",
+        "confidence",
+        "field_md5",
+    ]
+    session.execute(
+        insert(cites).from_select(  # type: ignore[arg-type]
+            ["tenant_id", "job_id", "batch_id", "created_at", *cite_cols],
+            select(
+                Job.tenant_id,
+                Job.id,
+                Job.batch_id,
+                literal(now, UTCDateTime()),
+                *(cites.c[c] for c in cite_cols),
+            )
+            .join(copy, copy.c.job_id == Job.id)
+            .join(cites, cites.c.job_id == copy.c.reused_from)
+            .where(mine)
+            .order_by(Job.id, cites.c.field_position, cites.c.position),
+        )
+    )
+    _count_copied_domains(session, job_ids)
+
+
+def _count_copied_domains(session: Session, job_ids: list[str]) -> None:
+    """Add the citations just copied for these jobs to their batches' counts per domain, as
+    ``_count_domains`` does for a call's (rows upserted in key order)."""
+    domain = func.coalesce(Citation.domain, literal_column("''"))
+    counted = (
+        select(
+            Citation.batch_id,
+            domain.label("domain"),
+            func.count().label("citations"),
+            func.count(Citation.job_id.distinct()).label("jobs"),
+        )
+        .where(Citation.job_id.in_(job_ids), Citation.batch_id.is_not(None))
+        .group_by(Citation.batch_id, domain)
+        .order_by(Citation.batch_id, domain)
+    )
+    dialect = session.get_bind().dialect.name
+    stmt = (postgresql.insert if dialect == "postgresql" else sqlite.insert)(BatchDomain)
+    session.execute(
+        stmt.from_select(["batch_id", "domain", "citations", "jobs"], counted).on_conflict_do_update(
+            index_elements=["batch_id", "domain"],
+            set_={
+                "citations": BatchDomain.citations + stmt.excluded.citations,
+                "jobs": BatchDomain.jobs + stmt.excluded.jobs,
+            },
+        )
+    )
+
+
 def text_md5(text: str) -> str:
     """PostgreSQL's ``md5(text)``: the hex md5 of the UTF-8 bytes."""
     return hashlib.md5(text.encode(), usedforsecurity=False).hexdigest()
@@ -171,9 +280,10 @@ def attempts_of(session: Session, job_id: str) -> list[Attempt]:
 
 # Export rows are plain tuples (an ORM object per row costs ~10x); JSON columns as their text.
 _Text = str | None
-ExportResult = Row[str, _Text, _Text, _Text, _Text, bool, int | None, int | None, int | None, _Text]
+ExportResult = Row[str, _Text, _Text, _Text, _Text, bool, int | None, int | None, int | None, _Text, _Text]
 """job_id, content, parsed (JSON text), model, finish_reason, has usage, prompt, completion and
-total tokens, basis (JSON text, on PostgreSQL; else None and the basis is in ExportAnswers.basis)"""
+total tokens, reused_from, basis (JSON text, on PostgreSQL; else None and the basis is in
+ExportAnswers.basis)"""
 ExportBasis = Row[str, int, str, str | None, str | None]
 """job_id, position, field, reasoning, confidence"""
 ExportCitation = Row[str, int, str, str | None, str | None]
@@ -218,6 +328,7 @@ def export_answers(session: Session, batch_id: str, first: str, last: str) -> Ex
         Usage.prompt_tokens,
         Usage.completion_tokens,
         Usage.total_tokens,
+        Result.reused_from,
     ]
     if conn.dialect.name == "postgresql":
         basis_json = _basis_json(batch_id, first, last)

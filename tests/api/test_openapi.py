@@ -165,6 +165,8 @@ DOCUMENTED_REFUSALS = (
     "characters once normalized",  # webhook_url: its length is checked as stored
     "a webhook must go to a public address",  # webhook_url: the SSRF guard (names resolve: tests/fake_dns.py)
     "must fall between years 1 and 9999 in UTC",  # created_after/before: 0001-01-01T00:00:00+01:00
+    "the window must be more than 0",  # reuse: 0s has the pattern's shape
+    "at most 30d",  # reuse: so has 99d
 )
 
 

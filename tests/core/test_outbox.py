@@ -52,6 +52,7 @@ class Body:
     webhook_events: str | None = None
     priority: Priority | None = None
     max_cost: float | None = None
+    reuse_seconds: int | None = None
 
     def jobs(self) -> Iterator[NewJob]:
         yield from self.items

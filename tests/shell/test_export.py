@@ -139,6 +139,7 @@ def _expected_rows(b: Batch) -> list[dict[str, Any]]:
                 "citation_count": sum(len(x["citations"]) for x in res.get("basis") or []),
                 "error_code": job["error_code"],
                 "error": job["error"],
+                "reused_from": res.get("reused_from"),
             }
         )
     return out
