@@ -29,6 +29,7 @@ from pcq.models import (
     WebhookEvent,
     utcnow,
 )
+from pcq.settings import load_settings
 from pcq.tenants import create_key
 from pcq.wire import BasisData, CitationData, ParsedCompletion
 
@@ -83,6 +84,7 @@ class Lines:
     webhook_url: str | None = "https://hooks.example.com/batch"
     webhook_events: str | None = '["job.succeeded"]'
     priority: Priority | None = None
+    max_cost: float | None = None
     reuse_seconds: int | None = None
 
     def jobs(self) -> Iterator[NewJob]:
@@ -95,12 +97,20 @@ def tenant(sessions: SessionFactory, name: str = "t") -> str:
         return t.id
 
 
+PRICES = load_settings({}).prices
+
+
 def batch(
     sessions: SessionFactory, tenant_id: str, items: list[NewJob], reuse: int | None = None
 ) -> list[str]:
     with unit_of_work(sessions) as s:
         stored = create_batch(
-            s, tenant_id, Lines(items, reuse_seconds=reuse), idempotency_key=None, fingerprint="f"
+            s,
+            tenant_id,
+            Lines(items, reuse_seconds=reuse),
+            idempotency_key=None,
+            fingerprint="f",
+            prices=PRICES,
         )
         return [i for chunk in stored.id_chunks for i in chunk.split(" ")]
 
@@ -113,7 +123,9 @@ def job(sessions: SessionFactory, tenant_id: str, request: str = REQ, reuse: int
 
 def claim(sessions: SessionFactory, ids: list[str], now: datetime | None = None) -> Claimed:
     with unit_of_work(sessions) as s:
-        return lifecycle.claim_many(s, ids, now=now or utcnow(), lease_seconds=60, max_attempts=3)
+        return lifecycle.claim_many(
+            s, ids, now=now or utcnow(), lease_seconds=60, max_attempts=3, prices=PRICES
+        )
 
 
 def completion() -> ParsedCompletion:
