@@ -24,11 +24,12 @@ from typing import Any
 import orjson
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
+from pydantic import ValidationError
 from sqlalchemy.orm import Session
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from api import control, intake
-from api.batch_input import members_to_job
+from api import control, intake, schemas
+from api.batch_input import describe, members_to_job
 from api.intake import NewJob
 from api.service import Submitter
 from api.verbatim import Member, NotJson, decode_utf8, members
@@ -299,6 +300,8 @@ def _value(member: Member | None) -> Any:
 
 # output_expires_after is accepted and ignored: pcq keeps its answers until they are deleted.
 BATCH_CREATE_KEYS = {"input_file_id", "endpoint", "completion_window", "metadata", "output_expires_after"}
+# pcq's own options, as on POST /v1/batches (the SDK sends them with extra_body={...}).
+PCQ_BATCH_OPTIONS = ("webhook_url", "webhook_events", "max_cost", "reuse", "priority")
 
 
 @dataclass(frozen=True)
@@ -309,6 +312,7 @@ class BatchCreate:
     endpoint: str
     completion_window: str
     metadata_json: str | None
+    options: BatchOptions = field(default_factory=lambda: BatchOptions())
 
     @classmethod
     def read(cls, raw: bytes) -> BatchCreate:
@@ -316,13 +320,7 @@ class BatchCreate:
             found = members(decode_utf8(raw))
         except NotJson as exc:
             raise OpenAIError(400, f"the body is not a JSON object: {exc}") from None
-        unknown = set(found) - {
-            "input_file_id",
-            "endpoint",
-            "completion_window",
-            "metadata",
-            "output_expires_after",
-        }
+        unknown = set(found) - BATCH_CREATE_KEYS - set(PCQ_BATCH_OPTIONS)
         if unknown:
             name = sorted(unknown)[0]
             raise OpenAIError(400, f"Unrecognized request argument supplied: {name}", param=name)
@@ -343,6 +341,7 @@ class BatchCreate:
             ENDPOINT,
             COMPLETION_WINDOW,
             None if metadata is None or metadata.value is None else metadata.text,
+            BatchOptions.read({k: found[k].value for k in PCQ_BATCH_OPTIONS if k in found}),
         )
 
 
@@ -366,18 +365,51 @@ def _check_metadata(value: Any) -> None:
         )
 
 
-class _Jobs:
-    """The jobs of a validated input file, as an api.intake.BatchSource."""
+@dataclass(frozen=True)
+class BatchOptions:
+    """pcq's options on an OpenAI-style batch, checked as ``POST /v1/batches`` checks them: the
+    batch's webhook (and the job events it also gets), its ``max_cost``, its jobs' ``reuse``
+    window and priority."""
 
     webhook_url: str | None = None
-    webhook_events: str | None = None
-    priority: Priority | None = None
+    webhook_events: str | None = None  # JSON text, as api.batch_input keeps it
     max_cost: float | None = None
     reuse_seconds: int | None = None
+    priority: Priority | None = None
 
-    def __init__(self, jobs: list[NewJob], metadata_json: str | None) -> None:
+    @classmethod
+    def read(cls, given: dict[str, Any]) -> BatchOptions:
+        if not given:
+            return cls()
+        try:
+            body = schemas.BatchCreate.model_validate({"requests": [{}], **given})
+        except ValidationError as exc:
+            param = ".".join(str(p) for p in exc.errors()[0]["loc"])
+            raise OpenAIError(400, describe(exc, "body"), param=param) from None
+        try:
+            url = schemas.check_webhook_url(body.webhook_url)
+        except InvalidInput as exc:
+            raise OpenAIError(400, str(exc), param="webhook_url") from None
+        return cls(
+            webhook_url=url,
+            webhook_events=json.dumps(sorted(set(body.webhook_events))) if body.webhook_events else None,
+            max_cost=body.max_cost,
+            reuse_seconds=schemas.reuse_seconds(body.reuse),
+            priority=body.priority if "priority" in given else None,
+        )
+
+
+class _Jobs:
+    """The jobs of a validated input file, as an api.intake.BatchSource, with pcq's options."""
+
+    def __init__(self, jobs: list[NewJob], metadata_json: str | None, options: BatchOptions) -> None:
         self._jobs = jobs
         self.metadata_json = metadata_json
+        self.webhook_url = options.webhook_url
+        self.webhook_events = options.webhook_events
+        self.max_cost = options.max_cost
+        self.reuse_seconds = options.reuse_seconds
+        self.priority = options.priority
 
     def jobs(self) -> Iterator[NewJob]:
         return iter(self._jobs)
@@ -390,6 +422,7 @@ def create_batch(submitter: Submitter, tenant_id: str, body: BatchCreate) -> Bat
         content = rows.content_of(session, tenant_id, body.input_file_id)
     if content is None:
         raise not_found("file", body.input_file_id)
+    submitter.webhook_urls.check(body.options.webhook_url)  # the SSRF guard, as for /v1 batches
     read = read_input(content, max_lines=submitter.max_batch_lines, max_line_bytes=submitter.max_line_bytes)
     fingerprint = hashlib.sha256(content).hexdigest()
     del content
@@ -406,7 +439,7 @@ def create_batch(submitter: Submitter, tenant_id: str, body: BatchCreate) -> Bat
             )
             rows.add_batch(session, batch)
         else:
-            source = _Jobs(read.jobs, body.metadata_json)
+            source = _Jobs(read.jobs, body.metadata_json, body.options)
             stored = intake.create_batch(
                 session,
                 tenant_id,

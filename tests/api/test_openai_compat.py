@@ -203,12 +203,47 @@ def test_an_empty_file_fails_the_batch(api: Api) -> None:
         ({"metadata": {"k": 1}}, "metadata"),
         ({"input_file_id": 7}, "input_file_id"),
         ({"webhook": "x"}, "webhook"),
+        # pcq's own options, as POST /v1/batches checks them
+        ({"max_cost": 0}, "max_cost"),
+        ({"reuse": "forever"}, "reuse"),
+        ({"webhook_url": "ftp://hooks.example.com/x"}, "webhook_url"),
+        ({"webhook_events": ["job.exploded"]}, "webhook_events.0"),
     ],
 )
 def test_a_bad_batch_request_is_an_openai_400(api: Api, body: dict[str, Any], param: str) -> None:
     r = api.batch("file-x", **body)
     assert r.status_code == 400, r.text
     assert r.json()["error"]["param"] == param
+
+
+def test_pcq_options_ride_along_through_the_sdks_extra_body(api: Api) -> None:
+    """webhook_url, webhook_events, max_cost, reuse and priority, as a /v1 batch takes them."""
+    file_id = api.upload(line("a") + "\n" + line("b") + "\n").json()["id"]
+    created = api.sdk().batches.create(
+        input_file_id=file_id,
+        endpoint="/v1/chat/completions",
+        completion_window="24h",
+        extra_body={
+            "webhook_url": "https://hooks.example.com/pcq",
+            "webhook_events": ["job.failed"],
+            "max_cost": 0.5,
+            "reuse": "24h",
+            "priority": "high",
+        },
+    )
+    v1 = api.client.get(f"/v1/batches/{created.id}", headers=api.h()).json()
+    assert v1["webhook_url"] == "https://hooks.example.com/pcq"
+    assert v1["webhook_events"] == ["job.failed"]
+    assert v1["max_cost"] == 0.5
+    jobs = api.jobs(created.id)
+    assert {(j.reuse_seconds, j.priority) for j in jobs} == {(86400, 0)}
+
+
+def test_a_webhook_url_to_a_private_address_is_refused_before_anything_is_stored(api: Api) -> None:
+    file_id = api.upload(line("a") + "\n").json()["id"]
+    r = api.batch(file_id, webhook_url="http://127.0.0.1:9/hook")
+    assert r.status_code == 400, r.text
+    assert api.client.get("/openai/v1/batches", headers=api.h()).json()["data"] == []
 
 
 def test_another_tenants_file_and_batch_are_404(api: Api) -> None:
