@@ -4,8 +4,10 @@
   requests, and per million prompt and completion tokens where the upstream bills tokens.
 - **Which calls are billed.** Parallel documents no rule for failed calls; it does say a
   retried POST can be billed twice (its SDK sends no idempotency header). So every call that
-  got an HTTP answer, whatever its status, counts as billed: an upper bound, the safe side
-  for a budget. A call that got no answer (refused connection, timeout, cut stream) counts 0.
+  got an HTTP answer counts as billed (an upper bound, the safe side for a budget) except the
+  answers that refuse a call before any work: ``401`` and ``403`` (the key is refused) and
+  ``429`` (rate limited; counting those would let throttling spend a budget). A call that got
+  no answer (refused connection, timeout, cut stream) counts 0.
 - **What an attempt cost** is computed as it is stored (``attempt_cost``, from the prices of
   that moment) and kept in ``attempts.cost``: a batch's ``spent`` is a sum of stored rows, and a
   price changed later does not rewrite history. A batch's ``estimated`` cost is one call per job
@@ -53,9 +55,13 @@ def call_price(prices: Prices, model: str) -> float:
     return 0.0 if price is None else price.per_1k_requests / 1000
 
 
+NOT_BILLED = frozenset({401, 403, 429})  # refused before any work: the key, or the rate limit
+
+
 def billed(status_code: int | None) -> bool:
-    """Whether a call counts as billed: it got an HTTP answer (see the module docstring)."""
-    return status_code is not None
+    """Whether a call counts as billed: it got an HTTP answer that was not a refusal before
+    any work (see the module docstring)."""
+    return status_code is not None and status_code not in NOT_BILLED
 
 
 def attempt_cost(
