@@ -36,7 +36,7 @@ def upgrade() -> None:
         op.execute(f"CREATE INDEX {INDEX} ON jobs ({COLUMNS}) WHERE {WHERE}")
         return
     # The columns are committed before the index is built (CONCURRENTLY runs outside a
-    # transaction): a build that failed leaves them behind with the revision still at 0011, so
+    # transaction): a build that failed leaves them behind with the revision still at 0013, so
     # they are added only if missing when the migration runs again.
     op.execute("ALTER TABLE jobs ADD COLUMN IF NOT EXISTS request_sha256 VARCHAR(64)")
     op.execute("ALTER TABLE jobs ADD COLUMN IF NOT EXISTS reuse_seconds INTEGER")
