@@ -608,8 +608,10 @@ def output_lines(pages: Iterable[list[OutputJob]]) -> Iterator[bytes]:
                     "body": orjson.Fragment(job.raw_body),
                 }
                 line["error"] = None
-            elif job.status == JobStatus.CANCELLED:
+            elif job.status == JobStatus.CANCELLED and job.error_code != costs.BUDGET_EXCEEDED:
                 line.update(response=None, error=CANCELLED_ERROR)
+            elif job.status == JobStatus.CANCELLED:  # its budget ran out: say so, as /v1 does
+                line.update(response=None, error={"code": job.error_code, "message": job.error})
             elif job.status_code is not None and job.status_code >= 400:
                 body = error_json(job.status_code, job.error or "the request failed", None, job.error_code)
                 line["response"] = {

@@ -13,11 +13,11 @@ import openai
 import pytest
 from fastapi.testclient import TestClient
 from openai import OpenAI
-from sqlalchemy import select
+from sqlalchemy import select, update
 
 from api.app import create_app
 from pcq.db import make_engine, make_session_factory
-from pcq.models import Job
+from pcq.models import Job, utcnow
 from pcq.tenants import create_key_at
 from tests.conftest import make_settings
 
@@ -355,3 +355,32 @@ def test_odd_ids_in_paths_are_404_or_400_never_5xx(api: Api) -> None:
     ):
         assert api.client.get(path, headers=api.h()).status_code in (400, 404)
     assert api.client.get("/openai/v1/files?after=%00", headers=api.h()).status_code == 400
+
+
+def test_the_error_file_says_budget_exceeded_for_a_job_its_budget_stopped(api: Api) -> None:
+    """A user's cancel is OpenAI's batch_cancelled; a budget's is pcq's budget_exceeded, with why."""
+    file_id = api.upload(line("a") + "\n" + line("b") + "\n").json()["id"]
+    batch_id = api.batch(file_id).json()["id"]
+    engine = make_engine(api.db_url)
+    with make_session_factory(engine)() as session, session.begin():
+        for job, code, error in (
+            ("a", "budget_exceeded", "the batch's max_cost leaves no room for this call"),
+            ("b", "cancelled", "cancelled by the client"),
+        ):
+            session.execute(
+                update(Job)
+                .where(Job.batch_id == batch_id, Job.custom_id == job)
+                .values(status="cancelled", error_code=code, error=error, finished_at=utcnow())
+            )
+    engine.dispose()
+    shown = api.sdk().batches.retrieve(batch_id)
+    assert shown.error_file_id is not None
+    lines = {
+        x["custom_id"]: x["error"]
+        for x in map(json.loads, api.sdk().files.content(shown.error_file_id).text.splitlines())
+    }
+    assert lines["a"] == {
+        "code": "budget_exceeded",
+        "message": "the batch's max_cost leaves no room for this call",
+    }
+    assert lines["b"]["code"] == "batch_cancelled"
