@@ -120,7 +120,11 @@ async def delete_file(file_id: str, res: ResourcesDep, tenant: TenantDep) -> dic
 async def create_batch(request: Request, res: ResourcesDep, tenant: TenantDep) -> dict[str, Any]:
     """Create a batch from an uploaded file; a bad file gives a batch already ``failed``."""
     body = oai.BatchCreate.read(await request.body())
-    batch = await run_in_threadpool(oai.create_batch, res.submitter, tenant, body)
+    # The input file is read whole into this process to be checked and stored: in one of the
+    # tenant's upload slots, as a batch body is (PCQ_MAX_UPLOADS_PER_TENANT, PCQ_MAX_UPLOADS), so
+    # concurrent creates from big files cannot take the process's memory.
+    with res.submitter.uploads.hold(tenant):
+        batch = await run_in_threadpool(oai.create_batch, res.submitter, tenant, body)
     logs.bind(batch_id=batch.id)  # for the access line
 
     def shown() -> dict[str, Any]:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator
+from contextlib import ExitStack
 from dataclasses import dataclass
 from typing import Any
 
@@ -17,7 +18,7 @@ from sqlalchemy import select, update
 
 from api.app import create_app
 from pcq.db import make_engine, make_session_factory
-from pcq.models import Job, utcnow
+from pcq.models import Job, Tenant, utcnow
 from pcq.tenants import create_key_at
 from tests.conftest import make_settings
 
@@ -384,3 +385,20 @@ def test_the_error_file_says_budget_exceeded_for_a_job_its_budget_stopped(api: A
         "message": "the batch's max_cost leaves no room for this call",
     }
     assert lines["b"]["code"] == "batch_cancelled"
+
+
+def test_creating_a_batch_takes_one_of_the_tenants_upload_slots(api: Api) -> None:
+    """Its input file is read whole into the API: beyond the tenant's slots, an OpenAI 429."""
+    file_id = api.upload(line("a") + "\n").json()["id"]
+    engine = make_engine(api.db_url)
+    with make_session_factory(engine)() as session:
+        tenant = session.scalars(select(Tenant.id).where(Tenant.name == "acme")).one()
+    engine.dispose()
+    uploads = api.client.app.state.resources.submitter.uploads  # type: ignore[attr-defined]
+    with ExitStack() as held:
+        for _ in range(uploads.per_tenant):
+            held.enter_context(uploads.hold(tenant))
+        r = api.batch(file_id)
+        assert r.status_code == 429, r.text
+        assert r.json()["error"]["message"]
+    assert api.batch(file_id).status_code == 200
