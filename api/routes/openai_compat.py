@@ -5,6 +5,7 @@ Out of the OpenAPI document: they answer OpenAI's shapes and errors, which OpenA
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Query, Request
@@ -21,6 +22,9 @@ from pcq.repositories import openai as rows
 router = APIRouter(prefix=oai.PREFIX, include_in_schema=False)
 MAX_FILES_PAGE = 10_000
 MAX_BATCHES_PAGE = 100
+
+
+CONTENT_PIECE = 1024 * 1024  # bytes of an uploaded file read and sent at a time
 
 
 class JsonlResponse(StreamingResponse):
@@ -97,10 +101,24 @@ def file_content(
         if shown["error_file_id" if errors else "output_file_id"] != file_id:
             raise oai.not_found("file", file_id)
         return JsonlResponse(oai.output_lines(oai.output_pages(res.sessions, batch.id, errors)))
-    content = rows.content_of(session, tenant, file_id)
-    if content is None:
+    first = rows.content_piece(session, tenant, file_id, 0, CONTENT_PIECE)
+    if first is None:
         raise oai.not_found("file", file_id)
-    return JsonlResponse(iter([content]))
+
+    def pieces() -> Iterator[bytes]:
+        """A piece at a time, each read in a session of its own (none is held while the client
+        reads), so the API holds one piece of a 256 MiB file, not the file."""
+        piece: bytes | None = first
+        start = 0
+        while piece:
+            yield piece
+            if len(piece) < CONTENT_PIECE:
+                return
+            start += len(piece)
+            with res.sessions() as session:
+                piece = rows.content_piece(session, tenant, file_id, start, CONTENT_PIECE)
+
+    return JsonlResponse(pieces())
 
 
 @router.delete("/files/{file_id}")

@@ -33,6 +33,17 @@ def content_of(session: Session, tenant_id: str, file_id: str) -> bytes | None:
     ).one_or_none()
 
 
+def content_piece(session: Session, tenant_id: str, file_id: str, start: int, size: int) -> bytes | None:
+    """``size`` bytes of the file's content from byte ``start`` (0-based; fewer at its end, none
+    past it), or None if the tenant has no such file: a big file is sent a piece at a time."""
+    piece = session.scalars(
+        select(func.substr(File.content, start + 1, size)).where(
+            File.id == file_id, File.tenant_id == tenant_id
+        )
+    ).one_or_none()
+    return None if piece is None else bytes(piece)
+
+
 def files_of_tenant(
     session: Session,
     tenant_id: str,

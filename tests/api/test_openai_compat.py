@@ -402,3 +402,18 @@ def test_creating_a_batch_takes_one_of_the_tenants_upload_slots(api: Api) -> Non
         assert r.status_code == 429, r.text
         assert r.json()["error"]["message"]
     assert api.batch(file_id).status_code == 200
+
+
+@pytest.mark.parametrize("piece", [7, 8, 4096, None])
+def test_a_files_content_is_sent_a_piece_at_a_time_byte_for_byte(
+    api: Api, piece: int | None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from api.routes import openai_compat as routes
+
+    text = line("a") + "\n" + line("b", BODY.replace("Hi", "é 東京")) + "\n"
+    # None: the file is exactly one piece long (the last read finds nothing more)
+    monkeypatch.setattr(routes, "CONTENT_PIECE", piece or len(text.encode()))
+    file_id = api.upload(text).json()["id"]
+    r = api.client.get(f"/openai/v1/files/{file_id}/content", headers=api.h())
+    assert r.status_code == 200
+    assert r.content == text.encode()
