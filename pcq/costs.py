@@ -20,7 +20,10 @@
   when only one call fits; the spend and the calls in flight are read in one statement (one
   snapshot), so a call whose outcome is being stored is counted once, as spend or as in flight.
   A claim that does not fit is not made: that job, and every queued job of the scope that
-  could no longer fit, end ``cancelled`` with ``budget_exceeded``. Calls in flight finish.
+  could no longer fit, end ``cancelled`` with ``budget_exceeded``; at most ``CANCEL_AT_ONCE``
+  of those per claim, so a claim holding a scope's lock stays short however large the scope:
+  each later claim of one of the rest is refused too, and cancels the next ones. Calls in
+  flight finish.
   The overshoot is bounded by token prices (not known when a call starts; 0 by default).
 """
 
@@ -44,6 +47,7 @@ assert PRICED_MODELS == KNOWN_MODELS
 
 Prices = Mapping[str, ModelPrice]
 BUDGET_EXCEEDED = "budget_exceeded"
+CANCEL_AT_ONCE = 10_000  # queued jobs one claim cancels per scope without room (module docstring)
 # Sums of float prices drift by far less than this; a call that exactly fits must pass.
 EPSILON = 1e-9
 MONEY_DIGITS = 6  # USD shown to a millionth of a dollar

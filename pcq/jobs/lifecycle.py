@@ -293,9 +293,10 @@ def claim_many(
 
 
 def _refuse_over_budget(session: Session, rows: Any, prices: Prices, now: datetime) -> set[str]:
-    """Cancel the jobs just claimed whose budget has no room for their call, and the queued jobs
-    of those budgets that could no longer fit; their webhook events are written as a user's
-    cancel writes them. Returns the claimed ids cancelled."""
+    """Cancel the jobs just claimed whose budget has no room for their call, and (up to
+    ``costs.CANCEL_AT_ONCE`` per budget) the queued jobs of those budgets that could no longer
+    fit; their webhook events are written as a user's cancel writes them. Returns the claimed
+    ids cancelled."""
     refused, exhausted = costs.refuse_over_budget(session, list(rows), prices, now=now)
     if not refused:
         return set()
@@ -312,6 +313,7 @@ def _refuse_over_budget(session: Session, rows: Any, prices: Prices, now: dateti
             now=now,
             code=costs.BUDGET_EXCEEDED,
             error=costs.REASONS[costs.BATCH if scope.batch_id is not None else costs.TENANT],
+            limit=costs.CANCEL_AT_ONCE,
         )
     outbox.record_finished(session, [(job_id, JobStatus.CANCELLED) for job_id in ended], now=now)
     return set(refused)
