@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import math
 from collections import defaultdict
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import date, datetime
 from typing import Any, NamedTuple, Protocol
@@ -169,15 +169,18 @@ class Exhausted:
 
 
 def refuse_over_budget(
-    session: Session, claimed: list[Any], prices: Prices, *, now: datetime
+    session: Session, calling: list[Any], prices: Prices, *, now: datetime, claimed_ids: Sequence[str]
 ) -> tuple[dict[str, str], list[Exhausted]]:
-    """Which of the jobs just claimed must not be called (their budget has no room for one
-    more call), each with why, and the scopes left without room; ``claimed`` are ClaimRows, in
-    the claim's transaction. Jobs under no budget cost one column read of the claim, no more."""
-    scoped: list[ClaimRow] = [r for r in claimed if r.monthly_budget is not None or r.max_cost is not None]
+    """Which of the jobs just claimed that would call must not be (their budget has no room for
+    one more call), each with why, and the scopes left without room; ``calling`` are ClaimRows,
+    in the claim's transaction. ``claimed_ids`` are every job this claim took, ``calling`` or
+    not: all are ``running`` until the claim ends, but those that make no call (reused
+    answers, waits, jobs given up) are no call in flight, so none of them counts as one.
+    Jobs under no budget cost one column read of the claim, no more."""
+    scoped: list[ClaimRow] = [r for r in calling if r.monthly_budget is not None or r.max_cost is not None]
     if not scoped:
         return {}, []
-    mine = [r.id for r in claimed]
+    mine = list(claimed_ids)
     batches = {r.batch_id: r.max_cost for r in scoped if r.batch_id is not None and r.max_cost is not None}
     tenants = {r.tenant_id: r.monthly_budget for r in scoped if r.monthly_budget is not None}
     budget_rows.lock_scopes(session, batches=sorted(batches), tenants=sorted(tenants))

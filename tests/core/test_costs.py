@@ -10,17 +10,19 @@ from typing import Any
 import pytest
 from sqlalchemy import event, select
 
-from api.intake import NewJob, create_batch
+from api.intake import NewJob, create_batch, create_job
 from pcq import costs
 from pcq.db import SessionFactory, make_engine, make_session_factory, unit_of_work
 from pcq.jobs import lifecycle, outbox
-from pcq.jobs.lifecycle import Claimed
+from pcq.jobs.lifecycle import AttemptRecord, Claimed, Settled
 from pcq.models import Job, JobStatus, Priority, WebhookEvent, utcnow
 from pcq.settings import load_settings
 from pcq.tenants import create_key
+from pcq.wire import ParsedCompletion
 
 PRICES = load_settings({}).prices
 REQ = json.dumps({"model": "lite", "messages": [{"role": "user", "content": "q"}]})
+DAY = 86400
 
 
 @pytest.mark.parametrize(
@@ -83,12 +85,37 @@ def tenant(sessions: SessionFactory) -> str:
         return t.id
 
 
-def batch(sessions: SessionFactory, tenant_id: str, items: list[NewJob], max_cost: float | None) -> list[str]:
+def batch(
+    sessions: SessionFactory,
+    tenant_id: str,
+    items: list[NewJob],
+    max_cost: float | None,
+    reuse: int | None = None,
+) -> list[str]:
+    lines = Lines(items, max_cost, reuse_seconds=reuse)
     with unit_of_work(sessions) as s:
-        stored = create_batch(
-            s, tenant_id, Lines(items, max_cost), idempotency_key=None, fingerprint="f", prices=PRICES
-        )
+        stored = create_batch(s, tenant_id, lines, idempotency_key=None, fingerprint="f", prices=PRICES)
         return [i for chunk in stored.id_chunks for i in chunk.split(" ")]
+
+
+def request(text: str) -> str:
+    return json.dumps({"model": "lite", "messages": [{"role": "user", "content": text}]})
+
+
+def answered(sessions: SessionFactory, tenant_id: str, text: str) -> str:
+    """A job of ``text`` that called and succeeded (outside any budget): an answer to reuse."""
+    with unit_of_work(sessions) as s:
+        j, _ = create_job(s, tenant_id, NewJob(request(text), "lite", reuse_seconds=DAY), None)
+    claimed = claim(sessions, [j.id])
+    at = utcnow()
+    ok = ParsedCompletion('{"raw": true}', "a", None, "lite", "stop", "u", None)
+    with unit_of_work(sessions) as s:
+        items = [
+            Settled(c, AttemptRecord(c.attempt, at, at, "ok", status_code=200), completion=ok)
+            for c in claimed.jobs
+        ]
+        lifecycle.store_outcomes(s, items, max_attempts=3)
+    return j.id
 
 
 def claim(sessions: SessionFactory, ids: list[str]) -> Claimed:
@@ -139,3 +166,25 @@ def test_an_exhausted_budget_is_cancelled_a_chunk_per_claim_in_bounded_statement
         assert {(j.error_code, j.attempts) for j in jobs} == {(costs.BUDGET_EXCEEDED, 0)}
         events = s.scalars(select(WebhookEvent.type)).all()
         assert sorted(events) == ["batch.completed"] + ["job.cancelled"] * 10
+
+
+def test_jobs_that_reuse_or_wait_in_the_claim_are_no_calls_in_flight(sessions: SessionFactory) -> None:
+    """Room for exactly two calls, and a claim of two calling jobs beside three that wait for
+    them and two that reuse an earlier answer: all are ``running`` while the claim decides, but
+    only the two calls count against the budget, and both are made."""
+    t = tenant(sessions)
+    earlier = answered(sessions, t, "c")
+    texts = ["a", "a", "a", "b", "b", "c", "c"]
+    two_calls = 2 * costs.call_price(PRICES, "lite")
+    ids = batch(
+        sessions,
+        t,
+        [NewJob(request(x), "lite", custom_id=str(i)) for i, x in enumerate(texts)],
+        two_calls,
+        DAY,
+    )
+    claimed = claim(sessions, ids)
+    assert [j.id for j in claimed.jobs] == [ids[0], ids[3]]
+    assert sorted(claimed.waiting) == sorted([ids[1], ids[2], ids[4]])
+    assert [(j.id, origin) for j, origin in claimed.reused] == [(ids[5], earlier), (ids[6], earlier)]
+    assert JobStatus.CANCELLED not in statuses(sessions, ids).values()
