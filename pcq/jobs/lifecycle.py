@@ -290,8 +290,15 @@ def claim_many(
     )
     if refused:
         calls = [j for j in calls if j.id not in refused]
+    # Locks in the order every writer takes them (store_outcomes: jobs, the batch rows its
+    # webhook events lock, batch_domains, then the spend counters), or a claim and a store
+    # could each wait for the other: the job rows (claimed above), then the events of the
+    # jobs this claim ended (their batch rows), and only then the reused answers' copies
+    # (their batches' batch_domains rows). The reused jobs are stored succeeded first, so the
+    # event that completes their batch sees them ended.
     reuse.apply(session, decided, now=now)
     _set_status(session, give_up, now, reused=[job.id for job, _ in decided.reused])
+    reuse.copy(session, decided, now=now)
     return Claimed(calls, deferred, decided.reused, list(decided.waiting))
 
 

@@ -5,12 +5,14 @@ reused answer's rows are."""
 from __future__ import annotations
 
 import json
+import threading
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
 import pytest
-from sqlalchemy import func, select
+from sqlalchemy import func, select, text
 
 from api.intake import NewJob, create_batch, create_job
 from pcq.db import SessionFactory, make_engine, make_session_factory, unit_of_work
@@ -29,6 +31,7 @@ from pcq.models import (
     WebhookEvent,
     utcnow,
 )
+from pcq.repositories.deliveries import lock_batches_to_notify
 from pcq.settings import load_settings
 from pcq.tenants import create_key
 from pcq.wire import BasisData, CitationData, ParsedCompletion
@@ -317,3 +320,73 @@ def test_a_job_with_reuse_waits_for_an_identical_one_without_it_in_the_same_clai
     claimed = claim(sessions, [with_reuse, without])
     assert [j.id for j in claimed.jobs] == [without]  # it calls whatever; the other waits for it
     assert claimed.waiting == [with_reuse]
+
+
+def test_a_claim_that_reuses_and_a_store_take_their_locks_in_one_order(pg_url: str) -> None:
+    """A store locks its batch's row (its webhook events), then upserts the batch's counts per
+    domain; a claim that reuses an answer into the same batch waits for that row before it
+    touches those counts (lifecycle.claim_many takes the batch rows first), so both finish, in
+    turn, with the counts and the batch.completed event right."""
+    engine = make_engine(pg_url)
+    sessions = make_session_factory(engine)
+    try:
+        t = tenant(sessions)
+        x, y, z = batch(
+            sessions,
+            t,
+            [
+                NewJob(REQ, "lite", custom_id="x", reuse_seconds=DAY),
+                NewJob(OTHER, "lite", custom_id="y"),
+                NewJob(REQ, "lite", custom_id="z", reuse_seconds=DAY),
+            ],
+        )
+        first = claim(sessions, [x, y])
+        assert [j.id for j in first.jobs] == [x, y]
+        succeed(sessions, Claimed([j for j in first.jobs if j.id == x], []))
+        store = sessions()
+        store.begin()
+        # The store's first lock of the batch (pcq.jobs.outbox, as store_outcomes takes it).
+        batch_id = row(sessions, x).batch_id
+        assert batch_id is not None
+        assert lock_batches_to_notify(store, [batch_id])
+        errors: list[BaseException] = []
+        reused: list[Claimed] = []
+
+        def claim_z() -> None:
+            try:
+                reused.append(claim(sessions, [z]))
+            except BaseException as exc:  # noqa: BLE001 - reported by the test below
+                errors.append(exc)
+
+        worker = threading.Thread(target=claim_z)
+        worker.start()
+        try:
+            deadline = time.monotonic() + 10
+            with engine.connect() as watcher:
+                while not watcher.scalar(
+                    text(
+                        "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()"
+                        " AND wait_event_type = 'Lock'"
+                    )
+                ):
+                    assert time.monotonic() < deadline, "the claim never waited for the batch row"
+                    time.sleep(0.02)
+            at = utcnow()
+            mine = [j for j in first.jobs if j.id == y]
+            done = Settled(
+                mine[0], AttemptRecord(mine[0].attempt, at, at, "ok", status_code=200), completion()
+            )
+            lifecycle.store_outcomes(store, [done], max_attempts=3)  # the counts per domain, next
+            store.commit()
+        finally:
+            store.close()
+            worker.join(30)
+        assert errors == []
+        assert [(j.id, origin) for j, origin in reused[0].reused] == [(z, x)]
+        with sessions() as s:
+            domains = s.scalars(select(BatchDomain)).all()
+            assert [(d.domain, d.citations, d.jobs) for d in domains] == [("example.com", 12, 3)]
+            completed = s.scalar(select(func.count()).where(WebhookEvent.type == "batch.completed"))
+            assert completed == 1
+    finally:
+        engine.dispose()
