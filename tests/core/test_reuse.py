@@ -32,6 +32,7 @@ from pcq.models import (
     utcnow,
 )
 from pcq.repositories.deliveries import lock_batches_to_notify
+from pcq.repositories.openai import output_page
 from pcq.settings import load_settings
 from pcq.tenants import create_key
 from pcq.wire import BasisData, CitationData, ParsedCompletion
@@ -390,3 +391,36 @@ def test_a_claim_that_reuses_and_a_store_take_their_locks_in_one_order(pg_url: s
             assert completed == 1
     finally:
         engine.dispose()
+
+
+def test_a_reused_answer_after_a_failed_call_shows_the_answering_call_in_the_output_file(
+    sessions: SessionFactory,
+) -> None:
+    """A job whose own call got a 500, then reused an identical job's answer: its OpenAI output
+    line shows the call that made the answer (200, its request id), not the job's failed one."""
+    t = tenant(sessions)
+    b, a = batch(sessions, t, [NewJob(REQ, "lite", custom_id=c) for c in ("b", "a")], reuse=DAY)
+    own = claim(sessions, [b])
+    assert [j.id for j in own.jobs] == [b]
+    now = utcnow()
+    with unit_of_work(sessions) as s:
+        (j,) = own.jobs
+        failed = AttemptRecord(j.attempt, now, now, "retryable", status_code=500, upstream_request_id="req-b")
+        lifecycle.store_outcomes(
+            s, [Settled(j, failed, retry_at=now, code="http_500", error="e")], max_attempts=3
+        )
+    called = claim(sessions, [a])
+    with unit_of_work(sessions) as s:
+        (j,) = called.jobs
+        ok = AttemptRecord(j.attempt, now, now, "ok", status_code=200, upstream_request_id="req-a")
+        lifecycle.store_outcomes(s, [Settled(j, ok, completion=completion())], max_attempts=3)
+    assert [
+        (j.id, origin) for j, origin in claim(sessions, [b], now=utcnow() + timedelta(seconds=5)).reused
+    ] == [(b, a)]
+    batch_id = row(sessions, b).batch_id
+    assert batch_id is not None
+    with sessions() as s:
+        lines = {o.id: o for o in output_page(s, batch_id, ["succeeded"], after="", limit=10)}
+    assert (lines[b].status_code, lines[b].request_id) == (200, "req-a")
+    assert (lines[a].status_code, lines[a].request_id) == (200, "req-a")
+    assert row(sessions, b).attempts == 1  # its failed call is its own, and paid for
