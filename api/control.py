@@ -11,7 +11,6 @@ from pcq.models import Job, JobStatus, utcnow
 from pcq.repositories import jobs as job_rows
 
 RETRYABLE_BY_USER = (JobStatus.FAILED, JobStatus.CANCELLED)
-EVENTS_AT_ONCE = 1000  # jobs whose webhook events are written per query (bound parameters)
 
 
 def cancel(session: Session, job: Job) -> Job:
@@ -38,9 +37,7 @@ def cancel_batch(session: Session, batch_id: str) -> int:
     calls finish, their outcomes are discarded); returns how many it cancelled."""
     now = utcnow()
     cancelled = job_rows.cancel_active_of_batch(session, batch_id, now=now)
-    for start in range(0, len(cancelled), EVENTS_AT_ONCE):
-        chunk = cancelled[start : start + EVENTS_AT_ONCE]
-        outbox.record_finished(session, [(job_id, JobStatus.CANCELLED) for job_id in chunk], now=now)
+    outbox.record_finished(session, [(job_id, JobStatus.CANCELLED) for job_id in cancelled], now=now)
     return len(cancelled)
 
 

@@ -20,7 +20,10 @@
   when only one call fits; the spend and the calls in flight are read in one statement (one
   snapshot), so a call whose outcome is being stored is counted once, as spend or as in flight.
   A claim that does not fit is not made: that job, and every queued job of the scope that
-  could no longer fit, end ``cancelled`` with ``budget_exceeded``. Calls in flight finish.
+  could no longer fit, end ``cancelled`` with ``budget_exceeded``; at most ``CANCEL_AT_ONCE``
+  of those per claim, so a claim holding a scope's lock stays short however large the scope:
+  each later claim of one of the rest is refused too, and cancels the next ones. Calls in
+  flight finish.
   The overshoot is bounded by token prices (not known when a call starts; 0 by default).
 """
 
@@ -28,7 +31,7 @@ from __future__ import annotations
 
 import math
 from collections import defaultdict
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import date, datetime
 from typing import Any, NamedTuple, Protocol
@@ -44,6 +47,7 @@ assert PRICED_MODELS == KNOWN_MODELS
 
 Prices = Mapping[str, ModelPrice]
 BUDGET_EXCEEDED = "budget_exceeded"
+CANCEL_AT_ONCE = 10_000  # queued jobs one claim cancels per scope without room (module docstring)
 # Sums of float prices drift by far less than this; a call that exactly fits must pass.
 EPSILON = 1e-9
 MONEY_DIGITS = 6  # USD shown to a millionth of a dollar
@@ -165,15 +169,18 @@ class Exhausted:
 
 
 def refuse_over_budget(
-    session: Session, claimed: list[Any], prices: Prices, *, now: datetime
+    session: Session, calling: list[Any], prices: Prices, *, now: datetime, claimed_ids: Sequence[str]
 ) -> tuple[dict[str, str], list[Exhausted]]:
-    """Which of the jobs just claimed must not be called (their budget has no room for one
-    more call), each with why, and the scopes left without room; ``claimed`` are ClaimRows, in
-    the claim's transaction. Jobs under no budget cost one column read of the claim, no more."""
-    scoped: list[ClaimRow] = [r for r in claimed if r.monthly_budget is not None or r.max_cost is not None]
+    """Which of the jobs just claimed that would call must not be (their budget has no room for
+    one more call), each with why, and the scopes left without room; ``calling`` are ClaimRows,
+    in the claim's transaction. ``claimed_ids`` are every job this claim took, ``calling`` or
+    not: all are ``running`` until the claim ends, but those that make no call (reused
+    answers, waits, jobs given up) are no call in flight, so none of them counts as one.
+    Jobs under no budget cost one column read of the claim, no more."""
+    scoped: list[ClaimRow] = [r for r in calling if r.monthly_budget is not None or r.max_cost is not None]
     if not scoped:
         return {}, []
-    mine = [r.id for r in claimed]
+    mine = list(claimed_ids)
     batches = {r.batch_id: r.max_cost for r in scoped if r.batch_id is not None and r.max_cost is not None}
     tenants = {r.tenant_id: r.monthly_budget for r in scoped if r.monthly_budget is not None}
     budget_rows.lock_scopes(session, batches=sorted(batches), tenants=sorted(tenants))

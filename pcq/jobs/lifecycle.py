@@ -279,24 +279,40 @@ def claim_many(
             claimed.append(job)
     # Before any webhook event is written: reuse's locks come first in the transaction, then
     # the budgets' (pcq.costs), which are asked only about the jobs that would call (a reused
-    # answer costs nothing).
+    # answer costs nothing); every job claimed here is still ``running``, and none of those
+    # that make no call (reused, waiting, given up) may count as a call in flight.
     decided = reuse.decide(session, claimed, now=now)
     skipped = decided.skipped()
     calls = [j for j in claimed if j.id not in skipped] if skipped else claimed
     calling = {j.id for j in calls}
-    refused = _refuse_over_budget(session, [r for r in rows if r.id in calling], prices, now)
+    refused = _refuse_over_budget(
+        session, [r for r in rows if r.id in calling], prices, now, claimed_ids=[r.id for r in rows]
+    )
     if refused:
         calls = [j for j in calls if j.id not in refused]
+    # Locks in the order every writer takes them (store_outcomes: jobs, the batch rows its
+    # webhook events lock, batch_domains, then the spend counters), or a claim and a store
+    # could each wait for the other: the job rows (claimed above), then the events of the
+    # jobs this claim ended (their batch rows), and only then the reused answers' copies
+    # (their batches' batch_domains rows). The reused jobs are stored succeeded first, so the
+    # event that completes their batch sees them ended.
     reuse.apply(session, decided, now=now)
     _set_status(session, give_up, now, reused=[job.id for job, _ in decided.reused])
+    reuse.copy(session, decided, now=now)
     return Claimed(calls, deferred, decided.reused, list(decided.waiting))
 
 
-def _refuse_over_budget(session: Session, rows: Any, prices: Prices, now: datetime) -> set[str]:
-    """Cancel the jobs just claimed whose budget has no room for their call, and the queued jobs
-    of those budgets that could no longer fit; their webhook events are written as a user's
-    cancel writes them. Returns the claimed ids cancelled."""
-    refused, exhausted = costs.refuse_over_budget(session, list(rows), prices, now=now)
+def _refuse_over_budget(
+    session: Session, rows: Any, prices: Prices, now: datetime, *, claimed_ids: list[str]
+) -> set[str]:
+    """Cancel the jobs just claimed (``rows``: those that would call, of ``claimed_ids``, all
+    this claim took) whose budget has no room for their call, and (up to
+    ``costs.CANCEL_AT_ONCE`` per budget) the queued jobs of those budgets that could no longer
+    fit; their webhook events are written as a user's cancel writes them. Returns the claimed
+    ids cancelled."""
+    refused, exhausted = costs.refuse_over_budget(
+        session, list(rows), prices, now=now, claimed_ids=claimed_ids
+    )
     if not refused:
         return set()
     for reason in sorted(set(refused.values())):
@@ -312,6 +328,7 @@ def _refuse_over_budget(session: Session, rows: Any, prices: Prices, now: dateti
             now=now,
             code=costs.BUDGET_EXCEEDED,
             error=costs.REASONS[costs.BATCH if scope.batch_id is not None else costs.TENANT],
+            limit=costs.CANCEL_AT_ONCE,
         )
     outbox.record_finished(session, [(job_id, JobStatus.CANCELLED) for job_id in ended], now=now)
     return set(refused)

@@ -48,6 +48,10 @@ JOB_EVENTS = {
     JobStatus.FAILED: EventType.JOB_FAILED,
     JobStatus.CANCELLED: EventType.JOB_CANCELLED,
 }
+# Jobs whose events one round of queries writes: each id is a bound parameter, and a statement
+# may bind at most 32,766 (SQLite) or 65,535 (PostgreSQL); a cancel of a whole batch, or of a
+# budget's queued jobs, ends far more jobs than that at once.
+EVENTS_AT_ONCE = 1000
 MAX_RETRY_AFTER = 86400.0  # a receiver's Retry-After is honoured up to a day
 JITTER = 0.1  # a retry is moved by up to this share of its delay, either way
 
@@ -75,10 +79,18 @@ def batch_event_types(text: str | None) -> set[str]:
 
 
 def record_finished(session: Session, finished: Sequence[tuple[str, str]], *, now: datetime) -> int:
-    """Write the events of jobs that this transaction just ended: (job id, terminal status).
-    One query when none of them has a webhook URL. Returns how many events were written."""
-    if not finished:
-        return 0
+    """Write the events of jobs that this transaction just ended: (job id, terminal status),
+    ``EVENTS_AT_ONCE`` jobs at a time. One query per round when none of them has a webhook URL.
+    Returns how many events were written. A batch whose jobs span rounds completes in the
+    round that finds none of them active (all were ended before this call), and is marked
+    notified there, so a later round writes its batch.completed no second time."""
+    written = 0
+    for start in range(0, len(finished), EVENTS_AT_ONCE):
+        written += _record_round(session, finished[start : start + EVENTS_AT_ONCE], now)
+    return written
+
+
+def _record_round(session: Session, finished: Sequence[tuple[str, str]], now: datetime) -> int:
     targets = rows.hook_targets(session, [job_id for job_id, _ in finished])
     if not targets:
         return 0

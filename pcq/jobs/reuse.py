@@ -97,7 +97,7 @@ class Decided:
 
 def decide(session: Session, claimed: Sequence[ClaimedJob], *, now: datetime) -> Decided:
     """Reuse, wait or call, for each claimed job (the module docstring); the claims of those
-    that reuse or wait are undone by ``apply``. One query per step, none per job."""
+    that reuse or wait are undone by ``apply`` (and ``copy``). One query per step, none per job."""
     reusing = [j for j in claimed if j.reuse_seconds is not None and j.request_sha256 is not None]
     decided = Decided()
     if not reusing:
@@ -127,12 +127,17 @@ def decide(session: Session, claimed: Sequence[ClaimedJob], *, now: datetime) ->
 
 
 def apply(session: Session, decided: Decided, *, now: datetime) -> None:
-    """Store the decisions' rows: the waiting jobs queued again (their claims' attempts undone),
-    the reusing ones succeeded with copies of their answers. Their webhook events are the
-    caller's to write (pcq.jobs.lifecycle, with the claim's other ended jobs)."""
+    """Store the decisions' statuses: the waiting jobs queued again (their claims' attempts
+    undone), the reusing ones succeeded. Their answers are copied by ``copy``, after the caller
+    (pcq.jobs.lifecycle) has written their webhook events with the claim's other ended jobs:
+    those lock their batches' rows, which must come before the copy's batch_domains rows."""
     if decided.waiting:
         job_rows.wait_for_identical(session, decided.waiting, now=now)
     if decided.reused:
-        pairs = [(job.id, origin) for job, origin in decided.reused]
-        job_rows.complete_reused(session, [job_id for job_id, _ in pairs], now=now)
-        result_rows.copy_answers(session, pairs, now=now)
+        job_rows.complete_reused(session, [job.id for job, _ in decided.reused], now=now)
+
+
+def copy(session: Session, decided: Decided, *, now: datetime) -> None:
+    """Store the reusing jobs' copies of their answers (``apply`` has stored them succeeded)."""
+    if decided.reused:
+        result_rows.copy_answers(session, [(job.id, origin) for job, origin in decided.reused], now=now)

@@ -393,22 +393,28 @@ def cancel_queued(
     now: datetime,
     code: str,
     error: str,
+    limit: int,
 ) -> list[str]:
-    """Cancel the queued jobs of ``models`` in a batch or of a tenant; rows another transaction
-    holds (a claim, the dispatcher) are skipped, not waited for: that claim checks them itself.
-    Returns the ids cancelled."""
+    """Cancel up to ``limit`` queued jobs of ``models`` in a batch or of a tenant; rows another
+    transaction holds (a claim, the dispatcher) are skipped, not waited for: that claim checks
+    them itself. Returns the ids cancelled."""
     if not models:
         return []
     scope = Job.batch_id == batch_id if batch_id is not None else Job.tenant_id == tenant_id
+    # A CTE, materialized: PostgreSQL may run a LIMIT ... SKIP LOCKED subquery more than once
+    # (rescanned in a join), each time finding other rows, and so cancel more than ``limit``.
     queued = (
         select(Job.id)
         .where(scope, Job.status == JobStatus.QUEUED, Job.model.in_(models))
+        .limit(limit)
         .with_for_update(skip_locked=True)
+        .cte("queued")
+        .prefix_with("MATERIALIZED", dialect="postgresql")
     )
     return list(
         session.scalars(
             update(Job)
-            .where(Job.id.in_(queued.scalar_subquery()), Job.status == JobStatus.QUEUED)
+            .where(Job.id.in_(select(queued.c.id)), Job.status == JobStatus.QUEUED)
             .values(
                 status=JobStatus.CANCELLED,
                 lease_until=None,

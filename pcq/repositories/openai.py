@@ -133,7 +133,8 @@ def output_page(
     session: Session, batch_id: str, statuses: Sequence[str], *, after: str, limit: int
 ) -> list[OutputJob]:
     """A page of the batch's jobs in ``statuses``, in submission order after the job ``after``
-    (keyset), each with its stored answer and the attempt that gave it (or its last attempt)."""
+    (keyset), each with its stored answer and the attempt that gave it (for a reused answer, the
+    origin's call; none once that job is deleted), or its last attempt."""
     last_attempt = (
         select(func.max(Attempt.number)).where(Attempt.job_id == Job.id).correlate(Job).scalar_subquery()
     )
@@ -150,7 +151,12 @@ def output_page(
             Attempt.upstream_request_id,
         )
         .outerjoin(Result, Result.job_id == Job.id)
-        .outerjoin(Attempt, and_(Attempt.job_id == Job.id, Attempt.number == number))
+        # A reused answer's attempt is the call that made it, the origin's: the job's own
+        # attempts (calls that failed before it was reused) did not give it.
+        .outerjoin(
+            Attempt,
+            and_(Attempt.job_id == func.coalesce(Result.reused_from, Job.id), Attempt.number == number),
+        )
         .where(Job.batch_id == batch_id, Job.status.in_(statuses), Job.id > after)
         .order_by(Job.id)
         .limit(limit)

@@ -5,12 +5,14 @@ reused answer's rows are."""
 from __future__ import annotations
 
 import json
+import threading
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
 import pytest
-from sqlalchemy import func, select
+from sqlalchemy import func, select, text
 
 from api.intake import NewJob, create_batch, create_job
 from pcq.db import SessionFactory, make_engine, make_session_factory, unit_of_work
@@ -29,6 +31,8 @@ from pcq.models import (
     WebhookEvent,
     utcnow,
 )
+from pcq.repositories.deliveries import lock_batches_to_notify
+from pcq.repositories.openai import output_page
 from pcq.settings import load_settings
 from pcq.tenants import create_key
 from pcq.wire import BasisData, CitationData, ParsedCompletion
@@ -317,3 +321,106 @@ def test_a_job_with_reuse_waits_for_an_identical_one_without_it_in_the_same_clai
     claimed = claim(sessions, [with_reuse, without])
     assert [j.id for j in claimed.jobs] == [without]  # it calls whatever; the other waits for it
     assert claimed.waiting == [with_reuse]
+
+
+def test_a_claim_that_reuses_and_a_store_take_their_locks_in_one_order(pg_url: str) -> None:
+    """A store locks its batch's row (its webhook events), then upserts the batch's counts per
+    domain; a claim that reuses an answer into the same batch waits for that row before it
+    touches those counts (lifecycle.claim_many takes the batch rows first), so both finish, in
+    turn, with the counts and the batch.completed event right."""
+    engine = make_engine(pg_url)
+    sessions = make_session_factory(engine)
+    try:
+        t = tenant(sessions)
+        x, y, z = batch(
+            sessions,
+            t,
+            [
+                NewJob(REQ, "lite", custom_id="x", reuse_seconds=DAY),
+                NewJob(OTHER, "lite", custom_id="y"),
+                NewJob(REQ, "lite", custom_id="z", reuse_seconds=DAY),
+            ],
+        )
+        first = claim(sessions, [x, y])
+        assert [j.id for j in first.jobs] == [x, y]
+        succeed(sessions, Claimed([j for j in first.jobs if j.id == x], []))
+        store = sessions()
+        store.begin()
+        # The store's first lock of the batch (pcq.jobs.outbox, as store_outcomes takes it).
+        batch_id = row(sessions, x).batch_id
+        assert batch_id is not None
+        assert lock_batches_to_notify(store, [batch_id])
+        errors: list[BaseException] = []
+        reused: list[Claimed] = []
+
+        def claim_z() -> None:
+            try:
+                reused.append(claim(sessions, [z]))
+            except BaseException as exc:  # noqa: BLE001 - reported by the test below
+                errors.append(exc)
+
+        worker = threading.Thread(target=claim_z)
+        worker.start()
+        try:
+            deadline = time.monotonic() + 10
+            with engine.connect() as watcher:
+                while not watcher.scalar(
+                    text(
+                        "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()"
+                        " AND wait_event_type = 'Lock'"
+                    )
+                ):
+                    assert time.monotonic() < deadline, "the claim never waited for the batch row"
+                    time.sleep(0.02)
+            at = utcnow()
+            mine = [j for j in first.jobs if j.id == y]
+            done = Settled(
+                mine[0], AttemptRecord(mine[0].attempt, at, at, "ok", status_code=200), completion()
+            )
+            lifecycle.store_outcomes(store, [done], max_attempts=3)  # the counts per domain, next
+            store.commit()
+        finally:
+            store.close()
+            worker.join(30)
+        assert errors == []
+        assert [(j.id, origin) for j, origin in reused[0].reused] == [(z, x)]
+        with sessions() as s:
+            domains = s.scalars(select(BatchDomain)).all()
+            assert [(d.domain, d.citations, d.jobs) for d in domains] == [("example.com", 12, 3)]
+            completed = s.scalar(select(func.count()).where(WebhookEvent.type == "batch.completed"))
+            assert completed == 1
+    finally:
+        engine.dispose()
+
+
+def test_a_reused_answer_after_a_failed_call_shows_the_answering_call_in_the_output_file(
+    sessions: SessionFactory,
+) -> None:
+    """A job whose own call got a 500, then reused an identical job's answer: its OpenAI output
+    line shows the call that made the answer (200, its request id), not the job's failed one."""
+    t = tenant(sessions)
+    b, a = batch(sessions, t, [NewJob(REQ, "lite", custom_id=c) for c in ("b", "a")], reuse=DAY)
+    own = claim(sessions, [b])
+    assert [j.id for j in own.jobs] == [b]
+    now = utcnow()
+    with unit_of_work(sessions) as s:
+        (j,) = own.jobs
+        failed = AttemptRecord(j.attempt, now, now, "retryable", status_code=500, upstream_request_id="req-b")
+        lifecycle.store_outcomes(
+            s, [Settled(j, failed, retry_at=now, code="http_500", error="e")], max_attempts=3
+        )
+    called = claim(sessions, [a])
+    with unit_of_work(sessions) as s:
+        (j,) = called.jobs
+        ok = AttemptRecord(j.attempt, now, now, "ok", status_code=200, upstream_request_id="req-a")
+        lifecycle.store_outcomes(s, [Settled(j, ok, completion=completion())], max_attempts=3)
+    assert [
+        (j.id, origin) for j, origin in claim(sessions, [b], now=utcnow() + timedelta(seconds=5)).reused
+    ] == [(b, a)]
+    batch_id = row(sessions, b).batch_id
+    assert batch_id is not None
+    with sessions() as s:
+        lines = {o.id: o for o in output_page(s, batch_id, ["succeeded"], after="", limit=10)}
+    assert (lines[b].status_code, lines[b].request_id) == (200, "req-a")
+    assert (lines[a].status_code, lines[a].request_id) == (200, "req-a")
+    assert row(sessions, b).attempts == 1  # its failed call is its own, and paid for
