@@ -43,6 +43,7 @@ from starlette.types import Receive, Scope, Send
 from pcq import views
 from pcq.jobs.errors import TooManyStreams
 from pcq.models import JOB_STATUSES, Batch
+from pcq.views import BatchOut
 
 log = logging.getLogger(__name__)
 
@@ -160,10 +161,14 @@ async def batch_events(
     last: EventId | None,
     ping_seconds: float,
     draining: threading.Event,
+    spend: Callable[[BatchOut], BatchOut] | None = None,
 ) -> AsyncIterator[bytes]:
     """The events of one connection: the state now unless the client saw it (``last``), then
     each change, at most one a poll; ``batch.completed`` ends it. ``first``: the counts the
-    route read; ``load`` reads them again (a blocking call, run in the thread pool)."""
+    route read; ``load`` reads them again (a blocking call, run in the thread pool). ``spend``
+    adds the batch's usage and cost (one aggregate over its jobs): to ``batch.completed`` only,
+    which is then the batch exactly as ``GET /v1/batches/{id}`` shows it; a progress event
+    leaves them null rather than run that aggregate at every poll."""
     seen = last.counts if last else None
     seq = last.seq if last else 0
     loop = asyncio.get_running_loop()
@@ -172,6 +177,8 @@ async def batch_events(
     while True:
         state = state_of(counts)
         out = views.batch_out(batch, counts)
+        if state != seen and out.done and spend is not None:
+            out = await run_in_threadpool(spend, out)
         if state != seen:
             seq = max(_now_ms(), seq + 1)
             yield frame(COMPLETED if out.done else PROGRESS, EventId(seq, state), out.model_dump_json())

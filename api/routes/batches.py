@@ -261,12 +261,22 @@ async def open_event_stream(
         with res.sessions() as session:
             return service.batch_counts(session, batch_id)
 
+    def spend(out: BatchOut) -> BatchOut:
+        with res.sessions() as session:
+            return service.with_cost(session, batch, out)
+
     batch, now = await run_in_threadpool(first_read)
     if events.nothing_new(now, batch.total, last):
         return Response(status_code=204)
     release = res.event_streams.take(tenant)
     stream = events.batch_events(
-        batch, now, counts, last=last, ping_seconds=res.settings.sse_ping_seconds, draining=res.draining
+        batch,
+        now,
+        counts,
+        last=last,
+        ping_seconds=res.settings.sse_ping_seconds,
+        draining=res.draining,
+        spend=spend,
     )
     return events.EventStreamResponse(stream, on_close=release)
 
