@@ -317,7 +317,9 @@ def _refuse_over_budget(
         return set()
     for reason in sorted(set(refused.values())):
         ids = [job_id for job_id, why in refused.items() if why == reason]
-        job_rows.cancel_claimed(session, ids, now=now, code=costs.BUDGET_EXCEEDED, error=reason)
+        job_rows.end_claimed(
+            session, ids, status=JobStatus.CANCELLED, now=now, code=costs.BUDGET_EXCEEDED, error=reason
+        )
     ended = list(refused)
     for scope in exhausted:
         ended += job_rows.cancel_queued(

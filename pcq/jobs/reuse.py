@@ -52,6 +52,7 @@ from typing import TYPE_CHECKING
 from sqlalchemy.orm import Session
 
 from pcq.keys import LIFETIME_UNITS
+from pcq.models import JobStatus
 from pcq.repositories import jobs as job_rows
 from pcq.repositories import results as result_rows
 
@@ -134,7 +135,9 @@ def apply(session: Session, decided: Decided, *, now: datetime) -> None:
     if decided.waiting:
         job_rows.wait_for_identical(session, decided.waiting, now=now)
     if decided.reused:
-        job_rows.complete_reused(session, [job.id for job, _ in decided.reused], now=now)
+        job_rows.end_claimed(
+            session, [job.id for job, _ in decided.reused], status=JobStatus.SUCCEEDED, now=now
+        )
 
 
 def copy(session: Session, decided: Decided, *, now: datetime) -> None:

@@ -362,28 +362,6 @@ def claim(
     ).all()
 
 
-def cancel_claimed(session: Session, job_ids: list[str], *, now: datetime, code: str, error: str) -> None:
-    """Cancel jobs this transaction just claimed, before any call: their claim's attempt is
-    taken back (no call was made)."""
-    if job_ids:
-        session.execute(
-            update(Job)
-            .where(Job.id.in_(job_ids), Job.status == JobStatus.RUNNING)
-            .values(
-                status=JobStatus.CANCELLED,
-                attempts=Job.attempts - 1,
-                lease_until=None,
-                next_attempt_at=None,
-                enqueued_at=None,
-                finished_at=now,
-                updated_at=now,
-                error_code=code,
-                error=error,
-            )
-            .execution_options(synchronize_session=False)
-        )
-
-
 def cancel_queued(
     session: Session,
     *,
@@ -582,19 +560,31 @@ def wait_for_identical(session: Session, until: dict[str, datetime], *, now: dat
     )
 
 
-def complete_reused(session: Session, job_ids: list[str], *, now: datetime) -> None:
-    """Claimed jobs succeeded now without a call: their claim's attempt uncounted."""
+def end_claimed(
+    session: Session,
+    job_ids: list[str],
+    *,
+    status: JobStatus,
+    now: datetime,
+    code: str | None = None,
+    error: str | None = None,
+) -> None:
+    """End jobs this transaction just claimed, with no call made: ``succeeded`` (an earlier
+    answer reused, pcq.jobs.reuse) or ``cancelled`` (no budget left, pcq.costs); their claim's
+    attempt is taken back."""
+    if not job_ids:
+        return
     session.execute(
         update(Job)
         .where(Job.id.in_(job_ids), Job.status == JobStatus.RUNNING)
         .values(
-            status=JobStatus.SUCCEEDED,
+            status=status,
             attempts=Job.attempts - 1,
             lease_until=None,
             next_attempt_at=None,
             enqueued_at=None,
-            error=None,
-            error_code=None,
+            error=error,
+            error_code=code,
             finished_at=now,
             updated_at=now,
         )
