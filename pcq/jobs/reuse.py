@@ -105,8 +105,12 @@ def decide(session: Session, claimed: Sequence[ClaimedJob], *, now: datetime) ->
         return decided
     keys = sorted({(j.tenant_id, j.request_sha256) for j in reusing if j.request_sha256 is not None})
     job_rows.lock_requests(session, keys)
-    answers = job_rows.newest_answers(session, [j.id for j in reusing])
+    # Running first, answers second: each statement sees what was committed when it began, and
+    # an identical call's store may commit between the two. Read the other way round, a call
+    # stored in between is neither an answer yet nor running any more, and the job would call
+    # again; this way round it is one or the other.
     running = job_rows.running_requests(session, keys, exclude=[j.id for j in claimed])
+    answers = job_rows.newest_answers(session, [j.id for j in reusing])
     # Jobs of this claim that call: without reuse, they call whatever; with it, the first of each
     # request that finds no answer and nothing running.
     calling = {(j.tenant_id, j.request_sha256) for j in claimed if j.reuse_seconds is None}
