@@ -7,12 +7,15 @@ the first of a list, so what a test exercises is exactly what production runs.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from dataclasses import dataclass
 from datetime import datetime
 
 from sqlalchemy.orm import Session
 
+from api.intake import NewJob
 from pcq.jobs.lifecycle import AttemptRecord, ClaimedJob, Settled, claim_many, store_outcomes
-from pcq.models import JobStatus
+from pcq.models import JobStatus, Priority
 from pcq.settings import load_settings
 from pcq.wire import ParsedCompletion
 
@@ -60,3 +63,19 @@ def store_retry(
 
 def store_failure(session: Session, job: ClaimedJob, record: AttemptRecord, *, code: str, error: str) -> None:
     store_outcomes(session, [Settled(job, record, code=code, error=error)], max_attempts=1)
+
+
+@dataclass
+class BatchBody:
+    """A batch body (api.intake.BatchSource) of NewJob items, as api.batch_input reads one."""
+
+    items: list[NewJob]
+    metadata_json: str | None = None
+    webhook_url: str | None = None
+    webhook_events: str | None = None
+    priority: Priority | None = None
+    max_cost: float | None = None
+    reuse_seconds: int | None = None
+
+    def jobs(self) -> Iterator[NewJob]:
+        yield from self.items

@@ -18,7 +18,7 @@ import redis
 from sqlalchemy import insert
 
 from pcq.broker_epoch import KEY_PREFIX, BrokerEpoch
-from pcq.db import SessionFactory, make_engine, make_session_factory, unit_of_work
+from pcq.db import SessionFactory, unit_of_work
 from pcq.models import Job, new_id, utcnow
 from pcq.queue import Enqueuer, make_celery
 from pcq.tenants import create_key
@@ -62,13 +62,6 @@ class Sweeper:
     def close(self) -> None:
         self.engine._db_pool.shutdown(wait=True)
         self.engine._loop.close()
-
-
-@pytest.fixture
-def sessions(db_url: str) -> Iterator[SessionFactory]:
-    engine = make_engine(db_url)
-    yield make_session_factory(engine)
-    engine.dispose()
 
 
 @pytest.fixture

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
-from dataclasses import dataclass
 from typing import Any
 
 import pytest
@@ -12,13 +10,14 @@ from sqlalchemy import event, select
 
 from api.intake import NewJob, create_batch, create_job
 from pcq import costs
-from pcq.db import SessionFactory, make_engine, make_session_factory, unit_of_work
+from pcq.db import SessionFactory, unit_of_work
 from pcq.jobs import lifecycle, outbox
 from pcq.jobs.lifecycle import AttemptRecord, Claimed, Settled
-from pcq.models import Job, JobStatus, Priority, WebhookEvent, utcnow
+from pcq.models import Job, JobStatus, WebhookEvent, utcnow
 from pcq.settings import load_settings
 from pcq.tenants import create_key
 from pcq.wire import ParsedCompletion
+from tests.core.lifecycle_helpers import BatchBody
 
 PRICES = load_settings({}).prices
 REQ = json.dumps({"model": "lite", "messages": [{"role": "user", "content": "q"}]})
@@ -56,29 +55,6 @@ def test_the_default_prices_are_parallels_per_1000_requests() -> None:
 # --- budgets at the claim, on SQLite and PostgreSQL
 
 
-@pytest.fixture
-def sessions(db_url: str) -> Iterator[SessionFactory]:
-    engine = make_engine(db_url)
-    yield make_session_factory(engine)
-    engine.dispose()
-
-
-@dataclass
-class Lines:
-    """A batch body (api.intake.BatchSource) of NewJob items, with a max_cost."""
-
-    items: list[NewJob]
-    max_cost: float | None
-    webhook_url: str | None = "https://hooks.example.com/batch"
-    webhook_events: str | None = '["job.cancelled"]'
-    metadata_json: str | None = None
-    priority: Priority | None = None
-    reuse_seconds: int | None = None
-
-    def jobs(self) -> Iterator[NewJob]:
-        yield from self.items
-
-
 def tenant(sessions: SessionFactory) -> str:
     with unit_of_work(sessions) as s:
         t, _ = create_key(s, "t", "")
@@ -92,7 +68,13 @@ def batch(
     max_cost: float | None,
     reuse: int | None = None,
 ) -> list[str]:
-    lines = Lines(items, max_cost, reuse_seconds=reuse)
+    lines = BatchBody(
+        items,
+        webhook_url="https://hooks.example.com/batch",
+        webhook_events='["job.cancelled"]',
+        max_cost=max_cost,
+        reuse_seconds=reuse,
+    )
     with unit_of_work(sessions) as s:
         stored = create_batch(s, tenant_id, lines, idempotency_key=None, fingerprint="f", prices=PRICES)
         return [i for chunk in stored.id_chunks for i in chunk.split(" ")]

@@ -4,15 +4,13 @@ round robin across a tenant's batches, age; and the statements that read and tak
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Iterator
 from datetime import timedelta
 
-import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from sqlalchemy import update
 
-from pcq.db import SessionFactory, make_engine, make_session_factory, unit_of_work
+from pcq.db import SessionFactory, unit_of_work
 from pcq.jobs import dispatch
 from pcq.jobs.dispatch import MIN_SHARE, FairOrder, Group, Policy, Ring, ahead_in_order
 from pcq.models import Job, Tenant, new_id, utcnow
@@ -170,13 +168,6 @@ def test_weights_give_a_heavier_tenant_a_larger_share_of_the_rounds() -> None:
 
 
 # --------------------------------------------------------------------- against the database
-
-
-@pytest.fixture
-def sessions(db_url: str) -> Iterator[SessionFactory]:
-    engine = make_engine(db_url)
-    yield make_session_factory(engine)
-    engine.dispose()
 
 
 def _tenant(sessions: SessionFactory, name: str) -> str:

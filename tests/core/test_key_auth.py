@@ -8,7 +8,6 @@ from __future__ import annotations
 import logging
 import secrets
 import time
-from collections.abc import Iterator
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -30,13 +29,6 @@ from pcq.tenants import (
 
 PEPPER = "pepper"
 TYPO = r"^malformed API key: its checksum does not match \(a typo\?\)$"
-
-
-@pytest.fixture
-def sessions(db_url: str) -> Iterator[SessionFactory]:
-    engine = make_engine(db_url)
-    yield make_session_factory(engine)
-    engine.dispose()
 
 
 def new_key(sessions: SessionFactory, expires_at: datetime | None = None) -> tuple[str, str]:

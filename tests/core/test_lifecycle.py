@@ -6,11 +6,10 @@ import hashlib
 import json
 from datetime import timedelta
 
-import pytest
 from sqlalchemy import func, select
 
 from api.intake import NewJob, create_job
-from pcq.db import make_engine, make_session_factory, unit_of_work
+from pcq.db import unit_of_work
 from pcq.jobs import lifecycle
 from pcq.jobs.lifecycle import AttemptRecord
 from pcq.models import Attempt, BasisField, Citation, Job, Result, Usage, utcnow
@@ -20,13 +19,6 @@ from pcq.wire import BasisData, CitationData, ParsedCompletion
 from tests.core import lifecycle_helpers as one
 
 REQ = {"model": "lite", "messages": [{"role": "user", "content": "q"}]}
-
-
-@pytest.fixture
-def sessions(db_url: str):
-    engine = make_engine(db_url)
-    yield make_session_factory(engine)
-    engine.dispose()
 
 
 def _new_job(sessions) -> str:

@@ -9,8 +9,6 @@ from __future__ import annotations
 import json
 import threading
 import time
-from collections.abc import Iterator
-from dataclasses import dataclass
 from datetime import timedelta
 
 import pytest
@@ -18,44 +16,22 @@ from sqlalchemy import select
 
 from api import control
 from api.intake import NewJob, create_batch, create_job
-from pcq.db import SessionFactory, make_engine, make_session_factory, unit_of_work
+from pcq.db import SessionFactory, unit_of_work
 from pcq.jobs import outbox
 from pcq.jobs.outbox import AttemptOutcome
-from pcq.models import DeliveryStatus, Job, Priority, WebhookAttempt, WebhookEvent, utcnow
+from pcq.models import DeliveryStatus, Job, WebhookAttempt, WebhookEvent, utcnow
 from pcq.repositories import jobs as job_rows
 from pcq.repositories.results import answers_of
 from pcq.settings import default_prices
 from pcq.tenants import create_key
 from pcq.views import job_out, results_out
 from tests.core import lifecycle_helpers as one
+from tests.core.lifecycle_helpers import BatchBody
 from tests.core.test_lifecycle import _completion, _record
 
 REQ = json.dumps({"model": "lite", "messages": [{"role": "user", "content": "q"}]})
 HOOK = "https://hooks.example.com/pcq"
 SCHEDULE = [5.0, 300.0, 1800.0]
-
-
-@pytest.fixture
-def sessions(db_url: str) -> Iterator[SessionFactory]:
-    engine = make_engine(db_url)
-    yield make_session_factory(engine)
-    engine.dispose()
-
-
-@dataclass
-class Body:
-    """A batch body as api.batch_input reads one."""
-
-    items: list[NewJob]
-    metadata_json: str | None = None
-    webhook_url: str | None = None
-    webhook_events: str | None = None
-    priority: Priority | None = None
-    max_cost: float | None = None
-    reuse_seconds: int | None = None
-
-    def jobs(self) -> Iterator[NewJob]:
-        yield from self.items
 
 
 def tenant(sessions: SessionFactory, name: str = "t") -> str:
@@ -72,7 +48,7 @@ def single_job(sessions: SessionFactory, tenant_id: str, url: str | None = HOOK)
 
 def batch(sessions: SessionFactory, tenant_id: str, n: int, *, events: list[str] | None = None) -> list[str]:
     items = [NewJob(request_json=REQ, model="lite", custom_id=f"c{i}") for i in range(n)]
-    body = Body(items, webhook_url=HOOK, webhook_events=json.dumps(events) if events else None)
+    body = BatchBody(items, webhook_url=HOOK, webhook_events=json.dumps(events) if events else None)
     with unit_of_work(sessions) as s:
         stored = create_batch(
             s, tenant_id, body, idempotency_key=None, fingerprint="f", prices=default_prices()

@@ -7,8 +7,6 @@ from __future__ import annotations
 import json
 import threading
 import time
-from collections.abc import Iterator
-from dataclasses import dataclass
 from datetime import datetime, timedelta
 
 import pytest
@@ -25,7 +23,6 @@ from pcq.models import (
     BatchDomain,
     Citation,
     Job,
-    Priority,
     Result,
     Usage,
     WebhookEvent,
@@ -36,6 +33,7 @@ from pcq.repositories.openai import output_page
 from pcq.settings import load_settings
 from pcq.tenants import create_key
 from pcq.wire import BasisData, CitationData, ParsedCompletion
+from tests.core.lifecycle_helpers import BatchBody
 
 REQ = json.dumps({"model": "lite", "messages": [{"role": "user", "content": "q"}]})
 OTHER = json.dumps({"model": "lite", "messages": [{"role": "user", "content": "other"}]})
@@ -72,29 +70,6 @@ def test_anything_else_is_refused_saying_what_to_give(text: str, needle: str) ->
         parse_window(text)
 
 
-@pytest.fixture
-def sessions(db_url: str) -> Iterator[SessionFactory]:
-    engine = make_engine(db_url)
-    yield make_session_factory(engine)
-    engine.dispose()
-
-
-@dataclass
-class Lines:
-    """A batch body (api.intake.BatchSource) of NewJob items."""
-
-    items: list[NewJob]
-    metadata_json: str | None = None
-    webhook_url: str | None = "https://hooks.example.com/batch"
-    webhook_events: str | None = '["job.succeeded"]'
-    priority: Priority | None = None
-    max_cost: float | None = None
-    reuse_seconds: int | None = None
-
-    def jobs(self) -> Iterator[NewJob]:
-        yield from self.items
-
-
 def tenant(sessions: SessionFactory, name: str = "t") -> str:
     with unit_of_work(sessions) as s:
         t, _ = create_key(s, name, "")
@@ -111,7 +86,12 @@ def batch(
         stored = create_batch(
             s,
             tenant_id,
-            Lines(items, reuse_seconds=reuse),
+            BatchBody(
+                items,
+                webhook_url="https://hooks.example.com/batch",
+                webhook_events='["job.succeeded"]',
+                reuse_seconds=reuse,
+            ),
             idempotency_key=None,
             fingerprint="f",
             prices=PRICES,
