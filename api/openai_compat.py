@@ -634,9 +634,9 @@ def list_limit(limit: int | None, default: int, most: int) -> int:
     return limit
 
 
-def batch_objects(session: Session, batches: list[Batch]) -> list[dict[str, Any]]:
-    """The OpenAI objects of ``batches``: two queries whatever their number, and one aggregate
-    each for its usage and cost (a page holds 100 at most)."""
+def batch_objects(session: Session, batches: list[Batch], *, spend: bool = True) -> list[dict[str, Any]]:
+    """The OpenAI objects of ``batches``: two queries whatever their number, and (``spend``)
+    one aggregate each for its usage and cost (a page holds 100 at most)."""
     ids = [b.id for b in batches]
     counts: dict[str, list[tuple[str, int]]] = {batch_id: [] for batch_id in ids}
     for batch_id, status, n in job_rows.status_counts_of_batches(session, ids):
@@ -647,10 +647,24 @@ def batch_objects(session: Session, batches: list[Batch]) -> list[dict[str, Any]
             b,
             all_counts(counts[b.id]),
             finished.get(b.id),
-            costs.batch_cost(session, b.id, b.estimated_cost),
+            costs.batch_cost(session, b.id, b.estimated_cost) if spend else None,
         )
         for b in batches
     ]
+
+
+def generated_file(session: Session, tenant_id: str, file_id: str) -> tuple[Batch, bool] | None:
+    """The batch and kind (True: errors) of a generated output or error file id, None for any
+    other id; a 404 while the batch has no such file yet. Its usage and cost are not read."""
+    generated = output_file_of(file_id)
+    if generated is None:
+        return None
+    batch_id, errors = generated
+    batch = get_batch(session, tenant_id, batch_id)
+    [shown] = batch_objects(session, [batch], spend=False)
+    if shown["error_file_id" if errors else "output_file_id"] != file_id:
+        raise not_found("file", file_id)
+    return batch, errors
 
 
 def get_batch(session: Session, tenant_id: str, batch_id: str) -> Batch:

@@ -74,14 +74,9 @@ def list_files(
 @router.get("/files/{file_id}")
 def get_file(file_id: str, session: SessionDep, tenant: TenantDep) -> dict[str, Any]:
     """An uploaded file, or a batch's generated output or error file."""
-    generated = oai.output_file_of(file_id)
+    generated = oai.generated_file(session, tenant, file_id)
     if generated is not None:
-        batch_id, errors = generated
-        batch = oai.get_batch(session, tenant, batch_id)
-        [shown] = oai.batch_objects(session, [batch])
-        if shown["error_file_id" if errors else "output_file_id"] != file_id:
-            raise oai.not_found("file", file_id)
-        return oai.output_file_object(batch, errors)
+        return oai.output_file_object(*generated)
     file = rows.file_of(session, tenant, file_id)
     if file is None:
         raise oai.not_found("file", file_id)
@@ -93,13 +88,9 @@ def file_content(
     file_id: str, res: ResourcesDep, session: StreamingSessionDep, tenant: TenantDep
 ) -> StreamingResponse:
     """The file's bytes; a batch's output or error file is generated from its stored answers."""
-    generated = oai.output_file_of(file_id)
+    generated = oai.generated_file(session, tenant, file_id)
     if generated is not None:
-        batch_id, errors = generated
-        batch = oai.get_batch(session, tenant, batch_id)
-        [shown] = oai.batch_objects(session, [batch])
-        if shown["error_file_id" if errors else "output_file_id"] != file_id:
-            raise oai.not_found("file", file_id)
+        batch, errors = generated
         return JsonlResponse(oai.output_lines(oai.output_pages(res.sessions, batch.id, errors)))
     first = rows.content_piece(session, tenant, file_id, 0, CONTENT_PIECE)
     if first is None:
