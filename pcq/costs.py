@@ -176,7 +176,8 @@ def refuse_over_budget(
     in the claim's transaction. ``claimed_ids`` are every job this claim took, ``calling`` or
     not: all are ``running`` until the claim ends, but those that make no call (reused
     answers, waits, jobs given up) are no call in flight, so none of them counts as one.
-    Jobs under no budget cost one column read of the claim, no more."""
+    Jobs under no budget cost the claim two primary-key probes (their tenant's budget, their
+    batch's max_cost), no more."""
     scoped: list[ClaimRow] = [r for r in calling if r.monthly_budget is not None or r.max_cost is not None]
     if not scoped:
         return {}, []
